@@ -1,0 +1,3 @@
+from fer_mlflow.cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""Matplotlib figures that the stages log with `mlflow.log_figure`. Each function returns a Figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from fer_mlflow.dataset import SPLITS, Dataset  # noqa: E402
+
+
+def class_counts(dataset: Dataset, title: str = "Images per class") -> Figure:
+    """Grouped bars: images per class, one bar colour per split present."""
+    counts = dataset.counts()
+    fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
+    x = np.arange(len(dataset.class_names))
+    width = 0.8 / max(len(counts), 1)
+    for i, (split, per_class) in enumerate(counts.items()):
+        bars = ax.bar(x + i * width, list(per_class.values()), width, label=split)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x + width * (len(counts) - 1) / 2, dataset.class_names)
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend()
+    return fig
+
+
+def image_grid(cells: list[tuple[np.ndarray | None, str]], columns: int, suptitle: str) -> Figure:
+    """(image, title) cells in a grid of `columns`; an image of None leaves its cell blank."""
+    rows = max(1, -(-len(cells) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.4 * columns, 1.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, title) in zip(axes.flat, cells):
+        if image is not None:
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=7)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def _row(cells: list[tuple[np.ndarray, str]], columns: int, empty: str) -> list:
+    """One grid row: the cells, padded with blanks; `empty` titles a row that has no cell."""
+    return cells + [(None, "" if cells or i else empty) for i in range(columns - len(cells))]
+
+
+def samples_per_class(dataset: Dataset, per_class: int = 5, seed: int = 0) -> Figure:
+    """`per_class` random images of each class, one row per class."""
+    rng = np.random.default_rng(seed)
+    cells = []
+    for code, name in enumerate(dataset.class_names):
+        members = np.flatnonzero(dataset.labels == code)
+        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False)
+        cells += _row([(dataset.images[i], name) for i in chosen], per_class, f"{name}: none")
+    return image_grid(cells, per_class, f"{per_class} samples per class")
+
+
+def mean_pixel_boxplot(dataset: Dataset, mean_low: float, mean_high: float) -> Figure:
+    """Box plot of each image's mean pixel / 255 per split, with the cleaning thresholds drawn."""
+    means = dataset.images.reshape(len(dataset), -1).mean(axis=1) / 255.0
+    present = [s for s in SPLITS if (dataset.splits == s).any()]
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    ax.boxplot([means[dataset.splits == s] for s in present], tick_labels=present)
+    ax.axhline(mean_low, color="tab:red", linestyle="--", label=f"mean_low = {mean_low}")
+    ax.axhline(mean_high, color="tab:orange", linestyle="--", label=f"mean_high = {mean_high}")
+    ax.set_ylabel("mean pixel / 255")
+    ax.set_title("Mean pixel value per image")
+    ax.legend(loc="upper right", fontsize=8)
+    return fig
+
+
+def removed_images(dataset: Dataset, removed: dict[str, np.ndarray], per_rule: int = 8) -> Figure:
+    """Up to `per_rule` removed images for each rule, one row per rule, titled rule/class/split."""
+    cells = []
+    for rule, indices in removed.items():
+        shown = [
+            (dataset.images[i], f"{rule}\n{dataset.class_names[dataset.labels[i]]}/{dataset.splits[i]}")
+            for i in indices[:per_rule]
+        ]
+        cells += _row(shown, per_rule, f"{rule}: none")
+    return image_grid(cells, per_rule, "Images removed, by rule")

@@ -1,0 +1,268 @@
+"""Read FER2013 in every common form into one in-memory `Dataset`.
+
+Sources (the `data` parameter of every entry point):
+- ``demo``: a synthetic FER-like dataset drawn in code (no download);
+- a folder in the Kaggle layout ``<root>/train/<class>/*`` and ``<root>/test/<class>/*``, or a folder
+  of ``<class>/`` subfolders only (all of it the test split: new data to evaluate on);
+- the same layouts inside a ``.zip``, read member by member and never extracted;
+- the challenge file ``fer2013.csv`` (``emotion,pixels,Usage``);
+- a dataset artifact of the clean entry point: a local ``.npz`` or a URI such as
+  ``runs:/<run_id>/dataset/dataset.npz``.
+
+The source is only ever read. Colour or non-48x48 images are converted and counted, unreadable files
+are skipped and counted, and where the source has no validation split a stratified one is taken from
+train with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fer_mlflow import dataset as ds
+from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE, Dataset
+from fer_mlflow.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLIT_FOLDERS = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}
+CSV_USAGE = {"training": "train", "publictest": "val", "privatetest": "test"}
+ARTIFACT_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file://", "s3://", "gs://", "dbfs:/")
+
+
+@dataclass
+class SourceReport:
+    """What reading a source found: its kind, and the images converted or skipped on the way."""
+
+    kind: str
+    location: str
+    converted: int = 0
+    skipped: list[str] = field(default_factory=list)
+    val_from_train: bool = False
+
+
+def is_artifact(data: str) -> bool:
+    """Whether `data` names a clean-stage dataset artifact rather than a raw source."""
+    return data.startswith(ARTIFACT_SCHEMES) or data.endswith(".npz")
+
+
+def read_source(data: str, *, val_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, SourceReport]:
+    """Read `data` (see the module docstring) into a Dataset; never writes to the source."""
+    if data == "demo":
+        from fer_mlflow.demo import make_demo
+
+        dataset, report = make_demo(seed=seed), SourceReport("demo", "demo")
+    elif is_artifact(data):
+        return _read_artifact(data), SourceReport("artifact", data)
+    else:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise DataError(
+                f"data path {data} does not exist; pass a FER2013 folder, .zip or fer2013.csv, "
+                "a clean run's dataset URI, or 'demo'"
+            )
+        if path.is_dir():
+            dataset, report = _read_images(_folder_entries(path), "folder", str(path))
+        elif path.suffix.lower() == ".zip":
+            dataset, report = _read_zip(path)
+        elif path.suffix.lower() == ".csv":
+            dataset, report = _read_csv(path)
+        else:
+            raise DataError(
+                f"data {data} is neither a folder, a .zip, a .csv nor a .npz dataset artifact; "
+                "pass one of those or 'demo'"
+            )
+    if not (dataset.splits == "val").any() and (dataset.splits == "train").any():
+        dataset = _take_val_from_train(dataset, val_fraction, seed)
+        report.val_from_train = True
+    return dataset, report
+
+
+def _read_artifact(uri: str) -> Dataset:
+    if uri.endswith(".npz") and not uri.startswith(ARTIFACT_SCHEMES):
+        if not Path(uri).exists():
+            raise DataError(f"dataset artifact {uri} does not exist; pass an existing .npz or a runs:/ URI")
+        return ds.load(uri)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except (MlflowException, OSError) as error:
+        raise DataError(
+            f"cannot download dataset artifact {uri}: {str(error).splitlines()[0]}; "
+            "check the run id and the artifact path (e.g. runs:/<run_id>/dataset/dataset.npz)"
+        ) from error
+    if Path(local).is_dir():
+        found = sorted(Path(local).rglob("*.npz"))
+        if len(found) != 1:
+            raise DataError(f"{uri} holds {len(found)} .npz files; point at the dataset file itself")
+        local = found[0]
+    return ds.load(local)
+
+
+def _take_val_from_train(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    train = np.flatnonzero(dataset.splits == "train")
+    chosen = ds.stratified_val_split(dataset.labels[train], fraction, seed)
+    splits = dataset.splits.copy()
+    splits[train[chosen]] = "val"
+    return Dataset(dataset.images, dataset.labels, splits, dataset.ids, dataset.class_names)
+
+
+# An entry is (relative posix path, a function returning the file's bytes).
+Entry = tuple[PurePosixPath, Callable[[], bytes]]
+
+
+def _folder_entries(root: Path) -> Iterator[Entry]:
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                full = Path(directory) / name
+                yield PurePosixPath(full.relative_to(root).as_posix()), full.read_bytes
+
+
+def _read_zip(path: Path) -> tuple[Dataset, SourceReport]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as error:
+        raise DataError(f"{path} is not a readable zip file ({error}); re-download it") from error
+    with archive:
+        entries = (
+            (PurePosixPath(info.filename), lambda info=info: archive.read(info))
+            for info in archive.infolist()
+            if not info.is_dir() and not info.filename.startswith("__MACOSX/")
+        )
+        return _read_images(entries, "zip", str(path))
+
+
+def _layout(parts: tuple[str, ...]) -> tuple[str, str] | None:
+    """(split, class folder) for a path relative to the layout's root, or None if it is no image."""
+    if len(parts) == 3 and parts[0].lower() in SPLIT_FOLDERS:
+        return SPLIT_FOLDERS[parts[0].lower()], parts[1]
+    if len(parts) == 2 and parts[0].lower() not in SPLIT_FOLDERS:
+        return "test", parts[0]
+    return None
+
+
+def _strip_wrapper(paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Drop leading folders shared by every file (a zip often wraps its content in one)."""
+    known = set(SPLIT_FOLDERS) | set(CLASS_NAMES)
+    while paths and all(len(p) > 2 for p in paths) and len({p[0] for p in paths}) == 1:
+        if paths[0][0].lower() in known:
+            break
+        paths = [p[1:] for p in paths]
+    return paths
+
+
+def _read_images(entries: Iterator[Entry], kind: str, location: str) -> tuple[Dataset, SourceReport]:
+    report = SourceReport(kind, location)
+    entries = [(p, read) for p, read in entries if not any(part.startswith(".") for part in p.parts)]
+    relative = _strip_wrapper([p.parts for p, _ in entries])
+    placed = [(parts, _layout(parts), read) for parts, (_, read) in zip(relative, entries)]
+    layouts = {"split" if len(parts) == 3 else "class" for parts, where, _ in placed if where}
+    if not layouts:
+        raise DataError(
+            f"{location} has no images in the expected layout; it needs train/<class>/ and "
+            f"test/<class>/ folders, or <class>/ folders, with classes {', '.join(CLASS_NAMES)}"
+        )
+    if len(layouts) > 1:
+        raise DataError(
+            f"{location} mixes <split>/<class>/ and <class>/ folders; keep one layout"
+        )
+    lookup = {name: code for code, name in enumerate(CLASS_NAMES)}
+    unknown = sorted({where[1] for _, where, _ in placed if where and where[1].lower() not in lookup})
+    if unknown:
+        raise DataError(
+            f"{location} has unknown class folder(s) {', '.join(unknown)}; class folders must be "
+            f"named {', '.join(CLASS_NAMES)} (any case)"
+        )
+    images, labels, splits, ids = [], [], [], []
+    for parts, where, read in placed:
+        member = "/".join(parts)
+        if where is None or ".." in parts:
+            report.skipped.append(f"{member}: not in the layout")
+            continue
+        pixels = _decode(read(), member, report)
+        if pixels is not None:
+            images.append(pixels)
+            labels.append(lookup[where[1].lower()])
+            splits.append(where[0])
+            ids.append(member)
+    if report.skipped:
+        log.warning("skipped %d file(s) of %s, e.g. %s", len(report.skipped), location, report.skipped[0])
+    if not images:
+        raise DataError(
+            f"{location} has no readable image: {len(report.skipped)} file(s) skipped "
+            f"(e.g. {report.skipped[0] if report.skipped else 'none'}); it needs JPEG or PNG faces"
+        )
+    return Dataset(np.stack(images), labels, splits, ids), report
+
+
+def _decode(raw: bytes, member: str, report: SourceReport) -> np.ndarray | None:
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            converted = image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE)
+            if image.mode != "L":
+                image = image.convert("L")
+            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        report.skipped.append(f"{member}: {type(error).__name__}")
+        return None
+    report.converted += converted
+    return pixels
+
+
+def _read_csv(path: Path) -> tuple[Dataset, SourceReport]:
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if "emotion" not in header or "pixels" not in header:
+            raise DataError(
+                f"{path} needs the columns emotion,pixels[,Usage] of fer2013.csv; it has {','.join(header)}"
+            )
+        col_emotion, col_pixels = header.index("emotion"), header.index("pixels")
+        col_usage = header.index("usage") if "usage" in header else None
+        images, labels, splits, ids, bad = [], [], [], [], []
+        for line, row in enumerate(reader, start=2):
+            try:
+                pixels = np.asarray(row[col_pixels].split(), dtype=np.int32)
+                label = int(row[col_emotion])
+                usage = CSV_USAGE[row[col_usage].strip().lower()] if col_usage is not None else "train"
+            except (IndexError, ValueError, KeyError):
+                bad.append(line)
+                continue
+            if pixels.size != IMAGE_SIZE * IMAGE_SIZE or pixels.min() < 0 or pixels.max() > 255 \
+                    or not 0 <= label < len(CLASS_NAMES):
+                bad.append(line)
+                continue
+            images.append(pixels.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE))
+            labels.append(label)
+            splits.append(usage)
+            ids.append(f"{path.name}:{line}")
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        raise DataError(
+            f"{path}: {len(bad)} malformed row(s) at line(s) {shown}; each row needs an emotion 0-6, "
+            f"{IMAGE_SIZE * IMAGE_SIZE} space-separated pixels 0-255 and a Usage of "
+            "Training/PublicTest/PrivateTest; fix or remove those rows"
+        )
+    if not images:
+        raise DataError(f"{path} has no data rows; it needs fer2013.csv's emotion,pixels,Usage rows")
+    return Dataset(np.stack(images), labels, splits, ids), SourceReport("csv", str(path))
