@@ -1,0 +1,44 @@
+"""MLproject and the CLI define the same parameters with the same defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from fer_mlflow.cli import cli
+
+MLPROJECT = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())
+ENTRY_POINTS = MLPROJECT["entry_points"]
+
+
+def as_text(value) -> str:
+    """How MLflow passes a value on the command line: booleans as true/false."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_entry_point_parameters_match_the_cli_options(name):
+    entry = ENTRY_POINTS[name]
+    command = cli.commands[name]
+    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    assert set(entry["parameters"]) == set(options), f"{name}: MLproject and CLI parameters differ"
+    for param, spec in entry["parameters"].items():
+        option = options[param]
+        assert "default" in spec, f"{name}.{param} has no default in MLproject"
+        # MLflow hands the default to the CLI as text: it must parse to the CLI's own default.
+        parsed = option.type_cast_value(click.Context(command), as_text(spec["default"]))
+        assert parsed == option.default, f"{name}.{param}: MLproject {spec['default']!r} vs CLI {option.default!r}"
+        assert f"{{{param}}}" in entry["command"], f"{name}: the command does not pass {param}"
+        assert f"--{param.replace('_', '-')} {{{param}}}" in " ".join(entry["command"].split())
+
+
+def test_every_cli_stage_has_an_entry_point():
+    assert set(ENTRY_POINTS) == set(cli.commands)
+
+
+def test_mlproject_names_the_conda_environment():
+    assert MLPROJECT["conda_env"] == "conda.yaml"
+    assert (Path(__file__).resolve().parents[1] / MLPROJECT["conda_env"]).exists()
