@@ -1,0 +1,163 @@
+"""The registered champion served by a real `mlflow models serve` answers images over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.pyfunc_model import log_model
+
+pytestmark = pytest.mark.slow
+
+STARTUP_SECONDS = 120
+
+
+def tiny_keras_model() -> keras.Model:
+    """The smallest model with the training contract: raw pixels (N, 48, 48, 1) in, 7 softmax out."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(7, activation="softmax")(x))
+
+
+def jpeg_base64() -> str:
+    """A 100x80 RGB gradient as a base64 JPEG, the kind of body a web client sends."""
+    rows, cols = np.mgrid[0:80, 0:100]
+    image = np.stack([rows * 3, cols * 2, 255 - cols * 2], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: bytes) -> tuple[int, str]:
+    """POST a JSON body; returns (status, response text) for success and HTTP errors alike."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Register the tiny model as fer-emotion@champion in a temporary store and serve it on
+    loopback; yields (invocations URL, the same model loaded in-process). Stops the server after."""
+    folder = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)  # the sqlite store puts artifacts under ./mlruns
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run():
+            info = log_model(tiny_keras_model(), registered_model_name="fer-emotion")
+        MlflowClient().set_registered_model_alias("fer-emotion", "champion", info.registered_model_version)
+        local_model = mlflow.pyfunc.load_model("models:/fer-emotion@champion")
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    log_path = folder / "server.log"
+    with open(log_path, "w") as log:
+        # Own process group: the CLI starts uvicorn as a child, and teardown must stop both.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fer-emotion@champion",
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/ping", process, log_path)
+        yield f"http://127.0.0.1:{port}/invocations", local_model
+    finally:
+        stop(process)
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, log_path) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # connection refused while it starts (URLError is an OSError)
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"no /ping answer within {STARTUP_SECONDS} s:\n{log_path.read_text()[-5000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"dataframe_split": {"columns": ["image"], "data": [["{image}"]]}},
+        {"dataframe_records": [{"image": "{image}"}]},
+        {"inputs": {"image": ["{image}"]}},
+        {"instances": [{"image": "{image}"}]},
+        {"instances": ["{image}"]},
+    ],
+    ids=["dataframe_split", "dataframe_records", "inputs", "instances_records", "instances_list"],
+)
+def test_served_model_answers_a_base64_jpeg(server, body):
+    url, local_model = server
+    image = jpeg_base64()
+    status, text = post(url, json.dumps(body).replace("{image}", image).encode())
+    assert status == 200, text
+    [prediction] = json.loads(text)["predictions"]
+    probabilities = [prediction[f"prob_{name}"] for name in CLASS_NAMES]
+    assert prediction["label"] == CLASS_NAMES[int(np.argmax(probabilities))]
+    assert prediction["probability"] == max(probabilities)
+    assert sum(probabilities) == pytest.approx(1, abs=1e-5)
+    expected = local_model.predict(pd.DataFrame({"image": [image]})).iloc[0]
+    assert probabilities == pytest.approx([expected[f"prob_{name}"] for name in CLASS_NAMES], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"dataframe_split": {"columns": ["image"], "data": [["abc"', "valid JSON"),
+        (b'{"dataframe_split": {"columns": ["image"], "data": [["not an image!"]]}}', "base64"),
+        (b'{"inputs": {"image": ["aGVsbG8gd29ybGQ="]}}', "expected a PNG or JPEG"),
+        (b'{"inputs": {"picture": ["aGVsbG8gd29ybGQ="]}}', "missing inputs"),
+    ],
+    ids=["invalid_json", "not_base64", "not_an_image", "wrong_column"],
+)
+def test_served_model_rejects_bad_bodies_with_4xx(server, body, expected):
+    status, text = post(server[0], body)
+    assert 400 <= status < 500, (status, text)
+    assert expected in json.loads(text)["message"]
