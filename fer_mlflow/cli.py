@@ -20,6 +20,26 @@ DATA_HELP = (
 Probability = click.FloatRange(0.0, 1.0)
 
 
+class AutoInt(click.ParamType):
+    """A positive integer, or 'auto' (None): let the stage choose by the model."""
+
+    name = "integer|auto"
+
+    def __init__(self, minimum: int = 1):
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):
+        if value is None or str(value).lower() == "auto":
+            return None
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither an integer nor 'auto'", param, ctx)
+        if number < self.minimum:
+            self.fail(f"{number} is below the minimum {self.minimum}", param, ctx)
+        return number
+
+
 @click.group()
 def cli() -> None:
     """fer-mlflow: facial-expression recognition on FER2013, tracked with MLflow."""
@@ -61,6 +81,47 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
     removed = ", ".join(f"{rule} {len(idx)}" for rule, idx in outcome.result.removed.items())
     click.echo(f"removed {outcome.result.removed_total} images ({removed})")
     click.echo(f"cleaned dataset: {outcome.dataset_uri}")
+
+
+@cli.command()
+@click.option("--model", default="cnn", show_default=True,
+              type=click.Choice(["cnn", "cnn_shallow", "cnn_deep", "resnet50", "resnet101", "resnet152"]))
+@click.option("--data", default="demo", show_default=True, help=DATA_HELP + "; raw sources are cleaned first")
+@click.option("--epochs", default="auto", show_default=True, type=AutoInt(),
+              help="Epochs (of phase 1 for pretrained ResNets); auto: the model's default.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--learning-rate", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(min=0))
+@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "constant"]),
+              help="cosine: one-epoch warm-up then cosine decay to zero.")
+@click.option("--patience", default=15, show_default=True, type=click.IntRange(min=1),
+              help="Stop after this many epochs without a better val_accuracy (best weights restored).")
+@click.option("--class-weight", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
+@click.option("--image-size", default="auto", show_default=True, type=AutoInt(minimum=32),
+              help="Input size the model resizes 48x48 faces to; auto: the model's default.")
+@click.option("--weights", default="auto", show_default=True,
+              help="ResNets: auto, imagenet, none, or a local weights file (.h5 / .weights.h5).")
+@click.option("--fine-tune-epochs", default=5, show_default=True, type=click.IntRange(min=0))
+@click.option("--fine-tune-layers", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--fine-tune-learning-rate", default=1e-5, show_default=True,
+              type=click.FloatRange(min=0, min_open=True))
+@click.option("--width", default=16, show_default=True, type=click.IntRange(min=4),
+              help="cnn only: channels of its first block.")
+@click.option("--shift", default=0.1, show_default=True, type=click.FloatRange(0, 0.5))
+@click.option("--flip", default=True, show_default=True, type=bool)
+@click.option("--rotation", default=10.0, show_default=True, type=click.FloatRange(0, 180))
+@click.option("--zoom", default=0.1, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 0.5))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--strategy", default="default", show_default=True, type=click.Choice(["default", "mirrored"]))
+def train(**options) -> None:
+    """Train one model on DATA and log parameters, per-epoch metrics, figures and the model."""
+    from fer_mlflow import train as stage
+
+    outcome = stage.run(stage.TrainConfig(**options))
+    click.echo(f"best val_accuracy {outcome.best_val_accuracy:.4f} after {outcome.epochs_trained} epochs")
+    click.echo(f"model: {outcome.model_uri}")
 
 
 def main(argv: list[str] | None = None) -> None:

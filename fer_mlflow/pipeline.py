@@ -1,0 +1,83 @@
+"""The tf.data input pipeline: in-memory images to cached, shuffled, augmented, batched tensors.
+
+Augmentation (train split only) runs on whole batches inside the pipeline with Keras preprocessing
+layers, so it overlaps with the training step and never reaches the saved model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random transforms of a training batch; zero (or False) turns one off."""
+
+    shift: float = 0.1  # fraction of the image size, both axes
+    flip: bool = True  # horizontal: a mirrored smile is still a smile
+    rotation: float = 10.0  # degrees, either way
+    zoom: float = 0.1  # fraction, in or out
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.shift or self.flip or self.rotation or self.zoom)
+
+
+def augmenter(augmentation: Augmentation, seed: int) -> keras.Sequential | None:
+    """The Keras layers applying `augmentation`, or None when it is all off."""
+    steps = []
+    if augmentation.flip:
+        steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if augmentation.shift:
+        steps.append(keras.layers.RandomTranslation(
+            augmentation.shift, augmentation.shift, fill_mode="nearest", seed=seed + 1))
+    if augmentation.rotation:
+        steps.append(keras.layers.RandomRotation(
+            augmentation.rotation / 360.0, fill_mode="nearest", seed=seed + 2))
+    if augmentation.zoom:
+        steps.append(keras.layers.RandomZoom(augmentation.zoom, fill_mode="nearest", seed=seed + 3))
+    return keras.Sequential(steps, name="augmentation") if steps else None
+
+
+def as_inputs(images: np.ndarray) -> np.ndarray:
+    """uint8 N x 48 x 48 images as the models' float32 N x 48 x 48 x 1 input (raw 0..255 pixels)."""
+    return images.astype(np.float32)[..., None]
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def train_dataset(
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    batch_size: int,
+    augmentation: Augmentation | None,
+    seed: int,
+    sample_weights: np.ndarray | None = None,
+) -> tf.data.Dataset:
+    """Cache, shuffle (anew each epoch), batch, augment (if given), prefetch.
+
+    `inputs` are model inputs (images or cached features), `targets` one-hot labels.
+    """
+    parts = (inputs, targets) if sample_weights is None else (inputs, targets, sample_weights)
+    data = tf.data.Dataset.from_tensor_slices(parts).cache()
+    data = data.shuffle(len(inputs), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    layers = augmenter(augmentation, seed) if augmentation else None
+    if layers is not None:
+        data = data.map(
+            lambda x, *rest: (layers(x, training=True), *rest),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return data.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(inputs: np.ndarray, targets: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Batched, cached and prefetched, in order: for validation and prediction."""
+    return tf.data.Dataset.from_tensor_slices((inputs, targets)).cache().batch(batch_size).prefetch(
+        tf.data.AUTOTUNE
+    )

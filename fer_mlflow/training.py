@@ -1,0 +1,100 @@
+"""Pieces of the train stage that are not the training loop: data, optimiser, logging, figures."""
+
+from __future__ import annotations
+
+import keras
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fer_mlflow.dataset import Dataset  # noqa: E402
+from fer_mlflow.errors import ConfigError  # noqa: E402
+from fer_mlflow.sources import is_artifact, read_source  # noqa: E402
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def load_training_data(data: str, val_fraction: float, seed: int) -> tuple[Dataset, str]:
+    """The cleaned dataset for `data` and the URI it was read from.
+
+    A clean run's artifact is used as it is; a raw source is cleaned with the default rules in a
+    nested clean run first, so the training run links to a full record of the cleaning.
+    """
+    if is_artifact(data):
+        return read_source(data)[0], data
+    from fer_mlflow import clean
+
+    outcome = clean.run(data, val_fraction=val_fraction, seed=seed, nested=True)
+    return outcome.result.dataset, outcome.dataset_uri
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """'balanced' weights, n / (classes * count): each class then carries the same total weight."""
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    return {c: float(len(labels) / (num_classes * counts[c])) if counts[c] else 0.0
+            for c in range(num_classes)}
+
+
+def optimizer(schedule: str, learning_rate: float, weight_decay: float, steps: int, warmup_steps: int):
+    """AdamW with a linear warm-up then cosine decay to zero, or a constant rate."""
+    if schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup_steps else learning_rate, max(steps - warmup_steps, 1),
+            warmup_target=learning_rate if warmup_steps else None, warmup_steps=warmup_steps,
+        )
+    else:
+        rate = learning_rate
+    return keras.optimizers.AdamW(rate, weight_decay=weight_decay)
+
+
+def make_strategy(name: str):
+    """`default`, or `mirrored`: one replica per visible GPU (per logical CPU device if none)."""
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+    if len(devices) < 2:
+        raise ConfigError(
+            f"strategy=mirrored needs two or more devices and this machine has {len(devices)}; "
+            "use -P strategy=default"
+        )
+    return tf.distribute.MirroredStrategy(devices)
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Logs the epoch metrics and the learning rate to the active MLflow run with step = epoch.
+
+    One point per epoch per metric, steps counting on from `offset` across training phases, so the
+    UI's charts have epochs on their x-axis (MLflow's own Keras autologging also logs validation
+    metrics at step 0 each epoch, which garbles them).
+    """
+
+    offset = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        metrics = {k: float(logs[k]) for k in EPOCH_METRICS if k in logs}
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        mlflow.log_metrics(metrics, step=self.offset + epoch)
+
+
+def curves_figure(history: dict[str, list[float]], title: str):
+    """Accuracy and loss per epoch, train and validation, with the best validation epoch marked."""
+    epochs = np.arange(len(history["loss"]))
+    best = int(np.argmax(history["val_accuracy"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        ax.plot(epochs, history[metric], label=f"train {metric}")
+        ax.plot(epochs, history[f"val_{metric}"], label=f"val {metric}")
+        ax.axvline(best, color="grey", linestyle=":", label=f"best epoch {best}")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.suptitle(f"{title}: training curves")
+    return fig
