@@ -124,6 +124,60 @@ def train(**options) -> None:
     click.echo(f"model: {outcome.model_uri}")
 
 
+@cli.command()
+@click.option("--run-id", default="", help="A training run whose model to evaluate.")
+@click.option("--model-uri", default="", help="Or any model URI, e.g. models:/fer-emotion@champion.")
+@click.option("--data", default="", help="Test data (" + DATA_HELP + "); empty: the training run's data.")
+@click.option("--tta", default=False, show_default=True, type=bool,
+              help="Average each prediction with that of the mirrored image.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+def evaluate(run_id, model_uri, data, tta, batch_size) -> None:
+    """Evaluate a trained model on test data and log metrics, confusion matrices and predictions."""
+    from fer_mlflow import evaluate as stage
+
+    outcome = stage.run(run_id or None, model_uri or None, data or None, tta, batch_size)
+    click.echo(" ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items()))
+    click.echo(f"evaluation run: {outcome.run_id}")
+
+
+@cli.command()
+@click.option("--registered-model-name", default="fer-emotion", show_default=True)
+@click.option("--metric", default="test_accuracy", show_default=True,
+              help="Evaluation metric to rank by, higher is better (e.g. test_f1_macro).")
+@click.option("--test-digest", default="", help="Compare evaluations on this test data; empty: the newest's.")
+@click.option("--rollback", default=False, show_default=True, type=bool,
+              help="Give the champion alias back to the version that held it before.")
+def promote(registered_model_name, metric, test_digest, rollback) -> None:
+    """Register the best evaluated model and make it the champion if it beats the current one."""
+    from fer_mlflow import promote as stage
+
+    outcome = stage.run(registered_model_name, metric, test_digest, rollback)
+    click.echo(outcome.message)
+    click.echo(f"models:/{registered_model_name}@champion is version {outcome.champion_version}")
+
+
+@cli.command("main")
+@click.option("--data", default="demo", show_default=True, help=DATA_HELP)
+@click.option("--models", default="cnn,resnet50", show_default=True, help="Comma-separated models to train.")
+@click.option("--epochs", default="5", show_default=True, type=AutoInt(),
+              help="Epochs for every model ('auto': each model's own default).")
+@click.option("--image-size", default="auto", show_default=True, type=AutoInt(minimum=32))
+@click.option("--weights", default="auto", show_default=True, help="ResNet weights, as for train.")
+@click.option("--registered-model-name", default="fer-emotion", show_default=True)
+@click.option("--metric", default="test_accuracy", show_default=True)
+def pipeline(data, models, epochs, image_size, weights, registered_model_name, metric) -> None:
+    """The whole pipeline: clean, train each model, evaluate each, promote the best."""
+    from fer_mlflow import pipeline_run
+
+    as_text = lambda value: "auto" if value is None else str(value)  # noqa: E731
+    uri = pipeline_run.run(data, models, as_text(epochs), as_text(image_size), weights,
+                           registered_model_name, metric)
+    click.echo(f"champion: {uri}")
+    click.echo("use it from Python:")
+    click.echo(f"  import mlflow; model = mlflow.pyfunc.load_model('{uri}')")
+    click.echo("  model.predict(images)  # N x 48 x 48 uint8 faces -> label, probability, prob_<class>")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user errors into one line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

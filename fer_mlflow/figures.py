@@ -90,3 +90,32 @@ def removed_images(dataset: Dataset, removed: dict[str, np.ndarray], per_rule: i
         ]
         cells += _row(shown, per_rule, f"{rule}: none")
     return image_grid(cells, per_rule, "Images removed, by rule")
+
+
+def confusion(matrix: np.ndarray, classes: list[str], title: str) -> Figure:
+    """A confusion matrix (rows: true class, columns: predicted), each cell annotated."""
+    fig, ax = plt.subplots(figsize=(7, 6), layout="constrained")
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    integer = np.issubdtype(matrix.dtype, np.integer)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, f"{value:d}" if integer else f"{value:.2f}", ha="center", va="center", fontsize=8,
+                color="white" if value > threshold else "black")
+    ax.set_title(title)
+    return fig
+
+
+def confident_mistakes(dataset: Dataset, predicted: np.ndarray, probabilities: np.ndarray,
+                       count: int = 24) -> Figure:
+    """The `count` wrong predictions made with the highest probability, titled true -> predicted."""
+    wrong = np.flatnonzero(predicted != dataset.labels)
+    order = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:count]
+    names = dataset.class_names
+    cells = [(dataset.images[i], f"{names[dataset.labels[i]]} -> {names[predicted[i]]}\n"
+                                 f"p={probabilities[i, predicted[i]]:.2f}") for i in order]
+    return image_grid(cells or [(None, "no mistakes")], 8, "Most confident mistakes (true -> predicted)")

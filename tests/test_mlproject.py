@@ -29,8 +29,9 @@ def test_entry_point_parameters_match_the_cli_options(name):
         option = options[param]
         assert "default" in spec, f"{name}.{param} has no default in MLproject"
         # MLflow hands the default to the CLI as text: it must parse to the CLI's own default.
-        parsed = option.type_cast_value(click.Context(command), as_text(spec["default"]))
-        assert parsed == option.default, f"{name}.{param}: MLproject {spec['default']!r} vs CLI {option.default!r}"
+        context = click.Context(command)
+        parsed = option.type_cast_value(context, as_text(spec["default"]))
+        assert parsed == option.type_cast_value(context, option.default), f"{name}.{param}: MLproject {spec['default']!r} vs CLI {option.default!r}"
         assert f"{{{param}}}" in entry["command"], f"{name}: the command does not pass {param}"
         assert f"--{param.replace('_', '-')} {{{param}}}" in " ".join(entry["command"].split())
 

@@ -1,0 +1,153 @@
+"""The `evaluate` stage: score a trained model on test data and log the numbers that matter.
+
+The evaluation is its own run, nested under the training run in the UI (tag ``mlflow.parentRunId``)
+and tagged ``fer.stage=evaluate``, ``fer.model_uri``, ``fer.source_run`` and ``fer.test_digest``, so a
+model can be evaluated on several test sets and `promote` compares like with like.
+
+Logged: ``test_accuracy``; ``test_precision|recall|f1_macro`` and ``_weighted``; per class, a table
+``per_class_metrics.csv`` (precision, recall, F1, support); the confusion matrix as counts and
+row-normalised (``confusion_matrix.json``, ``figures/confusion_matrix*.png``); ``predictions.csv``
+(id, true, predicted, one probability per class); ``figures/confident_mistakes.png``; the test data as
+a run input with its digest.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from fer_mlflow import figures
+from fer_mlflow.dataset import Dataset
+from fer_mlflow.errors import ConfigError, DataError
+from fer_mlflow.sources import read_source
+from fer_mlflow.tracking import log_params, log_split_inputs, source_label, stage_run
+
+
+@dataclass
+class EvaluateOutcome:
+    """The evaluation run and its headline numbers."""
+
+    run_id: str
+    metrics: dict[str, float]
+    test_digest: str
+
+
+def run(run_id: str | None = None, model_uri: str | None = None, data: str | None = None,
+        tta: bool = False, batch_size: int = 256) -> EvaluateOutcome:
+    """Evaluate the model of training run `run_id` (or `model_uri`) on the test split of `data`.
+
+    `data` defaults to the data the training run used; any source `clean` reads works.
+    """
+    model_uri, source_run, data = _resolve(run_id, model_uri, data)
+    test = _test_split(data)
+    label = source_label(data)
+    tags = {"fer.model_uri": model_uri, "fer.data": label, "fer.test_digest": test.digest()}
+    if source_run:
+        tags.update({"fer.source_run": source_run, "mlflow.parentRunId": source_run})
+        source = mlflow.get_run(source_run)
+        for key in ("fer.model", "fer.model_family"):
+            if key in source.data.tags:
+                tags[key] = source.data.tags[key]
+    name = f"evaluate-{tags.get('fer.model', 'model')}-{label}"
+    with stage_run("evaluate", name, tags) as active:
+        log_params({"run_id": run_id or "", "model_uri": model_uri, "data": data, "tta": tta,
+                    "test_images": len(test)})
+        log_split_inputs(test, data, label, splits=("test",))
+        probabilities = predict_probabilities(model_uri, test.images, tta, batch_size)
+        metrics = _log_results(test, probabilities)
+        outcome = EvaluateOutcome(active.info.run_id, metrics, test.digest())
+    return outcome
+
+
+def _resolve(run_id, model_uri, data) -> tuple[str, str | None, str]:
+    if bool(run_id) == bool(model_uri):
+        raise ConfigError("give exactly one of run_id (a training run) and model_uri")
+    source_run = run_id
+    if model_uri and model_uri.startswith("runs:/"):
+        source_run = model_uri.split("/")[1]
+    if run_id:
+        model_uri = f"runs:/{run_id}/model"
+    training = None
+    if source_run:
+        try:
+            training = mlflow.get_run(source_run)
+        except MlflowException as error:
+            raise ConfigError(f"run {source_run} not found in {mlflow.get_tracking_uri()}; "
+                              "pass the id of a training run of this tracking store") from error
+    if data is None:
+        data = training.data.params.get("data_uri") if training else None
+        if not data:
+            raise ConfigError("no data given and the model's training data is unknown; pass -P data=...")
+    return model_uri, source_run, data
+
+
+def _test_split(data: str) -> Dataset:
+    dataset, _ = read_source(data)
+    test = dataset.split("test")
+    if len(test) == 0:
+        raise DataError(f"data {data} has no test split; pass a source with test/<class>/ folders, "
+                        "a folder of <class>/ folders, or a fer2013.csv with PrivateTest rows")
+    return test
+
+
+def predict_probabilities(model_uri: str, images: np.ndarray, tta: bool, batch_size: int) -> np.ndarray:
+    """Class probabilities (N x classes) of the logged model; with `tta`, averaged with the mirror."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    keras_model = model.unwrap_python_model().keras_model
+    inputs = images.astype(np.float32)[..., None]
+    probabilities = keras_model.predict(inputs, batch_size=batch_size, verbose=0)
+    if tta:
+        mirrored = keras_model.predict(inputs[:, :, ::-1], batch_size=batch_size, verbose=0)
+        probabilities = (probabilities + mirrored) / 2
+    return probabilities
+
+
+def scores(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro / weighted precision, recall and F1 (sklearn, zero_division=0)."""
+    result = {"test_accuracy": float(np.mean(labels == predicted))}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(labels, predicted, labels=range(num_classes),
+                                                     average=average, zero_division=0)
+        result.update({f"test_precision_{average}": p, f"test_recall_{average}": r,
+                       f"test_f1_{average}": f})
+    return {k: float(v) for k, v in result.items()}
+
+
+def _log_results(test: Dataset, probabilities: np.ndarray) -> dict[str, float]:
+    classes = list(test.class_names)
+    predicted = probabilities.argmax(axis=1)
+    metrics = scores(test.labels, predicted, len(classes))
+    mlflow.log_metrics(metrics)
+
+    p, r, f, support = precision_recall_fscore_support(test.labels, predicted, labels=range(len(classes)),
+                                                       zero_division=0)
+    per_class = pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f, "support": support})
+    counts = confusion_matrix(test.labels, predicted, labels=range(len(classes)))
+    normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    mlflow.log_dict({"classes": classes, "counts": counts.tolist(), "normalised": normalised.round(4).tolist()},
+                    "confusion_matrix.json")
+    predictions = pd.DataFrame({"id": test.ids, "true": [classes[c] for c in test.labels],
+                                "predicted": [classes[c] for c in predicted]})
+    for c, name in enumerate(classes):
+        predictions[f"prob_{name}"] = probabilities[:, c].round(5)
+    with tempfile.TemporaryDirectory() as tmp:
+        per_class.to_csv(Path(tmp) / "per_class_metrics.csv", index=False)
+        predictions.to_csv(Path(tmp) / "predictions.csv", index=False)
+        mlflow.log_artifacts(tmp)
+    for fig, name in (
+        (figures.confusion(counts, classes, "Confusion matrix (counts)"), "confusion_matrix.png"),
+        (figures.confusion(normalised, classes, "Confusion matrix (row-normalised)"),
+         "confusion_matrix_normalised.png"),
+        (figures.confident_mistakes(test, predicted, probabilities), "confident_mistakes.png"),
+    ):
+        mlflow.log_figure(fig, f"figures/{name}")
+        plt.close(fig)
+    return metrics

@@ -1,0 +1,62 @@
+"""The `main` entry point: clean, train each model, evaluate each, promote the best.
+
+Each step is an `mlflow.run` of this project's own entry point, in a child run of one parent run
+(created first and handed over with ``run_id``, so the UI nests them). Child runs get
+``env_manager="local"`` from here: the CLI's ``--env-manager`` does not reach them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import ExecutionException, MlflowException
+
+from fer_mlflow.errors import FerError
+from fer_mlflow.tracking import log_params, source_label, stage_run
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", image_size: str = "auto",
+        weights: str = "auto", registered_model_name: str = "fer-emotion",
+        metric: str = "test_accuracy") -> str:
+    """Run the whole pipeline; returns the champion's model URI."""
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise FerError("models is empty; name one or more of cnn, cnn_shallow, cnn_deep, resnet50, ...")
+    with stage_run("main", f"pipeline-{source_label(data)}") as parent:
+        log_params({"data": data, "models": models, "epochs": epochs, "image_size": image_size,
+                    "weights": weights, "registered_model_name": registered_model_name, "metric": metric})
+        step = _Steps(parent.info.run_id, parent.info.experiment_id)
+        cleaned = step("clean", {"data": data})
+        dataset_uri = f"runs:/{cleaned}/dataset/dataset.npz"
+        for name in names:
+            trained = step("train", {"model": name, "data": dataset_uri, "epochs": epochs,
+                                     "image_size": image_size, "weights": weights})
+            step("evaluate", {"run_id": trained})
+        step("promote", {"registered_model_name": registered_model_name, "metric": metric})
+        uri = f"models:/{registered_model_name}@champion"
+        mlflow.set_tag("fer.champion_uri", uri)
+    return uri
+
+
+class _Steps:
+    """Runs one entry point of this project in a new child run of the parent run."""
+
+    def __init__(self, parent_id: str, experiment_id: str):
+        self.parent_id, self.experiment_id = parent_id, experiment_id
+        self.client = MlflowClient()
+
+    def __call__(self, entry_point: str, parameters: dict) -> str:
+        child = self.client.create_run(self.experiment_id, run_name=entry_point,
+                                       tags={"mlflow.parentRunId": self.parent_id})
+        try:
+            submitted = mlflow.run(str(PROJECT_DIR), entry_point, parameters=parameters,
+                                   env_manager="local", run_id=child.info.run_id,
+                                   experiment_id=self.experiment_id, synchronous=True)
+        except (ExecutionException, MlflowException) as error:
+            raise FerError(f"the {entry_point} step failed (run {child.info.run_id}): "
+                           f"{str(error).splitlines()[0]}; its error is printed above") from error
+        return submitted.run_id
