@@ -59,14 +59,16 @@ def train_dataset(
     augmentation: Augmentation | None,
     seed: int,
     sample_weights: np.ndarray | None = None,
+    drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """Cache, shuffle (anew each epoch), batch, augment (if given), prefetch.
 
-    `inputs` are model inputs (images or cached features), `targets` one-hot labels.
+    `inputs` are model inputs (images or cached features), `targets` one-hot labels. Several replicas
+    need `drop_remainder`: a last batch split unevenly across them fails in TensorFlow.
     """
     parts = (inputs, targets) if sample_weights is None else (inputs, targets, sample_weights)
     data = tf.data.Dataset.from_tensor_slices(parts).cache()
-    data = data.shuffle(len(inputs), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    data = data.shuffle(len(inputs), seed=seed, reshuffle_each_iteration=True).batch(batch_size, drop_remainder=drop_remainder)
     layers = augmenter(augmentation, seed) if augmentation else None
     if layers is not None:
         data = data.map(
@@ -76,8 +78,19 @@ def train_dataset(
     return data.prefetch(tf.data.AUTOTUNE)
 
 
-def eval_dataset(inputs: np.ndarray, targets: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """Batched, cached and prefetched, in order: for validation and prediction."""
-    return tf.data.Dataset.from_tensor_slices((inputs, targets)).cache().batch(batch_size).prefetch(
-        tf.data.AUTOTUNE
-    )
+def eval_dataset(inputs: np.ndarray, targets: np.ndarray, batch_size: int, replicas: int = 1) -> tf.data.Dataset:
+    """Batched, cached and prefetched, in order: for validation and prediction.
+
+    A batch split unevenly across several replicas fails in TensorFlow, so with replicas the data
+    is padded to whole batches with repeated images of sample weight 0: every image counts once.
+    """
+    if replicas == 1:
+        return tf.data.Dataset.from_tensor_slices((inputs, targets)).cache().batch(batch_size).prefetch(
+            tf.data.AUTOTUNE
+        )
+    if batch_size % replicas:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the {replicas} replicas")
+    padded = np.arange(len(inputs) + (-len(inputs) % batch_size)) % len(inputs)
+    weights = (np.arange(len(padded)) < len(inputs)).astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices((inputs[padded], targets[padded], weights))
+    return data.cache().batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -21,6 +21,7 @@ import keras
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
+import tensorflow as tf
 
 from fer_mlflow import models, pyfunc_model
 from fer_mlflow.errors import ConfigError
@@ -117,8 +118,12 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False) -> TrainOutco
 
         started = time.perf_counter()
         strategy = make_strategy(config.strategy)
+        if config.batch_size % strategy.num_replicas_in_sync:
+            raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
+                              f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")
+        mlflow.log_param("replicas", strategy.num_replicas_in_sync)
         with strategy.scope():
-            model, history, seen = _fit(config, train, val)
+            model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync)
         seconds = time.perf_counter() - started
 
         best = int(np.argmax(history["val_accuracy"]))
@@ -139,7 +144,7 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False) -> TrainOutco
                         len(history["val_accuracy"]), data_uri)
 
 
-def _fit(config: TrainConfig, train, val) -> tuple[keras.Model, dict, int]:
+def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, dict, int]:
     """Build and fit the model; returns it (best weights), the merged history and images seen."""
     x_train, x_val = as_inputs(train.images), as_inputs(val.images)
     y_train, y_val = one_hot(train.labels, 7), one_hot(val.labels, 7)
@@ -152,8 +157,8 @@ def _fit(config: TrainConfig, train, val) -> tuple[keras.Model, dict, int]:
                            "num_params": model.count_params()})
         history = _phase(model, config, config.learning_rate, config.epochs, 0, logger,
                          train_dataset(x_train, y_train, config.batch_size, config.augmentation,
-                                       config.seed, _sample(weights, train.labels)),
-                         eval_dataset(x_val, y_val, config.batch_size))
+                                       config.seed, _sample(weights, train.labels), replicas > 1),
+                         eval_dataset(x_val, y_val, config.batch_size, replicas))
         return model, history, len(x_train) * len(history["loss"])
 
     parts = models.build_resnet(config.model, config.image_size, config.weights)
@@ -162,8 +167,8 @@ def _fit(config: TrainConfig, train, val) -> tuple[keras.Model, dict, int]:
         log.warning("training %s from scratch (weights: %s)", config.model, parts.weights)
         history = _phase(parts.model, config, config.learning_rate, config.epochs, 0, logger,
                          train_dataset(x_train, y_train, config.batch_size, config.augmentation,
-                                       config.seed, _sample(weights, train.labels)),
-                         eval_dataset(x_val, y_val, config.batch_size))
+                                       config.seed, _sample(weights, train.labels), replicas > 1),
+                         eval_dataset(x_val, y_val, config.batch_size, replicas))
         return parts.model, history, len(x_train) * len(history["loss"])
 
     # Phase 1: the backbone is frozen, so it runs once per image; the head trains on its features.
@@ -173,7 +178,7 @@ def _fit(config: TrainConfig, train, val) -> tuple[keras.Model, dict, int]:
     history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger,
                      train_dataset(f_train, y_train, config.batch_size, None, config.seed,
                                    _sample(weights, train.labels)),
-                     eval_dataset(f_val, y_val, config.batch_size))
+                     eval_dataset(f_val, y_val, config.batch_size, replicas))
     seen = len(x_train) * len(history["loss"])
     if config.fine_tune_epochs > 0:
         # Phase 2: unfreeze the top of the backbone (BatchNorm stays frozen) at a lower rate.
@@ -186,8 +191,8 @@ def _fit(config: TrainConfig, train, val) -> tuple[keras.Model, dict, int]:
         tuned = _phase(parts.model, config, config.fine_tune_learning_rate, config.fine_tune_epochs,
                        len(history["loss"]), logger,
                        train_dataset(x_train, y_train, config.batch_size, config.augmentation,
-                                     config.seed, _sample(weights, train.labels)),
-                       eval_dataset(x_val, y_val, config.batch_size))
+                                     config.seed, _sample(weights, train.labels), replicas > 1),
+                       eval_dataset(x_val, y_val, config.batch_size, replicas))
         history = {k: history[k] + tuned[k] for k in history}
         seen += len(x_train) * len(tuned["loss"])
     return parts.model, history, seen
@@ -196,11 +201,16 @@ def _fit(config: TrainConfig, train, val) -> tuple[keras.Model, dict, int]:
 def _phase(model, config, learning_rate, epochs, first_epoch, logger, train, val) -> dict:
     """Compile and fit `model` for `epochs`, logging from step `first_epoch`; best weights restored."""
     steps = int(train.cardinality()) * epochs
+    # Several replicas: validation is padded with zero-weight images (pipeline.eval_dataset), so
+    # accuracy and loss must honour sample weights there.
+    replicated = tf.distribute.get_strategy().num_replicas_in_sync > 1
     model.compile(
         optimizer=optimizer(config.schedule, learning_rate, config.weight_decay, steps,
                             warmup_steps=min(steps // 10, int(train.cardinality()))),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
+        loss=keras.losses.CategoricalCrossentropy(
+            label_smoothing=config.label_smoothing,
+            reduction="mean_with_sample_weight" if replicated else "sum_over_batch_size"),
+        **({"weighted_metrics": ["accuracy"]} if replicated else {"metrics": ["accuracy"]}),
     )
     logger.offset = first_epoch
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience,

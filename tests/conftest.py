@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
+import socket
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,7 +18,8 @@ from PIL import Image
 
 from fer_mlflow.dataset import CLASS_NAMES
 
-SHARED_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013-public.zip"
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_ZIP = PROJECT.parent / "shared" / "data" / "fer2013-public.zip"
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +87,28 @@ def tree_checksum(path: Path) -> str:
 def kaggle_folder(tmp_path) -> Path:
     """A tiny Kaggle-layout folder: 6 train and 2 test images per class."""
     return write_layout(tmp_path / "kaggle", {"train": 6, "test": 2})
+
+
+@pytest.fixture
+def tiny_npz(tmp_path) -> str:
+    """A small demo dataset artifact (about 80 train images): quick to train on for one epoch."""
+    from fer_mlflow import dataset as ds
+    from fer_mlflow.demo import make_demo
+
+    return str(ds.save(make_demo(seed=0, per_class=12), tmp_path / "tiny.npz"))
+
+
+def mlflow_run(entry_point: str, params: dict, tracking: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`mlflow run <project> -e <entry_point> --env-manager local -P k=v ...` as a user types it."""
+    command = [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", entry_point,
+               "--env-manager", "local"]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_ZIP, face, tree_checksum, write_csv, zip_folder
+from conftest import SHARED_ZIP, face, mlflow_run, tree_checksum, write_csv, zip_folder
 from mlflow import MlflowClient
 
 from fer_mlflow import clean as stage
 from fer_mlflow.cli import main
 from fer_mlflow.cleaning import CleanConfig
 from fer_mlflow.sources import read_source
-
-PROJECT = Path(__file__).resolve().parents[1]
-
-
-def mlflow_run(entry_point: str, params: dict, tracking: str) -> subprocess.CompletedProcess:
-    """`mlflow run <project> -e <entry_point> --env-manager local -P k=v ...` as a user types it."""
-    command = [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", entry_point,
-               "--env-manager", "local"]
-    for key, value in params.items():
-        command += ["-P", f"{key}={value}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-
 
 def only_run(client: MlflowClient):
     runs = client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()])

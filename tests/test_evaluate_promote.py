@@ -1,0 +1,174 @@
+"""Evaluate's numbers against sklearn, and promote's registry decisions."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
+from fer_mlflow import dataset as ds
+from fer_mlflow import evaluate, promote, train
+from fer_mlflow.cli import main
+from fer_mlflow.demo import make_demo
+from fer_mlflow.pyfunc_model import log_model
+
+
+@pytest.fixture
+def trained(tiny_npz):
+    """A cnn trained for two epochs on the tiny demo data."""
+    return train.run(train.TrainConfig(model="cnn", data=tiny_npz, epochs=2, batch_size=32))
+
+
+def artifact(run_id: str, path: str) -> str:
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+
+
+def test_evaluate_logs_metrics_that_match_sklearn_on_its_predictions(trained):
+    outcome = evaluate.run(run_id=trained.run_id)
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == trained.run_id
+    assert run.data.tags["fer.stage"] == "evaluate"
+    predictions = pd.read_csv(artifact(outcome.run_id, "predictions.csv"))
+    test = ds.load(trained.data_uri).split("test")  # the tiny .npz is used as it is
+    assert list(predictions["id"]) == list(test.ids)
+    classes = list(test.class_names)
+    true = predictions["true"].map(classes.index)
+    predicted = predictions["predicted"].map(classes.index)
+    probs = predictions[[f"prob_{c}" for c in classes]].to_numpy()
+    assert np.array_equal(probs.argmax(axis=1), predicted)
+    metrics = run.data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(accuracy_score(true, predicted))
+    for average in ("macro", "weighted"):
+        kwargs = {"average": average, "labels": range(7), "zero_division": 0}
+        assert metrics[f"test_precision_{average}"] == pytest.approx(precision_score(true, predicted, **kwargs))
+        assert metrics[f"test_recall_{average}"] == pytest.approx(recall_score(true, predicted, **kwargs))
+        assert metrics[f"test_f1_{average}"] == pytest.approx(f1_score(true, predicted, **kwargs))
+    matrix = json.loads(open(artifact(outcome.run_id, "confusion_matrix.json")).read())
+    assert matrix["counts"] == confusion_matrix(true, predicted, labels=range(7)).tolist()
+    per_class = pd.read_csv(artifact(outcome.run_id, "per_class_metrics.csv"))
+    assert list(per_class["support"]) == np.bincount(true, minlength=7).tolist()
+    figures = {a.path for a in MlflowClient().list_artifacts(outcome.run_id, "figures")}
+    assert figures == {"figures/confusion_matrix.png", "figures/confusion_matrix_normalised.png",
+                       "figures/confident_mistakes.png"}
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.digest == test.digest() == outcome.test_digest
+
+
+def test_train_and_evaluate_agree_on_the_same_images(trained, tmp_path):
+    """Evaluated on its own validation images, the model scores its logged best val_accuracy."""
+    val = ds.load(trained.data_uri).split("val")
+    as_test = ds.Dataset(val.images, val.labels, ["test"] * len(val), val.ids)
+    path = ds.save(as_test, tmp_path / "val_as_test.npz")
+    outcome = evaluate.run(run_id=trained.run_id, data=str(path))
+    assert outcome.metrics["test_accuracy"] == pytest.approx(trained.best_val_accuracy, abs=1e-6)
+
+
+def test_tta_averages_with_the_mirrored_image(trained):
+    test = ds.load(trained.data_uri).split("test")
+    plain = evaluate.predict_probabilities(trained.model_uri, test.images, False, 64)
+    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64)
+    mirrored = evaluate.predict_probabilities(trained.model_uri, test.images[:, :, ::-1], False, 64)
+    assert np.allclose(tta, (plain + mirrored) / 2, atol=1e-6)
+
+
+def test_evaluate_needs_a_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate"])
+    assert "exactly one of run_id" in capsys.readouterr().err
+
+
+# --- promote ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def models_and_evaluations():
+    """Three logged models (tiny, untrained) and a helper that records an evaluation of one."""
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    outputs = keras.layers.Dense(7, activation="softmax")(x)
+    keras_model = keras.Model(inputs, outputs)
+    runs = []
+    for i in range(3):
+        with mlflow.start_run(run_name=f"train-{i}") as run:
+            mlflow.set_tags({"fer.stage": "train", "fer.model": "cnn", "fer.model_family": "cnn"})
+            log_model(keras_model, name="model")
+            runs.append(run.info.run_id)
+
+    def evaluation(index: int, accuracy: float, digest: str = "d1") -> str:
+        with mlflow.start_run(run_name=f"evaluate-{index}") as run:
+            mlflow.set_tags({"fer.stage": "evaluate", "fer.source_run": runs[index], "fer.test_digest": digest,
+                             "fer.model_uri": f"runs:/{runs[index]}/model", "fer.model_family": "cnn"})
+            mlflow.log_metric("test_accuracy", accuracy)
+        return run.info.run_id
+
+    return runs, evaluation
+
+
+def champion(client, name="fer-emotion"):
+    return client.get_model_version_by_alias(name, "champion")
+
+
+def test_promote_registers_the_best_once_and_moves_the_alias_only_when_strictly_better(
+        models_and_evaluations):
+    runs, evaluation = models_and_evaluations
+    client = MlflowClient()
+    evaluation(0, 0.50)
+    evaluation(1, 0.60)
+    first = promote.run()
+    assert first.changed and champion(client).run_id == runs[1]
+    version = champion(client)
+    assert version.tags["metric"] == "test_accuracy" and version.tags["test_accuracy"] == "0.600000"
+    assert version.tags["test_digest"] == "d1" and version.tags["source_run"] == runs[1]
+    assert version.tags["model_family"] == "cnn"
+
+    again = promote.run()  # promoting twice changes nothing
+    assert not again.changed
+    assert len(client.search_model_versions("name = 'fer-emotion'")) == 1
+
+    evaluation(2, 0.60)  # a tie is not strictly better
+    assert not promote.run().changed and champion(client).run_id == runs[1]
+
+    evaluation(0, 0.70)  # run 0, evaluated again, now wins
+    assert promote.run().changed and champion(client).run_id == runs[0]
+    assert client.get_model_version_by_alias("fer-emotion", "previous").run_id == runs[1]
+    assert len(client.search_model_versions("name = 'fer-emotion'")) == 2
+
+    rolled = promote.run(rollback=True)
+    assert rolled.changed and champion(client).run_id == runs[1]
+
+
+def test_promote_compares_on_one_test_digest(models_and_evaluations):
+    runs, evaluation = models_and_evaluations
+    evaluation(0, 0.90, digest="other")
+    evaluation(1, 0.40, digest="d1")
+    promote.run(test_digest="d1")
+    assert champion(MlflowClient()).run_id == runs[1]  # 0.90 was on other test data
+
+
+def test_a_failed_promote_leaves_the_registry_untouched(models_and_evaluations, capsys):
+    runs, evaluation = models_and_evaluations
+    evaluation(0, 0.5)
+    promote.run()
+    before = [(v.version, v.aliases) for v in MlflowClient().search_model_versions("name = 'fer-emotion'")]
+    with pytest.raises(SystemExit):
+        main(["promote", "--metric", "test_nonexistent"])
+    assert "no finished evaluation with metric test_nonexistent" in capsys.readouterr().err
+    after = [(v.version, v.aliases) for v in MlflowClient().search_model_versions("name = 'fer-emotion'")]
+    assert after == before
+    failed = MlflowClient().search_runs(["0"], "tags.`fer.stage` = 'promote'", order_by=["start_time DESC"])
+    assert failed[0].info.status == "FAILED"
+
+
+def test_the_demo_data_trained_champion_loads_and_predicts(models_and_evaluations):
+    runs, evaluation = models_and_evaluations
+    evaluation(2, 0.3)
+    promote.run()
+    model = mlflow.pyfunc.load_model("models:/fer-emotion@champion")
+    frame = model.predict(make_demo(per_class=9).images[:4])
+    assert list(frame.columns[:2]) == ["label", "probability"] and len(frame) == 4

@@ -1,0 +1,130 @@
+"""The train entry point: every model trains through `mlflow run`, metrics come one per epoch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from conftest import mlflow_run
+from mlflow import MlflowClient
+
+from fer_mlflow import train
+from fer_mlflow.cli import main
+from fer_mlflow.pyfunc_model import predict_pixels
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+
+
+def the_run(name_tag: str = "train"):
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`fer.stage` = '{name_tag}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, extra", [
+    ("cnn", {}),
+    ("cnn_shallow", {}),
+    ("cnn_deep", {"image_size": 48}),
+    ("resnet50", {"image_size": 32, "weights": "none"}),
+    ("resnet101", {"image_size": 32, "weights": "none"}),
+    ("resnet152", {"image_size": 32, "weights": "none"}),
+])
+def test_each_model_trains_through_mlflow_run(model, extra, tiny_npz, tracking):
+    done = mlflow_run("train", {"model": model, "data": tiny_npz, "epochs": 1, "batch_size": 32, **extra},
+                      tracking)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = the_run()
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["fer.model"] == model and run.data.tags["mlflow.runName"].startswith(model)
+    assert int(run.data.params["num_params"]) > 0 and run.data.params["weights_used"].startswith("none")
+    assert "data_digest" in run.data.params and "best_val_accuracy" in run.data.metrics
+    assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"train", "val"}
+    loaded = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    predicted = predict_pixels(loaded, np.zeros((2, 48, 48), np.uint8))
+    assert len(predicted) == 2 and np.allclose(predicted.filter(like="prob_").sum(axis=1), 1, atol=1e-4)
+
+
+def test_metric_history_has_one_point_per_epoch(tiny_npz):
+    outcome = train.run(train.TrainConfig(model="cnn", data=tiny_npz, epochs=3, batch_size=32))
+    client = MlflowClient()
+    for metric in EPOCH_METRICS:
+        history = client.get_metric_history(outcome.run_id, metric)
+        assert sorted(m.step for m in history) == [0, 1, 2], metric
+    rates = [m.value for m in sorted(client.get_metric_history(outcome.run_id, "learning_rate"),
+                                     key=lambda m: m.step)]
+    assert rates[0] > 0 and rates[-1] < max(rates)  # warm-up, then cosine decay
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"model_summary.txt", "figures"} <= artifacts
+    assert mlflow.pyfunc.load_model(outcome.model_uri) is not None
+
+
+def test_a_raw_source_is_cleaned_in_a_nested_run(tmp_path):
+    outcome = train.run(train.TrainConfig(model="cnn_shallow", data="demo", epochs=1))
+    client = MlflowClient()
+    training = client.get_run(outcome.run_id)
+    cleaning = client.search_runs([training.info.experiment_id], "tags.`fer.stage` = 'clean'")
+    assert len(cleaning) == 1 and cleaning[0].data.tags["mlflow.parentRunId"] == outcome.run_id
+    assert training.data.params["data_uri"] == f"runs:/{cleaning[0].info.run_id}/dataset/dataset.npz"
+
+
+def test_resnet_with_a_local_weights_file_trains_head_then_fine_tunes(tiny_npz, tmp_path):
+    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
+                                           pooling="avg")
+    path = tmp_path / "resnet50_notop.weights.h5"
+    backbone.save_weights(path)
+    config = train.TrainConfig(model="resnet50", data=tiny_npz, epochs=2, fine_tune_epochs=1,
+                               image_size=32, weights=str(path), batch_size=32)
+    outcome = train.run(config)
+    run = MlflowClient().get_run(outcome.run_id)
+    assert str(path) in run.data.params["weights_used"]
+    steps = sorted(m.step for m in MlflowClient().get_metric_history(outcome.run_id, "val_accuracy"))
+    assert steps == [0, 1, 2]  # two head epochs, then one fine-tuning epoch, counted on
+
+
+def test_imagenet_offline_is_one_clear_line(tiny_npz, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "resnet50", "--weights", "imagenet", "--data", tiny_npz,
+              "--image-size", "32", "--epochs", "1"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "weights=none" in errors[0]
+    assert the_run().info.status == "FAILED"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "many"], "--epochs"),
+    (["--model", "vgg99"], "--model"),
+    (["--image-size", "8"], "--image-size"),
+    (["--learning-rate", "-1"], "--learning-rate"),
+])
+def test_bad_train_options_are_one_line(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_npz, tracking):
+    script = textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from fer_mlflow import train
+        train.run(train.TrainConfig(model="cnn", data={tiny_npz!r}, epochs=1, batch_size=32,
+                                    strategy="mirrored"))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "MLFLOW_TRACKING_URI": tracking})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = the_run()
+    assert run.info.status == "FINISHED" and run.data.params["replicas"] == "2"
