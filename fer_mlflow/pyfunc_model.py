@@ -1,19 +1,29 @@
-"""The served model: a pyfunc wrapper that turns encoded images into emotion probabilities.
+"""The served model: a pyfunc wrapper that turns face images into emotion probabilities.
 
 `log_model` stores the trained Keras model (raw pixels in, 7 softmax probabilities out) as an MLflow
-pyfunc model whose input is a DataFrame with one string column ``image`` holding base64 PNG/JPEG
-(in Python the column may also hold raw PNG/JPEG bytes). Output: ``label``, ``probability`` and one
-``prob_<class>`` column per class.
+pyfunc model. `mlflow.pyfunc.load_model(uri).predict(x)` takes either kind of input:
 
-Why this signature. MLflow 3.17.2 enforces the signature in `PyFuncModel.predict` before our code
-runs, and no single signature admits both pixel arrays and encoded images: a column signature turns
-the input into a DataFrame, which fails for an N x 48 x 48 array; a tensor signature rejects a
-column of strings and would make HTTP clients send 2,304 numbers per image. The signature therefore
-serves the HTTP contract (one base64 string per image, the same in ``dataframe_split``,
-``dataframe_records``, ``inputs`` and ``instances``), and `string` rather than `binary` because the
-scoring server base64-decodes `binary` only for the dataframe formats, so the model would see two
-encodings. Pixel arrays go through `predict_pixels`, which calls the unwrapped `FerEmotionModel`
-in-process without the encode/decode round trip.
+- pixels: a numeric N x 48 x 48 or N x 48 x 48 x 1 array in 0..255 (uint8 or float);
+- encoded images (PNG/JPEG of any size and colour, as bytes or base64 strings) in a DataFrame
+  ``image`` column, a dict with an ``image`` key, or a 1-D list/array/Series.
+
+Output: a DataFrame with ``label``, ``probability`` and one ``prob_<class>`` column per class. Bad
+input raises MlflowException (INVALID_PARAMETER_VALUE, so the scoring server answers 400) saying
+what was expected.
+
+Why the signature has no input schema. MLflow 3.17.2 enforces only the input schema
+(`_validate_prediction_input` in `mlflow.pyfunc` runs `_enforce_schema` only when it is not None)
+and no single input schema admits both kinds: a column schema turns an N x 48 x 48 array into
+`pd.DataFrame(array)`, which fails; a tensor schema rejects a column of strings. So the input schema
+is left out on purpose, `predict` checks its input itself, and the contract is documented by the
+output schema and by the input example (one base64 PNG in an ``image`` column, which MLflow also
+saves as ``serving_input_example.json`` and runs through the model at log time).
+
+Without an input schema the scoring server hands `predict` what it parsed from the JSON body:
+``dataframe_split`` and ``dataframe_records`` arrive as a DataFrame, ``{"inputs": {"image": [...]}}``
+and ``{"instances": [{"image": ...}]}`` as a dict of numpy string arrays, ``{"instances": [...]}``
+and ``{"inputs": [...]}`` of strings as a 1-D string array, and nested numbers as a numeric array.
+Each image is sent as a base64 string; CSV bodies arrive as a DataFrame too.
 
 The model is logged as code (a two-line script) with the `fer_mlflow` package in `code_paths`, so
 it loads where the project is not installed and without unpickling (MLflow warns on pickled models).
@@ -41,10 +51,13 @@ from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE
 from fer_mlflow.errors import ConfigError, DataError, FerError
 
 IMAGE_COLUMN = "image"
-EXPECTED_FRAME = (
-    f"a DataFrame with an '{IMAGE_COLUMN}' column of PNG/JPEG images as bytes or base64 strings"
-)
+EXPECTED_IMAGES = "PNG/JPEG images as bytes or base64 strings"
+EXPECTED_FRAME = f"a DataFrame with an '{IMAGE_COLUMN}' column of {EXPECTED_IMAGES}"
 EXPECTED_ARRAY = "an N x 48 x 48 or N x 48 x 48 x 1 array of pixels in 0..255"
+EXPECTED_INPUT = (
+    f"{EXPECTED_ARRAY}, or {EXPECTED_IMAGES} in a DataFrame '{IMAGE_COLUMN}' column, "
+    f"a dict with an '{IMAGE_COLUMN}' key or a 1-D list/array"
+)
 # Pinned so a served model gets the versions it was trained and validated with; keras is listed
 # because the .keras file format follows the keras release, not tensorflow's.
 REQUIREMENT_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")
@@ -85,7 +98,7 @@ def decode_images(images: Iterable[bytes | str]) -> np.ndarray:
                 f"image {index} could not be decoded ({reason}); expected a PNG or JPEG image"
             ) from error
     if not decoded:
-        raise DataError(f"no images given; expected {EXPECTED_FRAME}")
+        raise DataError(f"no images given; expected one or more {EXPECTED_IMAGES}")
     return np.stack(decoded)
 
 
@@ -107,7 +120,8 @@ def _pixels(array: np.ndarray) -> np.ndarray:
     if array.ndim == 3:
         array = array[..., np.newaxis]
     if array.ndim != 4 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
-        raise DataError(f"pixel array has shape {shape}; expected {EXPECTED_ARRAY}")
+        hint = " (one image needs a leading axis: image[np.newaxis])" if shape == (IMAGE_SIZE,) * 2 else ""
+        raise DataError(f"pixel array has shape {shape}; expected {EXPECTED_ARRAY}{hint}")
     if len(array) == 0:
         raise DataError(f"no images given; expected {EXPECTED_ARRAY} with N >= 1")
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
@@ -117,8 +131,49 @@ def _pixels(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
+def _input_pixels(model_input) -> np.ndarray:
+    """Route each accepted kind of input (see the module docstring) to float32 (N, 48, 48, 1)
+    pixels; anything else raises DataError naming what was expected."""
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise DataError(
+                f"a DataFrame with columns {list(model_input.columns)} given; expected {EXPECTED_FRAME}"
+            )
+        return _pixels(decode_images(model_input[IMAGE_COLUMN].tolist()))
+    if isinstance(model_input, dict):
+        if IMAGE_COLUMN not in model_input:
+            raise DataError(
+                f"a dict with keys {list(model_input)} given; expected an '{IMAGE_COLUMN}' key "
+                f"holding a list of {EXPECTED_IMAGES}"
+            )
+        return _pixels(decode_images(_image_list(model_input[IMAGE_COLUMN])))
+    if isinstance(model_input, (list, tuple, pd.Series)):
+        return _pixels(decode_images(_image_list(model_input)))
+    if isinstance(model_input, np.ndarray):
+        if model_input.dtype.kind not in "OSU":  # numbers: pixels, whose checks name the problem
+            return _pixels(model_input)
+        if model_input.ndim == 1:
+            return _pixels(decode_images(model_input.tolist()))
+        raise DataError(
+            f"a {model_input.dtype} array of shape {model_input.shape} given; expected {EXPECTED_INPUT}"
+        )
+    raise DataError(f"got {type(model_input).__name__}; expected {EXPECTED_INPUT}")
+
+
+def _image_list(images) -> list:
+    """The encoded images of a list, tuple, Series or 1-D array. A lone string or bytes is refused
+    rather than read one character at a time."""
+    if isinstance(images, (str, bytes)):
+        raise DataError(
+            f"got a single {type(images).__name__} {images[:40]!r}; expected a list of {EXPECTED_IMAGES}"
+        )
+    if isinstance(images, np.ndarray) and images.ndim != 1:
+        raise DataError(f"got an array of shape {images.shape}; expected a 1-D list of {EXPECTED_IMAGES}")
+    return list(images)
+
+
 class FerEmotionModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc model: encoded images (or, in-process, pixel arrays) in, emotion probabilities out."""
+    """Pyfunc model: pixel arrays or encoded images in, emotion probabilities out."""
 
     def load_context(self, context) -> None:
         """Load the Keras model from the `keras_model` artifact and the class names from the model
@@ -133,24 +188,17 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
                 f"{len(self.class_names)} class names were logged"
             )
 
-    # Annotated as the DataFrame the signature promises: MLflow reads this hint at class creation
-    # and warns on anything it cannot turn into a schema (a Union with ndarray included).
+    # The hint is not the whole truth (arrays, dicts and lists are accepted too), but MLflow reads it
+    # at class creation and at logging: DataFrame (or ndarray) switches its type-hint validation and
+    # signature inference off, while a Union or Any makes it warn and try to infer a schema.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """Predict emotions for `model_input`: a DataFrame with an ``image`` column (bytes or base64
-        PNG/JPEG), or a pixel array N x 48 x 48 (x 1) in 0..255. Returns a DataFrame with ``label``,
-        ``probability`` and ``prob_<class>`` columns. Bad input raises MlflowException
-        (INVALID_PARAMETER_VALUE, so the scoring server answers 400) saying what was expected."""
+        """Predict emotions for `model_input`: a numeric N x 48 x 48 (x 1) array in 0..255, or PNG/JPEG
+        images (bytes or base64) in a DataFrame ``image`` column, a dict with an ``image`` key or a 1-D
+        list/array. Returns a DataFrame with ``label``, ``probability`` and ``prob_<class>`` columns.
+        Bad input raises MlflowException (INVALID_PARAMETER_VALUE, so the scoring server answers 400)
+        saying what was expected."""
         try:
-            if isinstance(model_input, np.ndarray):
-                pixels = _pixels(model_input)
-            elif isinstance(model_input, pd.DataFrame):
-                if IMAGE_COLUMN not in model_input.columns:
-                    raise DataError(f"columns {list(model_input.columns)} given; expected {EXPECTED_FRAME}")
-                pixels = _pixels(decode_images(model_input[IMAGE_COLUMN].tolist()))
-            else:
-                raise DataError(
-                    f"got {type(model_input).__name__}; expected {EXPECTED_FRAME}, or {EXPECTED_ARRAY}"
-                )
+            pixels = _input_pixels(model_input)
         except FerError as error:
             raise MlflowException.invalid_parameter_value(str(error)) from error
         probabilities = np.asarray(self.keras_model.predict(pixels, batch_size=256, verbose=0))
@@ -171,7 +219,9 @@ def _prediction_frame(probabilities: np.ndarray, class_names: Sequence[str]) -> 
 
 def predict_pixels(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray) -> pd.DataFrame:
     """Predict on raw pixels (N x 48 x 48 (x 1), 0..255) with a model loaded by
-    `mlflow.pyfunc.load_model`; `model.predict` itself only accepts the encoded-image DataFrame."""
+    `mlflow.pyfunc.load_model`. For models logged by this version it equals `model.predict(images)`;
+    it is kept because it also works on models logged with the earlier ``image``-column input schema,
+    whose `predict` MLflow refuses arrays for."""
     python_model = model.unwrap_python_model()
     if not isinstance(python_model, FerEmotionModel):
         raise ConfigError(f"expected a model logged by fer_mlflow.pyfunc_model, got {type(python_model)}")
@@ -186,10 +236,12 @@ def encode_png_base64(image: np.ndarray) -> str:
 
 
 def signature(class_names: Sequence[str] = CLASS_NAMES) -> ModelSignature:
-    """The logged signature: ``image`` (string) in; label, probability and per-class columns out."""
+    """The logged signature: outputs only (label, probability, one ``prob_<class>`` per class). The
+    input schema is left out on purpose so that pixel arrays and encoded images both reach `predict`
+    (see the module docstring); the input example documents the HTTP request instead."""
     outputs = [ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability")]
     outputs += [ColSpec(DataType.double, f"prob_{name}") for name in class_names]
-    return ModelSignature(inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]), outputs=Schema(outputs))
+    return ModelSignature(inputs=None, outputs=Schema(outputs))
 
 
 def _example_image() -> np.ndarray:

@@ -149,37 +149,35 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
     x_train, x_val = as_inputs(train.images), as_inputs(val.images)
     y_train, y_val = one_hot(train.labels, 7), one_hot(val.labels, 7)
     weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
+    sample_weights = _sample(weights, train.labels)
     logger = EpochLogger()
-    if config.model not in models.RESNET_NAMES:
+
+    def data(train_inputs, val_inputs, augmentation):
+        return (train_dataset(train_inputs, y_train, config.batch_size, augmentation, config.seed,
+                              sample_weights, drop_remainder=replicas > 1),
+                eval_dataset(val_inputs, y_val, config.batch_size, replicas))
+
+    if config.model in models.RESNET_NAMES:
+        parts = models.build_resnet(config.model, config.image_size, config.weights)
+        model, described = parts.model, parts.weights
+    else:
+        parts = None
         model = models.build_model(config.model, image_size=config.image_size, width=config.width,
                                    weights="none" if config.weights == "auto" else config.weights)
-        mlflow.log_params({"weights_used": "none (trained from scratch)",
-                           "num_params": model.count_params()})
+        described = "none (trained from scratch)"
+    mlflow.log_params({"weights_used": described, "num_params": model.count_params()})
+    if parts is None or described.startswith("none"):
+        if parts is not None:
+            log.warning("training %s from scratch (weights: %s)", config.model, described)
         history = _phase(model, config, config.learning_rate, config.epochs, 0, logger,
-                         train_dataset(x_train, y_train, config.batch_size, config.augmentation,
-                                       config.seed, _sample(weights, train.labels), replicas > 1),
-                         eval_dataset(x_val, y_val, config.batch_size, replicas))
+                         *data(x_train, x_val, config.augmentation))
         return model, history, len(x_train) * len(history["loss"])
-
-    parts = models.build_resnet(config.model, config.image_size, config.weights)
-    mlflow.log_params({"weights_used": parts.weights, "num_params": parts.model.count_params()})
-    if parts.weights.startswith("none"):
-        log.warning("training %s from scratch (weights: %s)", config.model, parts.weights)
-        history = _phase(parts.model, config, config.learning_rate, config.epochs, 0, logger,
-                         train_dataset(x_train, y_train, config.batch_size, config.augmentation,
-                                       config.seed, _sample(weights, train.labels), replicas > 1),
-                         eval_dataset(x_val, y_val, config.batch_size, replicas))
-        return parts.model, history, len(x_train) * len(history["loss"])
 
     # Phase 1: the backbone is frozen, so it runs once per image; the head trains on its features.
     parts.backbone.trainable = False
-    f_train = parts.features.predict(x_train, batch_size=config.batch_size, verbose=0)
-    f_val = parts.features.predict(x_val, batch_size=config.batch_size, verbose=0)
+    features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0) for x in (x_train, x_val)]
     history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger,
-                     train_dataset(f_train, y_train, config.batch_size, None, config.seed,
-                                   _sample(weights, train.labels)),
-                     eval_dataset(f_val, y_val, config.batch_size, replicas))
-    seen = len(x_train) * len(history["loss"])
+                     *data(*features, None))
     if config.fine_tune_epochs > 0:
         # Phase 2: unfreeze the top of the backbone (BatchNorm stays frozen) at a lower rate.
         parts.backbone.trainable = True
@@ -188,14 +186,10 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
         for layer in parts.backbone.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
-        tuned = _phase(parts.model, config, config.fine_tune_learning_rate, config.fine_tune_epochs,
-                       len(history["loss"]), logger,
-                       train_dataset(x_train, y_train, config.batch_size, config.augmentation,
-                                     config.seed, _sample(weights, train.labels), replicas > 1),
-                       eval_dataset(x_val, y_val, config.batch_size, replicas))
+        tuned = _phase(model, config, config.fine_tune_learning_rate, config.fine_tune_epochs,
+                       len(history["loss"]), logger, *data(x_train, x_val, config.augmentation))
         history = {k: history[k] + tuned[k] for k in history}
-        seen += len(x_train) * len(tuned["loss"])
-    return parts.model, history, seen
+    return model, history, len(x_train) * len(history["loss"])
 
 
 def _phase(model, config, learning_rate, epochs, first_epoch, logger, train, val) -> dict:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import mlflow
@@ -56,21 +59,45 @@ def keras_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
     return model.predict(images.reshape(-1, 48, 48, 1).astype(np.float32), verbose=0)
 
 
+class Logged(NamedTuple):
+    keras_model: keras.Model
+    info: mlflow.models.model.ModelInfo
+    loaded: mlflow.pyfunc.PyFuncModel
+    local: Path
+    log_messages: list[str]
+
+
+class Collect(logging.Handler):
+    def __init__(self, messages: list[str]):
+        super().__init__()
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
-    """One tiny model logged and loaded back for the module (logging validates and takes seconds)."""
+def logged(tmp_path_factory) -> Logged:
+    """One tiny model logged and loaded back for the module (logging validates and takes seconds),
+    with what MLflow logged meanwhile (it runs the serving input example through the model)."""
     folder = tmp_path_factory.mktemp("pyfunc")
     uri = f"sqlite:///{folder}/mlflow.db"
+    messages: list[str] = []
+    handler = Collect(messages)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(folder)
         mlflow.set_tracking_uri(uri)
         keras_model = tiny_keras_model()
-        with mlflow.start_run():
-            info = log_model(keras_model)
+        logging.getLogger("mlflow").addHandler(handler)
+        try:
+            with mlflow.start_run():
+                info = log_model(keras_model)
+        finally:
+            logging.getLogger("mlflow").removeHandler(handler)
         loaded = mlflow.pyfunc.load_model(info.model_uri)
         local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(folder / "model")))
-    return keras_model, info, loaded, local
+    return Logged(keras_model, info, loaded, local, messages)
 
 
 def check_output(frame: pd.DataFrame, expected: np.ndarray, atol: float) -> None:
@@ -84,9 +111,11 @@ def check_output(frame: pd.DataFrame, expected: np.ndarray, atol: float) -> None
 
 
 def test_logged_model_records_signature_requirements_code_and_example(logged):
-    _, info, _, local = logged
-    assert info.signature.inputs.input_names() == ["image"]
+    info, local = logged.info, logged.local
+    # Outputs only: an input schema would make MLflow refuse pixel arrays before predict runs.
+    assert info.signature.inputs is None
     assert info.signature.outputs.input_names() == ["label", "probability", *PROB_COLUMNS]
+    assert mlflow.models.Model.load(str(local)).signature == info.signature
     requirements = (local / "requirements.txt").read_text().split()
     for package in ("mlflow==3.17.2", "tensorflow==", "keras==", "numpy==", "pandas==", "pillow=="):
         assert any(line.startswith(package) for line in requirements), (package, requirements)
@@ -96,31 +125,53 @@ def test_logged_model_records_signature_requirements_code_and_example(logged):
     assert decode_images(example["image"]).shape == (1, 48, 48)
 
 
-def test_pixel_arrays_match_the_keras_model(logged):
-    keras_model, _, loaded, _ = logged
+def test_input_example_is_the_request_the_model_serves(logged):
+    assert any("Validating input example" in message for message in logged.log_messages)
+    assert not [m for m in logged.log_messages if "Failed to validate serving input example" in m]
+    request = json.loads((logged.local / "serving_input_example.json").read_text())
+    assert request["dataframe_split"]["columns"] == ["image"]
+    # What the scoring server does with a dataframe_split body before calling predict.
+    frame = pd.DataFrame(**request["dataframe_split"])
+    check_output(logged.loaded.predict(frame),
+                 keras_probabilities(logged.keras_model, decode_images(frame["image"])), atol=1e-6)
+
+
+def test_pyfunc_predict_takes_pixel_arrays_matching_the_keras_model(logged):
     images = smooth_images(4)
-    expected = keras_probabilities(keras_model, images)
+    expected = keras_probabilities(logged.keras_model, images)
     assert np.abs(expected[1:] - expected[:-1]).max(axis=1).min() > 0.01, "images must be told apart"
-    check_output(predict_pixels(loaded, images), expected, atol=1e-6)
-    check_output(predict_pixels(loaded, images[..., None].astype(np.float64)), expected, atol=1e-6)
+    check_output(logged.loaded.predict(images), expected, atol=1e-6)
+    check_output(logged.loaded.predict(images[..., None].astype(np.float64)), expected, atol=1e-6)
+    check_output(logged.loaded.predict(images[..., None].astype(np.float32)), expected, atol=1e-6)
+    check_output(predict_pixels(logged.loaded, images), expected, atol=1e-6)
 
 
-def test_pyfunc_predict_takes_images_not_pixel_arrays(logged):
-    # The signature is the HTTP contract (base64 strings), so MLflow refuses arrays before the model
-    # sees them; predict_pixels is the way for arrays. If MLflow starts accepting them, revisit.
-    with pytest.raises(MlflowException, match="schema"):
-        logged[2].predict(smooth_images(2))
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda images: {"image": np.asarray(images)},  # {"inputs": {"image": [...]}} when served
+        lambda images: np.asarray(images),  # {"instances": [...]} when served
+        list,
+        lambda images: pd.Series(images, name="image"),
+    ],
+    ids=["dict_of_arrays", "string_array", "list", "series"],
+)
+def test_base64_images_in_other_containers_match_the_dataframe(logged, wrap):
+    images = smooth_images(3)
+    encoded = [base64.b64encode(encode(image, "PNG")).decode() for image in images]
+    check_output(logged.loaded.predict(wrap(encoded)), keras_probabilities(logged.keras_model, images),
+                 atol=1e-6)
 
 
 def test_png_bytes_of_the_exact_image_match_closely(logged):
-    keras_model, _, loaded, _ = logged
+    keras_model, loaded = logged.keras_model, logged.loaded
     images = smooth_images(3)
     frame = pd.DataFrame({"image": [encode(image, "PNG") for image in images]})
     check_output(loaded.predict(frame), keras_probabilities(keras_model, images), atol=1e-6)
 
 
 def test_base64_jpeg_of_a_colour_image_of_another_size(logged):
-    keras_model, _, loaded, _ = logged
+    keras_model, loaded = logged.keras_model, logged.loaded
     gray = smooth_images(2, height=80, width=100)
     colour = np.stack([gray, 255 - gray, gray // 2], axis=-1)  # 80 rows x 100 columns, RGB
     reference = np.stack([
@@ -160,32 +211,45 @@ def test_decode_images_applies_the_exif_rotation_of_phone_photos():
     assert upright[0].mean() < 20 and upright[-1].mean() > 235
 
 
+NOT_BASE64 = "not valid base64.*expected a base64-encoded PNG"
+EXPECTED_ANY = r"expected an N x 48 x 48 or N x 48 x 48 x 1 array of pixels in 0\.\.255, or PNG/JPEG images"
+
+
 @pytest.mark.parametrize(
     ("model_input", "expected"),
     [
-        (pd.DataFrame({"image": ["not base64 at all!"]}), "not valid base64.*expected a base64-encoded PNG"),
+        (pd.DataFrame({"image": ["not base64 at all!"]}), NOT_BASE64),
+        (["not", "a", "frame"], NOT_BASE64),
+        (np.array(["not base64 at all!"]), NOT_BASE64),
+        ({"image": ["not base64 at all!"]}, NOT_BASE64),
         (pd.DataFrame({"image": [base64.b64encode(b"hello world").decode()]}), "expected a PNG or JPEG"),
         (pd.DataFrame({"image": [encode(smooth_images(1)[0], "PNG")[:60]]}), "expected a PNG or JPEG"),
-        (pd.DataFrame({"image": pd.Series([], dtype=object)}), "no images given; expected a DataFrame"),
-        (pd.DataFrame({"img": ["x"]}), "expected a DataFrame with an 'image' column"),
-        (np.zeros((2, 48, 47), np.uint8), r"shape \(2, 48, 47\); expected an N x 48 x 48"),
-        (np.zeros((2, 48, 48, 3), np.uint8), r"expected an N x 48 x 48 or N x 48 x 48 x 1"),
+        ([None], "image 0 is NoneType.*expected PNG/JPEG bytes or a base64 string"),
+        (pd.DataFrame({"image": pd.Series([], dtype=object)}), "no images given; expected one or more PNG"),
+        ([], "no images given; expected one or more PNG"),
+        ({"image": []}, "no images given; expected one or more PNG"),
         (np.zeros((0, 48, 48), np.uint8), "no images given; expected an N x 48 x 48"),
+        (pd.DataFrame({"img": ["x"]}), r"columns \['img'\] given; expected a DataFrame with an 'image'"),
+        ({"picture": ["x"]}, r"keys \['picture'\] given; expected an 'image' key"),
+        ({"image": "aGVsbG8="}, "got a single str 'aGVsbG8='; expected a list of PNG/JPEG"),
+        ({"image": np.array([["aGVsbG8="]])}, r"array of shape \(1, 1\); expected a 1-D list of PNG"),
+        (np.zeros((2, 32, 32), np.uint8), r"shape \(2, 32, 32\); expected an N x 48 x 48"),
+        (np.zeros((2, 48, 47), np.uint8), r"shape \(2, 48, 47\); expected an N x 48 x 48"),
+        (np.zeros((48, 48), np.uint8), r"shape \(48, 48\); expected an N x 48 x 48.*leading axis"),
+        (np.zeros((3, 2304), np.float32), r"shape \(3, 2304\); expected an N x 48 x 48"),
+        (np.zeros((2, 48, 48, 3), np.uint8), r"expected an N x 48 x 48 or N x 48 x 48 x 1"),
         (np.full((1, 48, 48), 300.0), r"outside 0..255; expected"),
-        (np.full((1, 48, 48), "a"), r"dtype <U1; expected"),
-        (["not", "a", "frame"], "got list; expected a DataFrame"),
+        (np.full((1, 48, 48), np.nan), r"outside 0..255; expected"),
+        (np.zeros((1, 48, 48), bool), r"dtype bool; expected an N x 48 x 48"),
+        (np.full((1, 48, 48), "a"), r"a <U1 array of shape \(1, 48, 48\) given; " + EXPECTED_ANY),
+        (np.array("aGVsbG8="), r"array of shape \(\) given; " + EXPECTED_ANY),
+        ("aGVsbG8=", "got str; " + EXPECTED_ANY),
+        (None, "got NoneType; " + EXPECTED_ANY),
     ],
 )
 def test_bad_input_is_rejected_with_what_was_expected(logged, model_input, expected):
-    model = logged[2].unwrap_python_model()
     with pytest.raises(MlflowException, match=expected) as caught:
-        model.predict(None, model_input)
-    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
-
-
-def test_bad_image_through_pyfunc_predict_is_an_invalid_parameter(logged):
-    with pytest.raises(MlflowException, match="expected a PNG or JPEG") as caught:
-        logged[2].predict(pd.DataFrame({"image": [base64.b64encode(b"GIF89a junk").decode()]}))
+        logged.loaded.predict(model_input)
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
 
 

@@ -13,6 +13,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import mlflow
@@ -49,6 +51,13 @@ def jpeg_base64() -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def smooth_pixels(count: int) -> np.ndarray:
+    """Distinct smooth 48x48 uint8 faces-to-be, as a client holding decoded pixels sends them."""
+    rows, cols = np.mgrid[0:48, 0:48]
+    return np.stack([60 + 40 * k + 30 * np.sin(rows / (4 + k)) * np.cos(cols / 5) for k in range(count)]
+                    ).astype(np.uint8)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -65,10 +74,16 @@ def post(url: str, body: bytes) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
+class Served(NamedTuple):
+    url: str  # the /invocations endpoint
+    model: mlflow.pyfunc.PyFuncModel  # models:/fer-emotion@champion loaded in-process
+    serving_example: str  # the model's serving_input_example.json, written by MLflow at log time
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory) -> Served:
     """Register the tiny model as fer-emotion@champion in a temporary store and serve it on
-    loopback; yields (invocations URL, the same model loaded in-process). Stops the server after."""
+    loopback; yields a `Served`. Stops the server after."""
     folder = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{folder}/mlflow.db"
     with pytest.MonkeyPatch.context() as patch:
@@ -79,6 +94,8 @@ def server(tmp_path_factory):
             info = log_model(tiny_keras_model(), registered_model_name="fer-emotion")
         MlflowClient().set_registered_model_alias("fer-emotion", "champion", info.registered_model_version)
         local_model = mlflow.pyfunc.load_model("models:/fer-emotion@champion")
+        local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(folder / "model")))
+        serving_example = (local / "serving_input_example.json").read_text()
 
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
@@ -92,7 +109,7 @@ def server(tmp_path_factory):
         )
     try:
         wait_until_ready(f"http://127.0.0.1:{port}/ping", process, log_path)
-        yield f"http://127.0.0.1:{port}/invocations", local_model
+        yield Served(f"http://127.0.0.1:{port}/invocations", local_model, serving_example)
     finally:
         stop(process)
 
@@ -122,29 +139,63 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(timeout=15)
 
 
+def check_predictions(text: str, expected: pd.DataFrame) -> None:
+    """The JSON answer has one record per image, consistent, and equal to the in-process output."""
+    predictions = json.loads(text)["predictions"]
+    assert len(predictions) == len(expected)
+    for prediction, (_, row) in zip(predictions, expected.iterrows()):
+        probabilities = [prediction[f"prob_{name}"] for name in CLASS_NAMES]
+        assert prediction["label"] == CLASS_NAMES[int(np.argmax(probabilities))]
+        assert prediction["probability"] == max(probabilities)
+        assert sum(probabilities) == pytest.approx(1, abs=1e-5)
+        assert probabilities == pytest.approx([row[f"prob_{name}"] for name in CLASS_NAMES], abs=1e-6)
+
+
+def test_champion_loaded_in_python_takes_pixel_arrays_and_encoded_images(server):
+    pixels = smooth_pixels(3)
+    from_uint8 = server.model.predict(pixels)
+    assert list(from_uint8.columns) == ["label", "probability", *[f"prob_{n}" for n in CLASS_NAMES]]
+    assert len(from_uint8) == 3
+    from_float = server.model.predict(pixels[..., None].astype(np.float32))
+    np.testing.assert_allclose(from_float.iloc[:, 1:], from_uint8.iloc[:, 1:], atol=1e-6)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[0]).save(buffer, format="PNG")
+    from_png = server.model.predict(pd.DataFrame({"image": [buffer.getvalue()]}))
+    np.testing.assert_allclose(from_png.iloc[:, 1:], from_uint8.iloc[:1, 1:], atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "body",
     [
         {"dataframe_split": {"columns": ["image"], "data": [["{image}"]]}},
         {"dataframe_records": [{"image": "{image}"}]},
         {"inputs": {"image": ["{image}"]}},
+        {"inputs": ["{image}"]},
         {"instances": [{"image": "{image}"}]},
         {"instances": ["{image}"]},
     ],
-    ids=["dataframe_split", "dataframe_records", "inputs", "instances_records", "instances_list"],
+    ids=["dataframe_split", "dataframe_records", "inputs", "inputs_list", "instances_records",
+         "instances_list"],
 )
 def test_served_model_answers_a_base64_jpeg(server, body):
-    url, local_model = server
     image = jpeg_base64()
-    status, text = post(url, json.dumps(body).replace("{image}", image).encode())
+    status, text = post(server.url, json.dumps(body).replace("{image}", image).encode())
     assert status == 200, text
-    [prediction] = json.loads(text)["predictions"]
-    probabilities = [prediction[f"prob_{name}"] for name in CLASS_NAMES]
-    assert prediction["label"] == CLASS_NAMES[int(np.argmax(probabilities))]
-    assert prediction["probability"] == max(probabilities)
-    assert sum(probabilities) == pytest.approx(1, abs=1e-5)
-    expected = local_model.predict(pd.DataFrame({"image": [image]})).iloc[0]
-    assert probabilities == pytest.approx([expected[f"prob_{name}"] for name in CLASS_NAMES], abs=1e-6)
+    check_predictions(text, server.model.predict(pd.DataFrame({"image": [image]})))
+
+
+@pytest.mark.parametrize("key", ["inputs", "instances"])
+def test_served_model_answers_pixel_arrays(server, key):
+    pixels = smooth_pixels(2)
+    status, text = post(server.url, json.dumps({key: pixels.tolist()}).encode())
+    assert status == 200, text
+    check_predictions(text, server.model.predict(pixels))
+
+
+def test_served_model_answers_its_own_input_example(server):
+    status, text = post(server.url, server.serving_example.encode())
+    assert status == 200, text
+    assert len(json.loads(text)["predictions"]) == 1
 
 
 @pytest.mark.parametrize(
@@ -153,11 +204,19 @@ def test_served_model_answers_a_base64_jpeg(server, body):
         (b'{"dataframe_split": {"columns": ["image"], "data": [["abc"', "valid JSON"),
         (b'{"dataframe_split": {"columns": ["image"], "data": [["not an image!"]]}}', "base64"),
         (b'{"inputs": {"image": ["aGVsbG8gd29ybGQ="]}}', "expected a PNG or JPEG"),
-        (b'{"inputs": {"picture": ["aGVsbG8gd29ybGQ="]}}', "missing inputs"),
+        (b'{"inputs": {"picture": ["aGVsbG8gd29ybGQ="]}}', "expected an 'image' key"),
+        (b'{"inputs": {"image": "aGVsbG8gd29ybGQ="}}', "expected a 1-D list of PNG/JPEG"),
+        (b'{"dataframe_records": [{"picture": "aGVsbG8="}]}', "expected a DataFrame with an 'image' column"),
+        (b'{"instances": [{"image": null}]}', "expected PNG/JPEG bytes or a base64 string"),
+        (b'{"inputs": [[1, 2], [3, 4]]}', "expected an N x 48 x 48"),
+        (b'{"inputs": "aGVsbG8gd29ybGQ="}', "expected an N x 48 x 48"),
+        (b'{"inputs": []}', "no images given"),
+        (b'{"image": ["aGVsbG8gd29ybGQ="]}', "dataframe_split"),
     ],
-    ids=["invalid_json", "not_base64", "not_an_image", "wrong_column"],
+    ids=["invalid_json", "not_base64", "not_an_image", "wrong_key", "lone_string", "wrong_column",
+         "null_image", "small_pixel_array", "single_string", "empty", "no_format_key"],
 )
 def test_served_model_rejects_bad_bodies_with_4xx(server, body, expected):
-    status, text = post(server[0], body)
+    status, text = post(server.url, body)
     assert 400 <= status < 500, (status, text)
     assert expected in json.loads(text)["message"]
