@@ -73,7 +73,7 @@ def throughput(images, labels, repeats, names, batch_size=64) -> dict:
     x, y = as_inputs(images), one_hot(labels, 7)
     for name in names:
         model = compiled(models.build_model(name, weights="none"))
-        count = len(x) if name.startswith("cnn") else min(len(x), 4 * batch_size)
+        count = len(x) if name in ("cnn", "cnn_shallow") else min(len(x), 2 * batch_size)
         seconds = timed(lambda: model.fit(x[:count], y[:count], batch_size=batch_size, epochs=1, verbose=0),
                         repeats)
         result[name] = {"image_size": models.DEFAULT_IMAGE_SIZE[name], "params": model.count_params(),

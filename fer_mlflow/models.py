@@ -121,9 +121,9 @@ def build_cnn(
 
     Each block ends in 2x2 max-pooling and `dropout`; 48 pixels pool down to a 3x3 map, which is
     flattened rather than averaged because where a feature sits on a face (mouth, brows) matters.
-    Compute grows with width squared. Training throughput measured on 2 CPU cores, batch 64, fp32:
-    width 16: 0.44M parameters, ~184 images/s; 32: 1.77M, ~92 (about 11 epochs of FER2013's 28,709
-    training images an hour); 48: 3.97M, ~47; 64: 7.05M, ~23. Width 32 is the default.
+    Compute grows with width squared. Width 16 (0.44M parameters, the default) trains at about
+    400 images/s on 2 CPU cores with oneDNN, so some 40 FER2013 epochs fit in an hour; width 32
+    (1.77M) at about 130 (BENCHMARKS.md).
     """
     inputs, x = _pixels(image_size)
     x = layers.Rescaling(1 / 255)(x)

@@ -170,7 +170,9 @@ def _strip_wrapper(paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
 
 def _read_images(entries: Iterator[Entry], kind: str, location: str) -> tuple[Dataset, SourceReport]:
     report = SourceReport(kind, location)
-    entries = [(p, read) for p, read in entries if not any(part.startswith(".") for part in p.parts)]
+    # Sorted by path, so a folder and its zip give the same order (and the same digests and splits).
+    entries = sorted(((p, read) for p, read in entries if not any(part.startswith(".") for part in p.parts)),
+                     key=lambda entry: entry[0].parts)
     relative = _strip_wrapper([p.parts for p, _ in entries])
     placed = [(parts, _layout(parts), read) for parts, (_, read) in zip(relative, entries)]
     layouts = {"split" if len(parts) == 3 else "class" for parts, where, _ in placed if where}

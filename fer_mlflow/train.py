@@ -34,7 +34,7 @@ from fer_mlflow.training import (
 log = logging.getLogger(__name__)
 
 # What a plain `-P model=<name>` trains for when `epochs` is left at "auto".
-DEFAULT_EPOCHS = {"cnn": 40, "cnn_shallow": 30, "cnn_deep": 30,
+DEFAULT_EPOCHS = {"cnn": 30, "cnn_shallow": 30, "cnn_deep": 30,
                   "resnet50": 15, "resnet101": 15, "resnet152": 15}
 
 
