@@ -282,7 +282,7 @@ def build_model(
     image_size: int | None = None,
     weights: str | None = "auto",
     num_classes: int = NUM_CLASSES,
-    width: int = 32,
+    width: int = 16,
     dropout: float | None = None,
 ) -> keras.Model:
     """The end-to-end model `name` (one of MODEL_NAMES); `image_size` None means its default.
