@@ -161,7 +161,8 @@ def promote(registered_model_name, metric, test_digest, rollback) -> None:
 @click.option("--models", default="cnn,resnet50", show_default=True, help="Comma-separated models to train.")
 @click.option("--epochs", default="5", show_default=True, type=AutoInt(),
               help="Epochs for every model ('auto': each model's own default).")
-@click.option("--image-size", default="auto", show_default=True, type=AutoInt(minimum=32))
+@click.option("--image-size", default="48", show_default=True, type=AutoInt(minimum=32),
+              help="Input size for every model; 48 keeps the demo pipeline to minutes ('auto': each model's own).")
 @click.option("--weights", default="auto", show_default=True, help="ResNet weights, as for train.")
 @click.option("--registered-model-name", default="fer-emotion", show_default=True)
 @click.option("--metric", default="test_accuracy", show_default=True)

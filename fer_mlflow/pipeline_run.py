@@ -19,7 +19,7 @@ from fer_mlflow.tracking import log_params, source_label, stage_run
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
-def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", image_size: str = "auto",
+def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", image_size: str = "48",
         weights: str = "auto", registered_model_name: str = "fer-emotion",
         metric: str = "test_accuracy") -> str:
     """Run the whole pipeline; returns the champion's model URI."""
