@@ -112,3 +112,19 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def tiny_keras_model():
+    """The smallest model with the training contract: raw pixels (N, 48, 48, 1) in, 7 softmax out."""
+    import keras  # here, not at the top: fer_mlflow must configure TensorFlow before it loads
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(7, activation="softmax")
+    outputs = dense(x)
+    # Large output weights make the classes well separated, so a wrong image shows as a wrong answer.
+    dense.set_weights([np.random.default_rng(0).normal(0, 8, (4, 7)), np.zeros(7)])
+    return keras.Model(inputs, outputs)

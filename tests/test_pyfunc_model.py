@@ -17,25 +17,13 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from conftest import tiny_keras_model
+
 from fer_mlflow.dataset import CLASS_NAMES
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.pyfunc_model import decode_images, log_model, predict_pixels
 
 PROB_COLUMNS = [f"prob_{name}" for name in CLASS_NAMES]
-
-
-def tiny_keras_model() -> keras.Model:
-    """The smallest model with the training contract: raw pixels (N, 48, 48, 1) in, 7 softmax out."""
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((48, 48, 1))
-    x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.Conv2D(4, 3)(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    dense = keras.layers.Dense(7, activation="softmax")
-    outputs = dense(x)
-    # Large output weights make the classes well separated, so a wrong image shows as a wrong answer.
-    dense.set_weights([np.random.default_rng(0).normal(0, 8, (4, 7)), np.zeros(7)])
-    return keras.Model(inputs, outputs)
 
 
 def smooth_images(count: int, height: int = 48, width: int = 48) -> np.ndarray:

@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
-import keras
 import mlflow
 import numpy as np
 import pandas as pd
@@ -25,21 +24,13 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from fer_mlflow.dataset import CLASS_NAMES
+from conftest import tiny_keras_model
+
 from fer_mlflow.pyfunc_model import log_model
 
 pytestmark = pytest.mark.slow
 
 STARTUP_SECONDS = 120
-
-
-def tiny_keras_model() -> keras.Model:
-    """The smallest model with the training contract: raw pixels (N, 48, 48, 1) in, 7 softmax out."""
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((48, 48, 1))
-    x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.Conv2D(4, 3)(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(7, activation="softmax")(x))
 
 
 def jpeg_base64() -> str:
