@@ -106,7 +106,7 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 @click.option("--fine-tune-layers", default=30, show_default=True, type=click.IntRange(min=1))
 @click.option("--fine-tune-learning-rate", default=1e-5, show_default=True,
               type=click.FloatRange(min=0, min_open=True))
-@click.option("--width", default=16, show_default=True, type=click.IntRange(min=4),
+@click.option("--width", default=20, show_default=True, type=click.IntRange(min=4),
               help="cnn only: channels of its first block.")
 @click.option("--shift", default=0.1, show_default=True, type=click.FloatRange(0, 0.5))
 @click.option("--flip", default=True, show_default=True, type=bool)

@@ -111,7 +111,7 @@ def build_cnn_deep(
 
 
 def build_cnn(
-    width: int = 16,
+    width: int = 20,
     dropout: float = 0.2,
     head_dropout: float = 0.4,
     image_size: int = 48,
@@ -123,9 +123,9 @@ def build_cnn(
     flattened rather than averaged because where a feature sits on a face (mouth, brows) matters.
     BatchNormalization uses momentum 0.9: at Keras' 0.99 the moving statistics of a small dataset
     (the 1.3K-image demo, 21 steps an epoch) lag so far behind that inference predicted one class.
-    Compute grows with width squared. Width 16 (0.44M parameters, the default) trains at about
-    400 images/s on 2 CPU cores with oneDNN, so some 40 FER2013 epochs fit in an hour; width 32
-    (1.77M) at about 130 (BENCHMARKS.md).
+    Compute grows with width squared. Width 20 (0.69M parameters, the default) trains at about
+    290 images/s on 2 CPU cores with oneDNN, so 34 FER2013 epochs fit in under an hour; width 16
+    (0.44M) at about 420, width 32 (1.77M) at about 130 (BENCHMARKS.md).
     """
     inputs, x = _pixels(image_size)
     x = layers.Rescaling(1 / 255)(x)
@@ -284,7 +284,7 @@ def build_model(
     image_size: int | None = None,
     weights: str | None = "auto",
     num_classes: int = NUM_CLASSES,
-    width: int = 16,
+    width: int = 20,
     dropout: float | None = None,
 ) -> keras.Model:
     """The end-to-end model `name` (one of MODEL_NAMES); `image_size` None means its default.
