@@ -123,9 +123,9 @@ def build_cnn(
     flattened rather than averaged because where a feature sits on a face (mouth, brows) matters.
     BatchNormalization uses momentum 0.9: at Keras' 0.99 the moving statistics of a small dataset
     (the 1.3K-image demo, 21 steps an epoch) lag so far behind that inference predicted one class.
-    Compute grows with width squared. Width 20 (0.69M parameters, the default) trains at about
-    290 images/s on 2 CPU cores with oneDNN, so 34 FER2013 epochs fit in under an hour; width 16
-    (0.44M) at about 420, width 32 (1.77M) at about 130 (BENCHMARKS.md).
+    Compute grows with width squared. Width 20 (0.69M parameters, the default) trains at 190-290
+    images/s on 2 CPU cores with oneDNN (epochs of FER2013 take 100-130 s), so 26 epochs fit in
+    under an hour; width 16 (0.44M) is about 1.4x faster, width 32 (1.77M) 2.2x slower (BENCHMARKS.md).
     """
     inputs, x = _pixels(image_size)
     x = layers.Rescaling(1 / 255)(x)
