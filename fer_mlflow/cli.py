@@ -40,6 +40,23 @@ class AutoInt(click.ParamType):
         return number
 
 
+class AutoFloat(click.ParamType):
+    """A number in [0, 1), or 'auto' (None): let the stage choose by the model."""
+
+    name = "number|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or str(value).lower() == "auto":
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+        if not 0 <= number < 1:
+            self.fail(f"{number} is not in [0, 1)", param, ctx)
+        return number
+
+
 @click.group()
 def cli() -> None:
     """fer-mlflow: facial-expression recognition on FER2013, tracked with MLflow."""
@@ -108,6 +125,8 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
               type=click.FloatRange(min=0, min_open=True))
 @click.option("--width", default=20, show_default=True, type=click.IntRange(min=4),
               help="cnn only: channels of its first block.")
+@click.option("--dropout", default="auto", show_default=True, type=AutoFloat(),
+              help="Dropout rate (cnn: after each block; ResNets: in the head); auto: the model's default.")
 @click.option("--shift", default=0.1, show_default=True, type=click.FloatRange(0, 0.5))
 @click.option("--flip", default=True, show_default=True, type=bool)
 @click.option("--rotation", default=10.0, show_default=True, type=click.FloatRange(0, 180))

@@ -39,6 +39,9 @@ DEFAULT_IMAGE_SIZE = {
     "resnet101": 96,
     "resnet152": 96,
 }
+# Each builder's own dropout rate: the cnn's after each block, the ResNets' in the head.
+DEFAULT_DROPOUT = {"cnn": 0.2, "cnn_shallow": 0.25, "cnn_deep": 0.25,
+                   "resnet50": 0.5, "resnet101": 0.5, "resnet152": 0.5}
 WEIGHT_KEYWORDS = ("auto", "imagenet", "none")
 
 # The include_top=False ImageNet files Keras itself fetches (keras/src/applications/resnet.py).

@@ -58,6 +58,7 @@ class TrainConfig:
     fine_tune_layers: int = 30  # ...how many top backbone layers phase 2 unfreezes
     fine_tune_learning_rate: float = 1e-5
     width: int = 20  # cnn only: channels of the first block (then 2x, 4x, 8x); 20 trains at ~200-290 img/s
+    dropout: float | None = None  # None: models.DEFAULT_DROPOUT[model]
     shift: float = 0.1
     flip: bool = True
     rotation: float = 10.0
@@ -82,6 +83,7 @@ class TrainConfig:
             self,
             epochs=DEFAULT_EPOCHS[self.model] if self.epochs is None else self.epochs,
             image_size=models.DEFAULT_IMAGE_SIZE[self.model] if self.image_size is None else self.image_size,
+            dropout=models.DEFAULT_DROPOUT[self.model] if self.dropout is None else self.dropout,
         )
 
 
@@ -158,11 +160,12 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
                 eval_dataset(val_inputs, y_val, config.batch_size, replicas))
 
     if config.model in models.RESNET_NAMES:
-        parts = models.build_resnet(config.model, config.image_size, config.weights)
+        parts = models.build_resnet(config.model, config.image_size, config.weights, dropout=config.dropout)
         model, described = parts.model, parts.weights
     else:
         parts = None
         model = models.build_model(config.model, image_size=config.image_size, width=config.width,
+                                   dropout=config.dropout,
                                    weights="none" if config.weights == "auto" else config.weights)
         described = "none (trained from scratch)"
     mlflow.log_params({"weights_used": described, "num_params": model.count_params()})

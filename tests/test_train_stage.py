@@ -13,7 +13,7 @@ import pytest
 from conftest import mlflow_run
 from mlflow import MlflowClient
 
-from fer_mlflow import train
+from fer_mlflow import models, train
 from fer_mlflow.cli import main
 from fer_mlflow.pyfunc_model import predict_pixels
 
@@ -66,6 +66,15 @@ def test_metric_history_has_one_point_per_epoch(tiny_npz):
     assert mlflow.pyfunc.load_model(outcome.model_uri) is not None
 
 
+@pytest.mark.parametrize("dropout, expected", [(None, models.DEFAULT_DROPOUT["cnn_shallow"]), (0.4, 0.4)])
+def test_dropout_is_resolved_logged_and_built(dropout, expected, tiny_npz):
+    outcome = train.run(train.TrainConfig(model="cnn_shallow", data=tiny_npz, epochs=1, dropout=dropout))
+    assert float(MlflowClient().get_run(outcome.run_id).data.params["dropout"]) == expected
+    keras_model = mlflow.pyfunc.load_model(outcome.model_uri).unwrap_python_model().keras_model
+    rates = [layer.rate for layer in keras_model.layers if isinstance(layer, keras.layers.Dropout)]
+    assert rates == [expected]
+
+
 def test_a_raw_source_is_cleaned_in_a_nested_run(tmp_path):
     outcome = train.run(train.TrainConfig(model="cnn_shallow", data="demo", epochs=1))
     client = MlflowClient()
@@ -105,6 +114,8 @@ def test_imagenet_offline_is_one_clear_line(tiny_npz, capsys):
     (["--model", "vgg99"], "--model"),
     (["--image-size", "8"], "--image-size"),
     (["--learning-rate", "-1"], "--learning-rate"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--dropout", "lots"], "--dropout"),
 ])
 def test_bad_train_options_are_one_line(args, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -119,7 +130,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_npz, tracking):
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from fer_mlflow import train
+        from fer_mlflow import models, train
         train.run(train.TrainConfig(model="cnn", data={tiny_npz!r}, epochs=1, batch_size=32,
                                     strategy="mirrored"))
     """)
