@@ -65,11 +65,18 @@ def log_params(params: dict) -> None:
     """Log params to the active run, skipping keys already there.
 
     Under `mlflow run` the entry point's parameters are logged as the user typed them ("0.10",
-    "true"); logging the parsed value again would be refused as a change.
+    "true"); logging the parsed value again would be refused as a change. Where the user left a
+    parameter at "auto", the value it resolved to goes under ``<name>_resolved``.
     """
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params
-    fresh = {k: _param_text(v) for k, v in params.items() if k not in existing}
+    fresh = {}
+    for key, value in params.items():
+        text = _param_text(value)
+        if key not in existing:
+            fresh[key] = text
+        elif existing[key].strip().lower() == "auto" and text.lower() not in ("auto", "none"):
+            fresh[f"{key}_resolved"] = text
     if fresh:
         mlflow.log_params(fresh)
 

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from fer_mlflow import models, train
 from fer_mlflow.cli import main
 from fer_mlflow.pyfunc_model import predict_pixels
+from fer_mlflow.tracking import log_params
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
@@ -46,6 +47,11 @@ def test_each_model_trains_through_mlflow_run(model, extra, tiny_npz, tracking):
     assert run.data.tags["fer.model"] == model and run.data.tags["mlflow.runName"].startswith(model)
     assert int(run.data.params["num_params"]) > 0 and run.data.params["weights_used"].startswith("none")
     assert "data_digest" in run.data.params and "best_val_accuracy" in run.data.metrics
+    # Left at "auto", these are logged as typed and, resolved, under <name>_resolved.
+    assert run.data.params["dropout"] == "auto"
+    assert float(run.data.params["dropout_resolved"]) == models.DEFAULT_DROPOUT[model]
+    if "image_size" not in extra:
+        assert run.data.params["image_size_resolved"] == str(models.DEFAULT_IMAGE_SIZE[model])
     assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"train", "val"}
     loaded = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     predicted = predict_pixels(loaded, np.zeros((2, 48, 48), np.uint8))
@@ -73,6 +79,14 @@ def test_dropout_is_resolved_logged_and_built(dropout, expected, tiny_npz):
     keras_model = mlflow.pyfunc.load_model(outcome.model_uri).unwrap_python_model().keras_model
     rates = [layer.rate for layer in keras_model.layers if isinstance(layer, keras.layers.Dropout)]
     assert rates == [expected]
+
+
+def test_auto_parameters_get_their_resolved_value_logged_beside_them(tracking):
+    with mlflow.start_run() as run:
+        mlflow.log_params({"epochs": "auto", "batch_size": "64"})
+        log_params({"epochs": 30, "batch_size": 64, "seed": 0})
+    params = MlflowClient().get_run(run.info.run_id).data.params
+    assert params == {"epochs": "auto", "epochs_resolved": "30", "batch_size": "64", "seed": "0"}
 
 
 def test_a_raw_source_is_cleaned_in_a_nested_run(tmp_path):
