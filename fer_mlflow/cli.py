@@ -20,41 +20,20 @@ DATA_HELP = (
 Probability = click.FloatRange(0.0, 1.0)
 
 
-class AutoInt(click.ParamType):
-    """A positive integer, or 'auto' (None): let the stage choose by the model."""
+class Auto(click.ParamType):
+    """'auto' (None: let the stage choose by the model), or a value of the wrapped click type."""
 
-    name = "integer|auto"
-
-    def __init__(self, minimum: int = 1):
-        self.minimum = minimum
-
-    def convert(self, value, param, ctx):
-        if value is None or str(value).lower() == "auto":
-            return None
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is neither an integer nor 'auto'", param, ctx)
-        if number < self.minimum:
-            self.fail(f"{number} is below the minimum {self.minimum}", param, ctx)
-        return number
-
-
-class AutoFloat(click.ParamType):
-    """A number in [0, 1), or 'auto' (None): let the stage choose by the model."""
-
-    name = "number|auto"
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+        self.name = f"{inner.name}|auto"
 
     def convert(self, value, param, ctx):
         if value is None or str(value).lower() == "auto":
             return None
         try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
-        if not 0 <= number < 1:
-            self.fail(f"{number} is not in [0, 1)", param, ctx)
-        return number
+            return self.inner.convert(value, param, ctx)
+        except click.BadParameter as error:
+            self.fail(f"{error.message} (or 'auto')", param, ctx)
 
 
 @click.group()
@@ -104,7 +83,7 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 @click.option("--model", default="cnn", show_default=True,
               type=click.Choice(["cnn", "cnn_shallow", "cnn_deep", "resnet50", "resnet101", "resnet152"]))
 @click.option("--data", default="demo", show_default=True, help=DATA_HELP + "; raw sources are cleaned first")
-@click.option("--epochs", default="auto", show_default=True, type=AutoInt(),
+@click.option("--epochs", default="auto", show_default=True, type=Auto(click.IntRange(min=1)),
               help="Epochs (of phase 1 for pretrained ResNets); auto: the model's default.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--learning-rate", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
@@ -115,7 +94,7 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 @click.option("--patience", default=15, show_default=True, type=click.IntRange(min=1),
               help="Stop after this many epochs without a better val_accuracy (best weights restored).")
 @click.option("--class-weight", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
-@click.option("--image-size", default="auto", show_default=True, type=AutoInt(minimum=32),
+@click.option("--image-size", default="auto", show_default=True, type=Auto(click.IntRange(min=32)),
               help="Input size the model resizes 48x48 faces to; auto: the model's default.")
 @click.option("--weights", default="auto", show_default=True,
               help="ResNets: auto, imagenet, none, or a local weights file (.h5 / .weights.h5).")
@@ -125,7 +104,8 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
               type=click.FloatRange(min=0, min_open=True))
 @click.option("--width", default=20, show_default=True, type=click.IntRange(min=4),
               help="cnn only: channels of its first block.")
-@click.option("--dropout", default="auto", show_default=True, type=AutoFloat(),
+@click.option("--dropout", default="auto", show_default=True,
+              type=Auto(click.FloatRange(0, 1, max_open=True)),
               help="Dropout rate (cnn: after each block; ResNets: in the head); auto: the model's default.")
 @click.option("--shift", default=0.1, show_default=True, type=click.FloatRange(0, 0.5))
 @click.option("--flip", default=True, show_default=True, type=bool)
@@ -178,9 +158,9 @@ def promote(registered_model_name, metric, test_digest, rollback) -> None:
 @cli.command("main")
 @click.option("--data", default="demo", show_default=True, help=DATA_HELP)
 @click.option("--models", default="cnn,resnet50", show_default=True, help="Comma-separated models to train.")
-@click.option("--epochs", default="5", show_default=True, type=AutoInt(),
+@click.option("--epochs", default="5", show_default=True, type=Auto(click.IntRange(min=1)),
               help="Epochs for every model ('auto': each model's own default).")
-@click.option("--image-size", default="48", show_default=True, type=AutoInt(minimum=32),
+@click.option("--image-size", default="48", show_default=True, type=Auto(click.IntRange(min=32)),
               help="Input size for every model; 48 keeps the demo pipeline to minutes ('auto': each model's own).")
 @click.option("--weights", default="auto", show_default=True, help="ResNet weights, as for train.")
 @click.option("--registered-model-name", default="fer-emotion", show_default=True)
