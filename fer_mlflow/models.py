@@ -70,7 +70,7 @@ def _probabilities(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
 
 
 def build_cnn_shallow(
-    image_size: int = 48, num_classes: int = NUM_CLASSES, dropout: float = 0.25
+    image_size: int = 48, num_classes: int = NUM_CLASSES, dropout: float = DEFAULT_DROPOUT["cnn_shallow"]
 ) -> keras.Model:
     """The report's first network (Figure 14): 277,127 parameters at 48x48.
 
@@ -90,7 +90,7 @@ def build_cnn_shallow(
 
 
 def build_cnn_deep(
-    image_size: int = 96, num_classes: int = NUM_CLASSES, dropout: float = 0.25
+    image_size: int = 96, num_classes: int = NUM_CLASSES, dropout: float = DEFAULT_DROPOUT["cnn_deep"]
 ) -> keras.Model:
     """The report's second network (Figure 17): 4,300,103 parameters at 96x96.
 
@@ -115,7 +115,7 @@ def build_cnn_deep(
 
 def build_cnn(
     width: int = 20,
-    dropout: float = 0.0,
+    dropout: float = DEFAULT_DROPOUT["cnn"],
     head_dropout: float = 0.4,
     image_size: int = 48,
     num_classes: int = NUM_CLASSES,
@@ -123,8 +123,9 @@ def build_cnn(
     """The project's default: VGG-style, four blocks of two conv3x3-BN-ReLU, widths w, 2w, 4w, 8w.
 
     Each block ends in 2x2 max-pooling and `dropout` (0 by default: in its hour-sized budget the
-    network underfits, and block dropout 0.2 cost 2.2 points of PublicTest accuracy, BENCHMARKS.md).
-    48 pixels pool down to a 3x3 map, which is flattened rather than averaged because where a feature sits on a face (mouth, brows) matters.
+    network underfits, and block dropout 0.2 scored 2.3 points lower on validation data,
+    BENCHMARKS.md). 48 pixels pool down to a 3x3 map, which is flattened rather than averaged
+    because where a feature sits on a face (mouth, brows) matters.
     BatchNormalization uses momentum 0.9: at Keras' 0.99 the moving statistics of a small dataset
     (the 1.3K-image demo, 21 steps an epoch) lag so far behind that inference predicted one class.
     Compute grows with width squared. Width 20 (0.69M parameters, the default) trains at 190-290
@@ -232,7 +233,7 @@ def build_resnet(
     weights: str | None = "auto",
     num_classes: int = NUM_CLASSES,
     head_units: int = 256,
-    dropout: float = 0.5,
+    dropout: float | None = None,
 ) -> ResNetParts:
     """A `keras.applications` ResNet (`name` in RESNET_NAMES) with a new head, as `ResNetParts`.
 
@@ -244,6 +245,7 @@ def build_resnet(
     """
     if name not in RESNET_NAMES:
         raise ConfigError(f"unknown ResNet {name!r}; expected one of {', '.join(RESNET_NAMES)}")
+    dropout = DEFAULT_DROPOUT[name] if dropout is None else dropout
     keras_weights, description = resolve_weights(name, weights)
     constructor = {
         "resnet50": keras.applications.ResNet50,
