@@ -111,6 +111,8 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 @click.option("--flip", default=True, show_default=True, type=bool)
 @click.option("--rotation", default=10.0, show_default=True, type=click.FloatRange(0, 180))
 @click.option("--zoom", default=0.1, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--erase", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Probability of random erasing: a random rectangle painted mid-grey.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 0.5))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--strategy", default="default", show_default=True, type=click.Choice(["default", "mirrored"]))

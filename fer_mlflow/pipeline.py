@@ -13,6 +13,9 @@ import numpy as np
 import tensorflow as tf
 
 
+ERASE_FILL = 128.0  # mid-grey on the 0..255 pixel scale
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """Random transforms of a training batch; zero (or False) turns one off."""
@@ -21,10 +24,11 @@ class Augmentation:
     flip: bool = True  # horizontal: a mirrored smile is still a smile
     rotation: float = 10.0  # degrees, either way
     zoom: float = 0.1  # fraction, in or out
+    erase: float = 0.0  # probability of painting a random rectangle mid-grey (random erasing)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.shift or self.flip or self.rotation or self.zoom)
+        return bool(self.shift or self.flip or self.rotation or self.zoom or self.erase)
 
 
 def augmenter(augmentation: Augmentation, seed: int) -> keras.Sequential | None:
@@ -40,6 +44,10 @@ def augmenter(augmentation: Augmentation, seed: int) -> keras.Sequential | None:
             augmentation.rotation / 360.0, fill_mode="nearest", seed=seed + 2))
     if augmentation.zoom:
         steps.append(keras.layers.RandomZoom(augmentation.zoom, fill_mode="nearest", seed=seed + 3))
+    if augmentation.erase:
+        # Rectangles of 14-57% of each side (Keras' default scale), after the geometric transforms.
+        steps.append(keras.layers.RandomErasing(
+            (augmentation.erase, augmentation.erase), fill_value=ERASE_FILL, seed=seed + 4))
     return keras.Sequential(steps, name="augmentation") if steps else None
 
 

@@ -63,13 +63,14 @@ class TrainConfig:
     flip: bool = True
     rotation: float = 10.0
     zoom: float = 0.1
+    erase: float = 0.0
     val_fraction: float = 0.1  # raw sources without a validation split
     seed: int = 0
     strategy: str = "default"  # default | mirrored
 
     @property
     def augmentation(self) -> Augmentation:
-        return Augmentation(self.shift, self.flip, self.rotation, self.zoom)
+        return Augmentation(self.shift, self.flip, self.rotation, self.zoom, self.erase)
 
     def resolved(self) -> TrainConfig:
         """The config with its 'auto' values (None) filled in, validated."""
