@@ -130,13 +130,15 @@ def train(**options) -> None:
 @click.option("--model-uri", default="", help="Or any model URI, e.g. models:/fer-emotion@champion.")
 @click.option("--data", default="", help="Test data (" + DATA_HELP + "); empty: the training run's data.")
 @click.option("--tta", default=False, show_default=True, type=bool,
-              help="Average each prediction with that of the mirrored image.")
+              help="Average each prediction over views: the face and its mirror, each shifted too.")
+@click.option("--tta-shift", default=3, show_default=True, type=click.IntRange(0, 12),
+              help="Pixels the extra views are shifted up, down, left and right; 0: the mirror alone.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
-def evaluate(run_id, model_uri, data, tta, batch_size) -> None:
+def evaluate(run_id, model_uri, data, tta, tta_shift, batch_size) -> None:
     """Evaluate a trained model on test data and log metrics, confusion matrices and predictions."""
     from fer_mlflow import evaluate as stage
 
-    outcome = stage.run(run_id or None, model_uri or None, data or None, tta, batch_size)
+    outcome = stage.run(run_id or None, model_uri or None, data or None, tta, batch_size, tta_shift)
     click.echo(" ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items()))
     click.echo(f"evaluation run: {outcome.run_id}")
 

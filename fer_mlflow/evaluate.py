@@ -30,6 +30,9 @@ from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.sources import read_source
 from fer_mlflow.tracking import log_params, log_split_inputs, source_label, stage_run
 
+# Pixels each extra test-time view is shifted by (chosen on validation data: BENCHMARKS.md).
+TTA_SHIFT = 3
+
 
 @dataclass
 class EvaluateOutcome:
@@ -41,7 +44,7 @@ class EvaluateOutcome:
 
 
 def run(run_id: str | None = None, model_uri: str | None = None, data: str | None = None,
-        tta: bool = False, batch_size: int = 256) -> EvaluateOutcome:
+        tta: bool = False, batch_size: int = 256, tta_shift: int = TTA_SHIFT) -> EvaluateOutcome:
     """Evaluate the model of training run `run_id` (or `model_uri`) on the test split of `data`.
 
     `data` defaults to the data the training run used; any source `clean` reads works.
@@ -59,9 +62,10 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
     name = f"evaluate-{tags.get('fer.model', 'model')}-{label}"
     with stage_run("evaluate", name, tags) as active:
         log_params({"run_id": run_id or "", "model_uri": model_uri, "data": data, "tta": tta,
+                    "tta_shift": tta_shift, "tta_views": len(tta_offsets(tta_shift)) * 2 if tta else 1,
                     "test_images": len(test)})
         log_split_inputs(test, data, label, splits=("test",))
-        probabilities = predict_probabilities(model_uri, test.images, tta, batch_size)
+        probabilities = predict_probabilities(model_uri, test.images, tta, batch_size, tta_shift)
         metrics = _log_results(test, probabilities)
         outcome = EvaluateOutcome(active.info.run_id, metrics, test.digest())
     return outcome
@@ -98,16 +102,40 @@ def _test_split(data: str) -> Dataset:
     return test
 
 
-def predict_probabilities(model_uri: str, images: np.ndarray, tta: bool, batch_size: int) -> np.ndarray:
-    """Class probabilities (N x classes) of the logged model; with `tta`, averaged with the mirror."""
+def predict_probabilities(model_uri: str, images: np.ndarray, tta: bool, batch_size: int,
+                          tta_shift: int = TTA_SHIFT) -> np.ndarray:
+    """Class probabilities (N x classes) of the logged model.
+
+    With `tta`, the mean over views of each face: the face and its mirror, each also shifted by
+    `tta_shift` pixels up, down, left and right (edges repeated), 10 views; `tta_shift=0` gives the
+    face and its mirror alone.
+    """
     model = mlflow.pyfunc.load_model(model_uri)
     keras_model = model.unwrap_python_model().keras_model
     inputs = images.astype(np.float32)[..., None]
-    probabilities = keras_model.predict(inputs, batch_size=batch_size, verbose=0)
-    if tta:
-        mirrored = keras_model.predict(inputs[:, :, ::-1], batch_size=batch_size, verbose=0)
-        probabilities = (probabilities + mirrored) / 2
-    return probabilities
+    if not tta:
+        return keras_model.predict(inputs, batch_size=batch_size, verbose=0)
+    total = 0.0
+    for dy, dx in tta_offsets(tta_shift):
+        view = shifted(inputs, dy, dx)
+        for flipped in (view, view[:, :, ::-1]):
+            total = total + keras_model.predict(flipped, batch_size=batch_size, verbose=0)
+    return total / (2 * len(tta_offsets(tta_shift)))
+
+
+def tta_offsets(shift: int) -> list[tuple[int, int]]:
+    """The (down, right) offsets of the test-time views: none, then `shift` pixels each way."""
+    return [(0, 0)] + ([(shift, 0), (-shift, 0), (0, shift), (0, -shift)] if shift else [])
+
+
+def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """`images` (N x H x W x C) moved down `dy` and right `dx` pixels, the edge rows repeated in."""
+    pad = max(abs(dy), abs(dx))
+    if not pad:
+        return images
+    height, width = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    return padded[:, pad - dy:pad - dy + height, pad - dx:pad - dx + width]
 
 
 def scores(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, float]:

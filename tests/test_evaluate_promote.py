@@ -69,12 +69,35 @@ def test_train_and_evaluate_agree_on_the_same_images(trained, tmp_path):
     assert outcome.metrics["test_accuracy"] == pytest.approx(trained.best_val_accuracy, abs=1e-6)
 
 
-def test_tta_averages_with_the_mirrored_image(trained):
+def test_tta_with_shift_0_averages_with_the_mirrored_image(trained):
     test = ds.load(trained.data_uri).split("test")
     plain = evaluate.predict_probabilities(trained.model_uri, test.images, False, 64)
-    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64)
+    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64, tta_shift=0)
     mirrored = evaluate.predict_probabilities(trained.model_uri, test.images[:, :, ::-1], False, 64)
     assert np.allclose(tta, (plain + mirrored) / 2, atol=1e-6)
+
+
+def test_tta_averages_ten_views_the_face_and_its_mirror_each_shifted_four_ways(trained):
+    test = ds.load(trained.data_uri).split("test")
+    images = test.images.astype(np.float32)[..., None]
+
+    def predict(views):
+        return evaluate.predict_probabilities(trained.model_uri, views[..., 0], False, 64)
+
+    views = [evaluate.shifted(images, dy, dx) for dy, dx in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))]
+    expected = sum(predict(v) + predict(v[:, :, ::-1]) for v in views) / 10
+    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64, tta_shift=2)
+    assert np.allclose(tta, expected, atol=1e-6)
+    assert np.allclose(tta.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_shifted_moves_the_face_and_repeats_the_edge_pixels():
+    image = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    down = evaluate.shifted(image, 1, 0)[0, ..., 0]
+    assert down.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    left = evaluate.shifted(image, 0, -2)[0, ..., 0]
+    assert left.tolist() == [[2, 3, 3, 3], [6, 7, 7, 7], [10, 11, 11, 11], [14, 15, 15, 15]]
+    assert evaluate.shifted(image, 0, 0) is image
 
 
 def test_evaluate_needs_a_model(capsys):
