@@ -91,6 +91,9 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 @click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "constant"]),
               help="cosine: one-epoch warm-up then cosine decay to zero.")
+@click.option("--time-budget", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Minutes of training (phase 1): stop then, the cosine decay timed to end there; "
+                   "0: none. With it, epochs=auto means up to 1000.")
 @click.option("--patience", default=15, show_default=True, type=click.IntRange(min=1),
               help="Stop after this many epochs without a better val_accuracy (best weights restored).")
 @click.option("--class-weight", default="none", show_default=True, type=click.Choice(["none", "balanced"]))

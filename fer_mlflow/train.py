@@ -28,7 +28,7 @@ from fer_mlflow.errors import ConfigError
 from fer_mlflow.pipeline import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking import log_params, log_split_inputs, source_label, stage_run
 from fer_mlflow.training import (
-    EpochLogger, class_weights, curves_figure, load_training_data, make_strategy, optimizer,
+    EpochLogger, TimeBudget, class_weights, curves_figure, load_training_data, make_strategy, optimizer,
 )
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # What a plain `-P model=<name>` trains for when `epochs` is left at "auto".
 DEFAULT_EPOCHS = {"cnn": 26, "cnn_shallow": 30, "cnn_deep": 30,
                   "resnet50": 15, "resnet101": 15, "resnet152": 15}
+# ...and with a `time_budget`: the time ends training, this only bounds it.
+MAX_EPOCHS = 1000
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1  # FER2013's labels are noisy; soft targets generalise better
     schedule: str = "cosine"  # cosine | constant
+    time_budget: float = 0.0  # minutes of training (phase 1), 0: none; epochs then default to MAX_EPOCHS
     patience: int = 15  # early stopping on val_accuracy, best weights restored
     class_weight: str = "none"  # none | balanced (disgust is ~1.5% of FER2013)
     image_size: int | None = None  # None: the model's default
@@ -80,9 +83,12 @@ class TrainConfig:
                               ("strategy", ("default", "mirrored"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)} is not one of {', '.join(allowed)}")
+        if self.time_budget < 0:
+            raise ConfigError(f"time_budget={self.time_budget} is negative; give minutes of training, or 0 for none")
         return replace(
             self,
-            epochs=DEFAULT_EPOCHS[self.model] if self.epochs is None else self.epochs,
+            epochs=self.epochs if self.epochs is not None
+            else MAX_EPOCHS if self.time_budget else DEFAULT_EPOCHS[self.model],
             image_size=models.DEFAULT_IMAGE_SIZE[self.model] if self.image_size is None else self.image_size,
             dropout=models.DEFAULT_DROPOUT[self.model] if self.dropout is None else self.dropout,
         )
@@ -174,14 +180,14 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
         if parts is not None:
             log.warning("training %s from scratch (weights: %s)", config.model, described)
         history = _phase(model, config, config.learning_rate, config.epochs, 0, logger,
-                         *data(x_train, x_val, config.augmentation))
+                         *data(x_train, x_val, config.augmentation), minutes=config.time_budget)
         return model, history, len(x_train) * len(history["loss"])
 
     # Phase 1: the backbone is frozen, so it runs once per image; the head trains on its features.
     parts.backbone.trainable = False
     features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0) for x in (x_train, x_val)]
     history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger,
-                     *data(*features, None))
+                     *data(*features, None), minutes=config.time_budget)
     if config.fine_tune_epochs > 0:
         # Phase 2: unfreeze the top of the backbone (BatchNorm stays frozen) at a lower rate.
         parts.backbone.trainable = True
@@ -196,15 +202,23 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
     return model, history, len(x_train) * len(history["loss"])
 
 
-def _phase(model, config, learning_rate, epochs, first_epoch, logger, train, val) -> dict:
-    """Compile and fit `model` for `epochs`, logging from step `first_epoch`; best weights restored."""
+def _phase(model, config, learning_rate, epochs, first_epoch, logger, train, val, minutes=0.0) -> dict:
+    """Compile and fit `model` for `epochs`, logging from step `first_epoch`; best weights restored.
+
+    With `minutes`, training also stops once that much time has passed, and the cosine schedule
+    follows whichever of the time and the epochs runs out first (`training.TimeBudget`).
+    """
     steps = int(train.cardinality()) * epochs
+    warmup_steps = min(steps // 10, int(train.cardinality()))
+    callbacks = [logger]
+    if minutes:
+        callbacks.append(TimeBudget(minutes, learning_rate, steps, warmup_steps, config.schedule == "cosine"))
     # Several replicas: validation is padded with zero-weight images (pipeline.eval_dataset), so
     # accuracy and loss must honour sample weights there.
     replicated = tf.distribute.get_strategy().num_replicas_in_sync > 1
     model.compile(
-        optimizer=optimizer(config.schedule, learning_rate, config.weight_decay, steps,
-                            warmup_steps=min(steps // 10, int(train.cardinality()))),
+        optimizer=optimizer("constant" if minutes else config.schedule, learning_rate, config.weight_decay,
+                            steps, warmup_steps),
         loss=keras.losses.CategoricalCrossentropy(
             label_smoothing=config.label_smoothing,
             reduction="mean_with_sample_weight" if replicated else "sum_over_batch_size"),
@@ -214,7 +228,7 @@ def _phase(model, config, learning_rate, epochs, first_epoch, logger, train, val
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience,
                                          restore_best_weights=True)
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars in a terminal, a line per epoch in logs
-    fitted = model.fit(train, validation_data=val, epochs=epochs, callbacks=[logger, stop], verbose=verbose)
+    fitted = model.fit(train, validation_data=val, epochs=epochs, callbacks=[*callbacks, stop], verbose=verbose)
     return {k: [float(v) for v in fitted.history[k]] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
 
 

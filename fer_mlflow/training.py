@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import keras
 import matplotlib
 
@@ -49,6 +52,43 @@ def optimizer(schedule: str, learning_rate: float, weight_decay: float, steps: i
     else:
         rate = learning_rate
     return keras.optimizers.AdamW(rate, weight_decay=weight_decay)
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training once `minutes` of it have passed (checked after every step).
+
+    With `cosine`, it also sets the learning rate before every step: a linear warm-up over
+    `warmup_steps`, then cosine decay driven by whichever runs out first, the time or the
+    `total_steps`, so the rate reaches zero as the budget ends on a slow machine and a fast one alike.
+    The optimizer must have been made with a constant rate (`optimizer("constant", ...)`).
+    """
+
+    def __init__(self, minutes: float, peak: float, total_steps: int, warmup_steps: int, cosine: bool):
+        super().__init__()
+        self.seconds, self.peak, self.cosine = minutes * 60.0, peak, cosine
+        self.total_steps, self.warmup_steps = max(total_steps, 1), warmup_steps
+        self.step, self.started = 0, 0.0
+
+    def progress(self) -> float:
+        """How much of the budget is spent, 0..1: the larger of the time and the step fractions."""
+        elapsed = time.perf_counter() - self.started
+        return min(1.0, max(elapsed / self.seconds, self.step / self.total_steps))
+
+    def rate(self) -> float:
+        warmup = min(1.0, self.step / self.warmup_steps) if self.warmup_steps else 1.0
+        return self.peak * warmup * 0.5 * (1.0 + math.cos(math.pi * self.progress()))
+
+    def on_train_begin(self, logs=None):
+        self.step, self.started = 0, time.perf_counter()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.cosine:
+            self.model.optimizer.learning_rate = self.rate()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if time.perf_counter() - self.started >= self.seconds:
+            self.model.stop_training = True
 
 
 def make_strategy(name: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import mlflow
@@ -17,6 +18,7 @@ from fer_mlflow import models, train
 from fer_mlflow.cli import main
 from fer_mlflow.pyfunc_model import predict_pixels
 from fer_mlflow.tracking import log_params
+from fer_mlflow.training import TimeBudget
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
@@ -70,6 +72,34 @@ def test_metric_history_has_one_point_per_epoch(tiny_npz):
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"model_summary.txt", "figures"} <= artifacts
     assert mlflow.pyfunc.load_model(outcome.model_uri) is not None
+
+
+def test_time_budget_ends_training_and_the_cosine_decay_with_it(tiny_npz):
+    config = train.TrainConfig(model="cnn", data=tiny_npz, batch_size=32, time_budget=0.15, patience=1000)
+    outcome = train.run(config)
+    client = MlflowClient()
+    run = client.get_run(outcome.run_id)
+    assert run.data.params["epochs"] == str(train.MAX_EPOCHS)  # "auto" resolved: the time ends training
+    assert 2 < outcome.epochs_trained < train.MAX_EPOCHS
+    assert run.data.metrics["train_seconds"] < 0.15 * 60 + 15  # the budget, one last step, model and logging
+    rates = [m.value for m in sorted(client.get_metric_history(outcome.run_id, "learning_rate"),
+                                     key=lambda m: m.step)]
+    assert len(rates) == outcome.epochs_trained
+    assert max(rates) <= config.learning_rate and rates[-1] < 0.1 * max(rates)  # decayed by the budget's end
+
+
+def test_time_budget_schedule_follows_whichever_runs_out_first():
+    budget = TimeBudget(minutes=60, peak=1.0, total_steps=10, warmup_steps=2, cosine=True)
+    budget.on_train_begin()
+    rates = []
+    for step in range(11):
+        budget.step = step
+        rates.append(budget.rate())
+    assert rates[0] == 0.0 and rates[1] == pytest.approx(0.5 * 0.5 * (1 + np.cos(np.pi * 0.1)), rel=1e-3)
+    assert rates[2:] == sorted(rates[2:], reverse=True) and rates[10] == pytest.approx(0.0, abs=1e-9)
+    budget.step, budget.started = 2, time.perf_counter() - 30 * 60  # half the time gone, a fifth of the steps
+    assert budget.progress() == pytest.approx(0.5, abs=1e-3)
+    assert budget.rate() == pytest.approx(0.5, abs=1e-3)
 
 
 @pytest.mark.parametrize("dropout, expected", [(None, models.DEFAULT_DROPOUT["cnn_shallow"]), (0.4, 0.4)])
@@ -130,6 +160,7 @@ def test_imagenet_offline_is_one_clear_line(tiny_npz, capsys):
     (["--learning-rate", "-1"], "--learning-rate"),
     (["--dropout", "1.5"], "--dropout"),
     (["--dropout", "lots"], "--dropout"),
+    (["--time-budget", "-1"], "--time-budget"),
 ])
 def test_bad_train_options_are_one_line(args, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
