@@ -43,3 +43,20 @@ def test_every_cli_stage_has_an_entry_point():
 def test_mlproject_names_the_conda_environment():
     assert MLPROJECT["conda_env"] == "conda.yaml"
     assert (Path(__file__).resolve().parents[1] / MLPROJECT["conda_env"]).exists()
+
+
+def test_cli_defaults_are_the_stage_defaults():
+    """A default is defined by the stage; the CLI (and so MLproject) repeats it and must agree."""
+    import dataclasses
+    import inspect
+
+    from fer_mlflow import evaluate, train
+
+    context = click.Context(cli.commands["train"])
+    for field in dataclasses.fields(train.TrainConfig):
+        option = next(p for p in cli.commands["train"].params if p.name == field.name)
+        assert option.type_cast_value(context, option.default) == field.default, field.name
+    signature = inspect.signature(evaluate.run)
+    for option in cli.commands["evaluate"].params:
+        if option.name in ("tta", "tta_shift", "batch_size"):
+            assert option.default == signature.parameters[option.name].default, option.name
