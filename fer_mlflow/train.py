@@ -28,7 +28,8 @@ from fer_mlflow.errors import ConfigError
 from fer_mlflow.pipeline import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking import log_params, log_split_inputs, source_label, stage_run
 from fer_mlflow.training import (
-    EpochLogger, TimeBudget, class_weights, curves_figure, load_training_data, make_strategy, optimizer,
+    EpochLogger, ImageCounter, TimeBudget, class_weights, curves_figure, load_training_data, make_strategy,
+    optimizer,
 )
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
     weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
     sample_weights = _sample(weights, train.labels)
     logger = EpochLogger()
+    counter = ImageCounter(len(x_train), config.batch_size)
 
     def data(train_inputs, val_inputs, augmentation):
         return (train_dataset(train_inputs, y_train, config.batch_size, augmentation, config.seed,
@@ -179,14 +181,14 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
     if parts is None or described.startswith("none"):
         if parts is not None:
             log.warning("training %s from scratch (weights: %s)", config.model, described)
-        history = _phase(model, config, config.learning_rate, config.epochs, 0, logger,
+        history = _phase(model, config, config.learning_rate, config.epochs, 0, logger, counter,
                          *data(x_train, x_val, config.augmentation), minutes=config.time_budget)
-        return model, history, len(x_train) * len(history["loss"])
+        return model, history, counter.seen
 
     # Phase 1: the backbone is frozen, so it runs once per image; the head trains on its features.
     parts.backbone.trainable = False
     features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0) for x in (x_train, x_val)]
-    history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger,
+    history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger, counter,
                      *data(*features, None), minutes=config.time_budget)
     if config.fine_tune_epochs > 0:
         # Phase 2: unfreeze the top of the backbone (BatchNorm stays frozen) at a lower rate.
@@ -197,20 +199,22 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
         tuned = _phase(model, config, config.fine_tune_learning_rate, config.fine_tune_epochs,
-                       len(history["loss"]), logger, *data(x_train, x_val, config.augmentation))
+                       len(history["loss"]), logger, counter, *data(x_train, x_val, config.augmentation))
         history = {k: history[k] + tuned[k] for k in history}
-    return model, history, len(x_train) * len(history["loss"])
+    return model, history, counter.seen
 
 
-def _phase(model, config, learning_rate, epochs, first_epoch, logger, train, val, minutes=0.0) -> dict:
+def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, train, val, minutes=0.0) -> dict:
     """Compile and fit `model` for `epochs`, logging from step `first_epoch`; best weights restored.
+
+    `logger` logs the epochs to MLflow, `counter` counts the images trained on.
 
     With `minutes`, training also stops once that much time has passed, and the cosine schedule
     follows whichever of the time and the epochs runs out first (`training.TimeBudget`).
     """
     steps = int(train.cardinality()) * epochs
     warmup_steps = min(steps // 10, int(train.cardinality()))
-    callbacks = [logger]
+    callbacks = [logger, counter]
     if minutes:
         callbacks.append(TimeBudget(minutes, learning_rate, steps, warmup_steps, config.schedule == "cosine"))
     # Several replicas: validation is padded with zero-weight images (pipeline.eval_dataset), so

@@ -91,6 +91,27 @@ class TimeBudget(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class ImageCounter(keras.callbacks.Callback):
+    """Counts the training images the model has stepped through, a cut last epoch included.
+
+    Keras reports steps, not images: every batch is `batch_size` images except an epoch's last,
+    which holds what is left of the `images`.
+    """
+
+    def __init__(self, images: int, batch_size: int):
+        super().__init__()
+        self.images, self.batch_size = images, batch_size
+        self.seen, self.in_epoch = 0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.in_epoch = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = min(self.batch_size, self.images - self.in_epoch)
+        self.in_epoch += step
+        self.seen += step
+
+
 def make_strategy(name: str):
     """`default`, or `mirrored`: one replica per visible GPU (per logical CPU device if none)."""
     import tensorflow as tf

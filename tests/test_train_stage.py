@@ -18,7 +18,7 @@ from fer_mlflow import models, train
 from fer_mlflow.cli import main
 from fer_mlflow.pyfunc_model import predict_pixels
 from fer_mlflow.tracking import log_params
-from fer_mlflow.training import TimeBudget
+from fer_mlflow.training import ImageCounter, TimeBudget
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
@@ -100,6 +100,27 @@ def test_time_budget_schedule_follows_whichever_runs_out_first():
     budget.step, budget.started = 2, time.perf_counter() - 30 * 60  # half the time gone, a fifth of the steps
     assert budget.progress() == pytest.approx(0.5, abs=1e-3)
     assert budget.rate() == pytest.approx(0.5, abs=1e-3)
+
+
+class _StopAfter(keras.callbacks.Callback):
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps -= 1
+        self.model.stop_training = self.steps == 0
+
+
+@pytest.mark.parametrize("stop_after, expected", [(None, 2 * 10), (4, 10 + 4)])
+def test_image_counter_counts_a_short_last_batch_and_a_cut_epoch(stop_after, expected):
+    # 10 images in batches of 4 (4, 4, 2) for two epochs; stopped after 4 steps, the second holds 4.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    counter = ImageCounter(images=10, batch_size=4)
+    callbacks = [counter] + ([_StopAfter(stop_after)] if stop_after else [])
+    model.fit(np.zeros((10, 3)), np.zeros((10, 2)), batch_size=4, epochs=2, verbose=0, callbacks=callbacks)
+    assert counter.seen == expected
 
 
 @pytest.mark.parametrize("dropout, expected", [(None, models.DEFAULT_DROPOUT["cnn_shallow"]), (0.4, 0.4)])
