@@ -36,6 +36,24 @@ class Auto(click.ParamType):
             self.fail(f"{error.message} (or 'auto')", param, ctx)
 
 
+class Widths(click.ParamType):
+    """Comma-separated positive channel counts, e.g. 16,32,128,256, as a tuple of ints."""
+
+    name = "widths"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            widths = tuple(int(part) for part in str(value).split(","))
+        except ValueError:
+            widths = ()
+        if not 1 <= len(widths) <= 5 or min(widths) < 1:
+            self.fail(f"{value!r} is not 1 to 5 positive channel counts separated by commas, "
+                      "e.g. 16,32,128,256", param, ctx)
+        return widths
+
+
 @click.group()
 def cli() -> None:
     """fer-mlflow: facial-expression recognition on FER2013, tracked with MLflow."""
@@ -105,8 +123,8 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 @click.option("--fine-tune-layers", default=30, show_default=True, type=click.IntRange(min=1))
 @click.option("--fine-tune-learning-rate", default=1e-5, show_default=True,
               type=click.FloatRange(min=0, min_open=True))
-@click.option("--width", default=20, show_default=True, type=click.IntRange(min=4),
-              help="cnn only: channels of its first block.")
+@click.option("--widths", default="20,40,80,160", show_default=True, type=Widths(),
+              help="cnn only: channels of each of its blocks, e.g. 16,32,128,256 (one entry per block).")
 @click.option("--dropout", default="auto", show_default=True,
               type=Auto(click.FloatRange(0, 1, max_open=True)),
               help="Dropout rate (cnn: after each block; ResNets: in the head); auto: the model's default.")
@@ -133,15 +151,20 @@ def train(**options) -> None:
 @click.option("--model-uri", default="", help="Or any model URI, e.g. models:/fer-emotion@champion.")
 @click.option("--data", default="", help="Test data (" + DATA_HELP + "); empty: the training run's data.")
 @click.option("--tta", default=False, show_default=True, type=bool,
-              help="Average each prediction over views: the face and its mirror, each shifted too.")
-@click.option("--tta-shift", default=3, show_default=True, type=click.IntRange(0, 12),
-              help="Pixels the extra views are shifted up, down, left and right; 0: the mirror alone.")
+              help="Average each prediction over views of the face, each also mirrored.")
+@click.option("--tta-rotation", default=10.0, show_default=True, type=click.FloatRange(0, 45),
+              help="Views rotated this many degrees either way; 0: none.")
+@click.option("--tta-zoom", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Views zoomed in and out by this fraction; 0: none.")
+@click.option("--tta-shift", default=0, show_default=True, type=click.IntRange(0, 12),
+              help="Views shifted this many pixels up, down, left and right; 0: none.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
-def evaluate(run_id, model_uri, data, tta, tta_shift, batch_size) -> None:
+def evaluate(run_id, model_uri, data, tta, tta_rotation, tta_zoom, tta_shift, batch_size) -> None:
     """Evaluate a trained model on test data and log metrics, confusion matrices and predictions."""
     from fer_mlflow import evaluate as stage
 
-    outcome = stage.run(run_id or None, model_uri or None, data or None, tta, batch_size, tta_shift)
+    outcome = stage.run(run_id or None, model_uri or None, data or None, tta, batch_size, tta_shift,
+                        tta_rotation, tta_zoom)
     click.echo(" ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items()))
     click.echo(f"evaluation run: {outcome.run_id}")
 

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
@@ -30,8 +31,12 @@ from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.sources import read_source
 from fer_mlflow.tracking import log_params, log_split_inputs, source_label, stage_run
 
-# Pixels each extra test-time view is shifted by (chosen on validation data: BENCHMARKS.md).
-TTA_SHIFT = 3
+# The extra test-time views, each also mirrored (chosen on validation data: BENCHMARKS.md): the face
+# rotated TTA_ROTATION degrees either way, zoomed TTA_ZOOM in and out, and shifted TTA_SHIFT pixels
+# up, down, left and right; 0 turns a kind off.
+TTA_ROTATION = 10.0
+TTA_ZOOM = 0.1
+TTA_SHIFT = 0
 
 
 @dataclass
@@ -44,7 +49,8 @@ class EvaluateOutcome:
 
 
 def run(run_id: str | None = None, model_uri: str | None = None, data: str | None = None,
-        tta: bool = False, batch_size: int = 256, tta_shift: int = TTA_SHIFT) -> EvaluateOutcome:
+        tta: bool = False, batch_size: int = 256, tta_shift: int = TTA_SHIFT,
+        tta_rotation: float = TTA_ROTATION, tta_zoom: float = TTA_ZOOM) -> EvaluateOutcome:
     """Evaluate the model of training run `run_id` (or `model_uri`) on the test split of `data`.
 
     `data` defaults to the data the training run used; any source `clean` reads works.
@@ -61,11 +67,13 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
                 tags[key] = source.data.tags[key]
     name = f"evaluate-{tags.get('fer.model', 'model')}-{label}"
     with stage_run("evaluate", name, tags) as active:
+        views = tta_views(tta_shift, tta_rotation, tta_zoom) if tta else [IDENTITY]
         log_params({"run_id": run_id or "", "model_uri": model_uri, "data": data, "tta": tta,
-                    "tta_shift": tta_shift, "tta_views": len(tta_offsets(tta_shift)) * 2 if tta else 1,
-                    "test_images": len(test)})
+                    "tta_shift": tta_shift, "tta_rotation": tta_rotation, "tta_zoom": tta_zoom,
+                    "tta_views": 2 * len(views) if tta else 1, "test_images": len(test)})
         log_split_inputs(test, data, label, splits=("test",))
-        probabilities = predict_probabilities(model_uri, test.images, tta, batch_size, tta_shift)
+        probabilities = predict_probabilities(model_uri, test.images, tta, batch_size, tta_shift,
+                                              tta_rotation, tta_zoom)
         metrics = _log_results(test, probabilities)
         outcome = EvaluateOutcome(active.info.run_id, metrics, test.digest())
     return outcome
@@ -103,29 +111,60 @@ def _test_split(data: str) -> Dataset:
 
 
 def predict_probabilities(model_uri: str, images: np.ndarray, tta: bool, batch_size: int,
-                          tta_shift: int = TTA_SHIFT) -> np.ndarray:
+                          tta_shift: int = TTA_SHIFT, tta_rotation: float = TTA_ROTATION,
+                          tta_zoom: float = TTA_ZOOM) -> np.ndarray:
     """Class probabilities (N x classes) of the logged model.
 
-    With `tta`, the mean over views of each face: the face and its mirror, each also shifted by
-    `tta_shift` pixels up, down, left and right (edges repeated), 10 views; `tta_shift=0` gives the
-    face and its mirror alone.
+    With `tta`, the mean over views of each face (`tta_views`), each view also mirrored: with the
+    defaults, the face rotated 10 degrees either way and zoomed 10% in and out, 10 views in all;
+    with every knob at 0, the face and its mirror alone.
     """
     model = mlflow.pyfunc.load_model(model_uri)
     keras_model = model.unwrap_python_model().keras_model
     inputs = images.astype(np.float32)[..., None]
     if not tta:
         return keras_model.predict(inputs, batch_size=batch_size, verbose=0)
+    views = tta_views(tta_shift, tta_rotation, tta_zoom)
     total = 0.0
-    for dy, dx in tta_offsets(tta_shift):
-        view = shifted(inputs, dy, dx)
-        for flipped in (view, view[:, :, ::-1]):
+    for view in views:
+        moved = transformed(inputs, *view)
+        for flipped in (moved, moved[:, :, ::-1]):
             total = total + keras_model.predict(flipped, batch_size=batch_size, verbose=0)
-    return total / (2 * len(tta_offsets(tta_shift)))
+    return total / (2 * len(views))
 
 
-def tta_offsets(shift: int) -> list[tuple[int, int]]:
-    """The (down, right) offsets of the test-time views: none, then `shift` pixels each way."""
-    return [(0, 0)] + ([(shift, 0), (-shift, 0), (0, shift), (0, -shift)] if shift else [])
+# A view: (pixels down, pixels right, degrees anticlockwise, magnification).
+IDENTITY = (0, 0, 0.0, 1.0)
+
+
+def tta_views(shift: int, rotation: float, zoom: float) -> list[tuple[int, int, float, float]]:
+    """The test-time views before mirroring: the face, then each kind whose knob is not 0."""
+    views = [IDENTITY]
+    if shift:
+        views += [(shift, 0, 0.0, 1.0), (-shift, 0, 0.0, 1.0), (0, shift, 0.0, 1.0), (0, -shift, 0.0, 1.0)]
+    if rotation:
+        views += [(0, 0, rotation, 1.0), (0, 0, -rotation, 1.0)]
+    if zoom:
+        views += [(0, 0, 0.0, 1.0 + zoom), (0, 0, 0.0, 1.0 - zoom)]
+    return views
+
+
+def transformed(images: np.ndarray, dy: int = 0, dx: int = 0, degrees: float = 0.0,
+                scale: float = 1.0) -> np.ndarray:
+    """`images` (N x H x W x C) rotated `degrees` anticlockwise and magnified `scale` times about
+    their centre (bilinear), then moved down `dy` and right `dx` pixels; edge pixels are repeated in.
+    """
+    if degrees or scale != 1.0:
+        height, width = images.shape[1:3]
+        cy, cx = (height - 1) / 2, (width - 1) / 2
+        # keras' transform maps each output pixel (x, y) to the input point it samples.
+        angle = np.deg2rad(degrees)
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        transform = [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0]
+        images = np.asarray(keras.ops.image.affine_transform(
+            images, np.array([transform] * len(images), np.float32), interpolation="bilinear",
+            fill_mode="nearest"))
+    return shifted(images, dy, dx)
 
 
 def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:

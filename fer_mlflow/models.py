@@ -43,6 +43,8 @@ DEFAULT_IMAGE_SIZE = {
 DEFAULT_DROPOUT = {"cnn": 0.0, "cnn_shallow": 0.25, "cnn_deep": 0.25,
                    "resnet50": 0.5, "resnet101": 0.5, "resnet152": 0.5}
 WEIGHT_KEYWORDS = ("auto", "imagenet", "none")
+# The cnn's channels, block by block (see build_cnn).
+CNN_WIDTHS = (20, 40, 80, 160)
 
 # The include_top=False ImageNet files Keras itself fetches (keras/src/applications/resnet.py).
 _IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
@@ -114,37 +116,42 @@ def build_cnn_deep(
 
 
 def build_cnn(
-    width: int = 20,
+    widths: tuple[int, ...] = CNN_WIDTHS,
     dropout: float = DEFAULT_DROPOUT["cnn"],
     head_dropout: float = 0.4,
     image_size: int = 48,
     num_classes: int = NUM_CLASSES,
 ) -> keras.Model:
-    """The project's default: VGG-style, four blocks of two conv3x3-BN-ReLU, widths w, 2w, 4w, 8w.
+    """The project's default: VGG-style, one block of two conv3x3-BN-ReLU per entry of `widths`.
 
     Each block ends in 2x2 max-pooling and `dropout` (0 by default: in its hour-sized budget the
     network underfits, and block dropout 0.2 scored 2.3 points lower on validation data,
-    BENCHMARKS.md). 48 pixels pool down to a 3x3 map, which is flattened rather than averaged
-    because where a feature sits on a face (mouth, brows) matters.
+    BENCHMARKS.md). Four blocks pool 48 pixels down to a 3x3 map, which is flattened rather than
+    averaged because where a feature sits on a face (mouth, brows) matters; the dense head is as
+    wide as the last block.
     BatchNormalization uses momentum 0.9: at Keras' 0.99 the moving statistics of a small dataset
     (the 1.3K-image demo, 21 steps an epoch) lag so far behind that inference predicted one class.
-    Compute grows with width squared. Width 20 (0.69M parameters, the default) trains at 190-290
-    images/s on 2 CPU cores with oneDNN (epochs of FER2013 take 100-130 s), so 26 epochs fit in
-    under an hour; width 16 (0.44M) is about 1.4x faster, width 32 (1.77M) 2.2x slower (BENCHMARKS.md).
+    Compute grows with width squared. The default, 20, 40, 80, 160 (0.69M parameters), trains at
+    about 300-370 images/s on 2 CPU cores with oneDNN, so 26 epochs of FER2013 fit in an hour on a
+    slow day. oneDNN's CPU kernels work in blocks of 16 channels, so multiples of 16 get more from
+    the same time: 16, 32, 128, 256 (1.68M parameters) trains about as fast, and 32, 64, 128, 256 at
+    about half the speed; with a 55-minute budget the former did not score better (BENCHMARKS.md).
     """
+    if not 1 <= len(widths) <= 5 or min(widths) < 1:
+        raise ConfigError(f"widths must be 1 to 5 positive channel counts, one per block, got {widths}")
     inputs, x = _pixels(image_size)
     x = layers.Rescaling(1 / 255)(x)
-    for block, multiple in enumerate((1, 2, 4, 8), start=1):
+    for block, width in enumerate(widths, start=1):
         for conv in (1, 2):
             name = f"block{block}_conv{conv}"
             # No bias: the BatchNormalization that follows has its own offset.
-            x = layers.Conv2D(width * multiple, 3, padding="same", use_bias=False, name=name)(x)
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=name)(x)
             x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
             x = layers.ReLU(name=f"{name}_relu")(x)
         x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
         x = layers.Dropout(dropout, name=f"block{block}_dropout")(x)
     x = layers.Flatten()(x)
-    x = layers.Dense(8 * width, use_bias=False, name="head_dense")(x)
+    x = layers.Dense(widths[-1], use_bias=False, name="head_dense")(x)
     x = layers.BatchNormalization(momentum=0.9, name="head_bn")(x)
     x = layers.ReLU(name="head_relu")(x)
     x = layers.Dropout(head_dropout, name="head_dropout")(x)
@@ -290,13 +297,13 @@ def build_model(
     image_size: int | None = None,
     weights: str | None = "auto",
     num_classes: int = NUM_CLASSES,
-    width: int = 20,
+    widths: tuple[int, ...] = CNN_WIDTHS,
     dropout: float | None = None,
 ) -> keras.Model:
     """The end-to-end model `name` (one of MODEL_NAMES); `image_size` None means its default.
 
     `weights` applies to the ResNets only (see `resolve_weights`); for the CNNs it must be "auto" or
-    "none". `width` applies to `cnn` only; `dropout` None keeps each builder's default.
+    "none". `widths` applies to `cnn` only; `dropout` None keeps each builder's default.
     Use `build_resnet` instead to get the ResNet's parts and the description of its weights.
     """
     if name not in MODEL_NAMES:
@@ -311,6 +318,6 @@ def build_model(
             "so use weights=auto or weights=none"
         )
     if name == "cnn":
-        return build_cnn(width=width, image_size=size, num_classes=num_classes, **options)
+        return build_cnn(widths=widths, image_size=size, num_classes=num_classes, **options)
     builder = build_cnn_shallow if name == "cnn_shallow" else build_cnn_deep
     return builder(image_size=size, num_classes=num_classes, **options)

@@ -82,4 +82,8 @@ def log_params(params: dict) -> None:
 
 
 def _param_text(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):  # as typed on the command line: 16,32,128,256
+        return ",".join(map(str, value))
+    return str(value)

@@ -61,7 +61,7 @@ class TrainConfig:
     fine_tune_epochs: int = 5  # ResNets with pretrained weights: phase 2 epochs (0 skips it)
     fine_tune_layers: int = 30  # ...how many top backbone layers phase 2 unfreezes
     fine_tune_learning_rate: float = 1e-5
-    width: int = 20  # cnn only: channels of the first block (then 2x, 4x, 8x); 20 trains at ~200-290 img/s
+    widths: tuple[int, ...] = models.CNN_WIDTHS  # cnn only: channels of each block (models.build_cnn)
     dropout: float | None = None  # None: models.DEFAULT_DROPOUT[model]
     shift: float = 0.1
     flip: bool = True
@@ -173,7 +173,7 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
         model, described = parts.model, parts.weights
     else:
         parts = None
-        model = models.build_model(config.model, image_size=config.image_size, width=config.width,
+        model = models.build_model(config.model, image_size=config.image_size, widths=config.widths,
                                    dropout=config.dropout,
                                    weights="none" if config.weights == "auto" else config.weights)
         described = "none (trained from scratch)"

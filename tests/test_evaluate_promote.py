@@ -69,26 +69,51 @@ def test_train_and_evaluate_agree_on_the_same_images(trained, tmp_path):
     assert outcome.metrics["test_accuracy"] == pytest.approx(trained.best_val_accuracy, abs=1e-6)
 
 
-def test_tta_with_shift_0_averages_with_the_mirrored_image(trained):
+def test_tta_with_every_kind_off_averages_with_the_mirrored_image(trained):
     test = ds.load(trained.data_uri).split("test")
     plain = evaluate.predict_probabilities(trained.model_uri, test.images, False, 64)
-    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64, tta_shift=0)
+    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64, tta_shift=0,
+                                         tta_rotation=0, tta_zoom=0)
     mirrored = evaluate.predict_probabilities(trained.model_uri, test.images[:, :, ::-1], False, 64)
     assert np.allclose(tta, (plain + mirrored) / 2, atol=1e-6)
 
 
-def test_tta_averages_ten_views_the_face_and_its_mirror_each_shifted_four_ways(trained):
+def _mean_over_views(trained, images, views):
+    def predict(view):
+        return evaluate.predict_probabilities(trained.model_uri, view[..., 0], False, 64)
+
+    return sum(predict(v) + predict(v[:, :, ::-1]) for v in views) / (2 * len(views))
+
+
+def test_tta_averages_ten_views_the_face_rotated_and_zoomed_and_each_mirrored(trained):
     test = ds.load(trained.data_uri).split("test")
     images = test.images.astype(np.float32)[..., None]
-
-    def predict(views):
-        return evaluate.predict_probabilities(trained.model_uri, views[..., 0], False, 64)
-
-    views = [evaluate.shifted(images, dy, dx) for dy, dx in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))]
-    expected = sum(predict(v) + predict(v[:, :, ::-1]) for v in views) / 10
-    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64, tta_shift=2)
-    assert np.allclose(tta, expected, atol=1e-6)
+    r, z = evaluate.TTA_ROTATION, evaluate.TTA_ZOOM
+    views = [images] + [evaluate.transformed(images, degrees=d) for d in (r, -r)]
+    views += [evaluate.transformed(images, scale=s) for s in (1 + z, 1 - z)]
+    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64)  # the defaults
+    assert np.allclose(tta, _mean_over_views(trained, images, views), atol=1e-6)
     assert np.allclose(tta.sum(axis=1), 1.0, atol=1e-5)
+    params = mlflow.get_run(evaluate.run(run_id=trained.run_id, tta=True).run_id).data.params
+    assert (params["tta_views"], params["tta_rotation"], params["tta_zoom"]) == ("10", str(r), str(z))
+
+
+def test_tta_shift_adds_the_face_shifted_four_ways(trained):
+    test = ds.load(trained.data_uri).split("test")
+    images = test.images.astype(np.float32)[..., None]
+    views = [evaluate.shifted(images, dy, dx) for dy, dx in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))]
+    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64, tta_shift=2,
+                                         tta_rotation=0, tta_zoom=0)
+    assert np.allclose(tta, _mean_over_views(trained, images, views), atol=1e-6)
+
+
+def test_transformed_rotates_anticlockwise_and_magnifies_about_the_centre():
+    image = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    assert np.allclose(evaluate.transformed(image, degrees=90)[0, ..., 0], np.rot90(image[0, ..., 0]), atol=1e-4)
+    ramp = np.tile(np.arange(8, dtype=np.float32), (8, 1))[None, ..., None]  # value = column
+    magnified = evaluate.transformed(ramp, scale=2.0)[0, ..., 0]
+    assert np.allclose(magnified[3], 3.5 + (np.arange(8) - 3.5) / 2, atol=1e-4)  # half the slope, same centre
+    assert evaluate.transformed(image) is image
 
 
 def test_shifted_moves_the_face_and_repeats_the_edge_pixels():

@@ -58,5 +58,5 @@ def test_cli_defaults_are_the_stage_defaults():
         assert option.type_cast_value(context, option.default) == field.default, field.name
     signature = inspect.signature(evaluate.run)
     for option in cli.commands["evaluate"].params:
-        if option.name in ("tta", "tta_shift", "batch_size"):
+        if option.name in ("tta", "tta_shift", "tta_rotation", "tta_zoom", "batch_size"):
             assert option.default == signature.parameters[option.name].default, option.name

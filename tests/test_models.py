@@ -85,11 +85,13 @@ def test_cnn_deep_upscales_to_96_inside_the_model(built):
     assert built("cnn_deep").get_layer("resize").output.shape == (None, 96, 96, 1)
 
 
-def test_cnn_width_sets_every_block():
-    model = models.build_cnn(width=16)
-    widths = [model.get_layer(f"block{block}_conv2").filters for block in (1, 2, 3, 4)]
-    assert widths == [16, 32, 64, 128]
-    assert model.count_params() < models.build_cnn(width=32).count_params()
+def test_cnn_widths_set_every_block_and_the_head():
+    model = models.build_cnn(widths=(8, 16, 24))
+    assert [model.get_layer(f"block{block}_conv2").filters for block in (1, 2, 3)] == [8, 16, 24]
+    assert model.get_layer("head_dense").units == 24 and model.get_layer("block3_pool").output.shape[1] == 6
+    assert model.count_params() < models.build_cnn().count_params()
+    with pytest.raises(ConfigError, match="widths"):
+        models.build_cnn(widths=())
 
 
 @pytest.mark.parametrize("name", models.RESNET_NAMES)

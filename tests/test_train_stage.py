@@ -182,6 +182,8 @@ def test_imagenet_offline_is_one_clear_line(tiny_npz, capsys):
     (["--dropout", "1.5"], "--dropout"),
     (["--dropout", "lots"], "--dropout"),
     (["--time-budget", "-1"], "--time-budget"),
+    (["--widths", "16,x"], "--widths"),
+    (["--widths", "16,0"], "--widths"),
 ])
 def test_bad_train_options_are_one_line(args, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
