@@ -133,9 +133,10 @@ def build_cnn(
     (the 1.3K-image demo, 21 steps an epoch) lag so far behind that inference predicted one class.
     Compute grows with width squared. The default, 20, 40, 80, 160 (0.69M parameters), trains at
     about 300-370 images/s on 2 CPU cores with oneDNN, so 26 epochs of FER2013 fit in an hour on a
-    slow day. oneDNN's CPU kernels work in blocks of 16 channels, so multiples of 16 get more from
-    the same time: 16, 32, 128, 256 (1.68M parameters) trains about as fast, and 32, 64, 128, 256 at
-    about half the speed; with a 55-minute budget the former did not score better (BENCHMARKS.md).
+    slow day. oneDNN's AVX-512 kernels lay channels out in blocks of 16, so multiples of 16 get
+    more from the same time: 16, 32, 128, 256 (1.68M parameters) trains about as fast, and
+    32, 64, 128, 256 at about half the speed; with a 55-minute budget the former did not score
+    better (BENCHMARKS.md).
     """
     if not 1 <= len(widths) <= 5 or min(widths) < 1:
         raise ConfigError(f"widths must be 1 to 5 positive channel counts, one per block, got {widths}")
