@@ -49,7 +49,8 @@ class TrainConfig:
     data: str = "demo"
     epochs: int | None = None  # None: DEFAULT_EPOCHS[model]
     batch_size: int = 64
-    learning_rate: float = 1e-3  # AdamW peak rate, after a one-epoch warm-up, then cosine decay
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum 0.9)
+    learning_rate: float = 1e-3  # peak rate, after a one-epoch warm-up, then cosine decay
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1  # FER2013's labels are noisy; soft targets generalise better
     schedule: str = "cosine"  # cosine | constant
@@ -80,7 +81,7 @@ class TrainConfig:
         """The config with its 'auto' values (None) filled in, validated."""
         if self.model not in models.MODEL_NAMES:
             raise ConfigError(f"unknown model {self.model!r}; expected one of {', '.join(models.MODEL_NAMES)}")
-        for name, allowed in (("schedule", ("cosine", "constant")), ("class_weight", ("none", "balanced")),
+        for name, allowed in (("optimizer", ("adamw", "sgd")), ("schedule", ("cosine", "constant")), ("class_weight", ("none", "balanced")),
                               ("strategy", ("default", "mirrored"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)} is not one of {', '.join(allowed)}")
@@ -221,8 +222,8 @@ def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, t
     # accuracy and loss must honour sample weights there.
     replicated = tf.distribute.get_strategy().num_replicas_in_sync > 1
     model.compile(
-        optimizer=optimizer("constant" if minutes else config.schedule, learning_rate, config.weight_decay,
-                            steps, warmup_steps),
+        optimizer=optimizer(config.optimizer, "constant" if minutes else config.schedule, learning_rate,
+                            config.weight_decay, steps, warmup_steps),
         loss=keras.losses.CategoricalCrossentropy(
             label_smoothing=config.label_smoothing,
             reduction="mean_with_sample_weight" if replicated else "sum_over_batch_size"),

@@ -42,8 +42,10 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
             for c in range(num_classes)}
 
 
-def optimizer(schedule: str, learning_rate: float, weight_decay: float, steps: int, warmup_steps: int):
-    """AdamW with a linear warm-up then cosine decay to zero, or a constant rate."""
+def optimizer(name: str, schedule: str, learning_rate: float, weight_decay: float, steps: int, warmup_steps: int):
+    """`adamw`, or `sgd` (Nesterov momentum 0.9), with a linear warm-up then cosine decay to zero, or a
+    constant rate. Keras decouples `weight_decay` from the gradient in both: each step shrinks the
+    weights by learning rate x weight_decay."""
     if schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(
             0.0 if warmup_steps else learning_rate, max(steps - warmup_steps, 1),
@@ -51,6 +53,8 @@ def optimizer(schedule: str, learning_rate: float, weight_decay: float, steps: i
         )
     else:
         rate = learning_rate
+    if name == "sgd":
+        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     return keras.optimizers.AdamW(rate, weight_decay=weight_decay)
 
 
@@ -60,7 +64,7 @@ class TimeBudget(keras.callbacks.Callback):
     With `cosine`, it also sets the learning rate before every step: a linear warm-up over
     `warmup_steps`, then cosine decay driven by whichever runs out first, the time or the
     `total_steps`, so the rate reaches zero as the budget ends on a slow machine and a fast one alike.
-    The optimizer must have been made with a constant rate (`optimizer("constant", ...)`).
+    The optimizer must have been made with a constant rate (`optimizer(name, "constant", ...)`).
     """
 
     def __init__(self, minutes: float, peak: float, total_steps: int, warmup_steps: int, cosine: bool):
