@@ -18,7 +18,7 @@ from fer_mlflow import models, train
 from fer_mlflow.cli import main
 from fer_mlflow.pyfunc_model import predict_pixels
 from fer_mlflow.tracking import log_params
-from fer_mlflow.training import ImageCounter, TimeBudget
+from fer_mlflow.training import ImageCounter, TimeBudget, optimizer
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
@@ -102,6 +102,17 @@ def test_time_budget_schedule_follows_whichever_runs_out_first():
     assert budget.rate() == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.parametrize("name, kind", [("adamw", keras.optimizers.AdamW), ("sgd", keras.optimizers.SGD)])
+def test_optimizers_decay_weights_by_rate_times_weight_decay(name, kind):
+    made = optimizer(name, "constant", 0.1, 0.01, steps=10, warmup_steps=0)
+    assert isinstance(made, kind)
+    if name == "sgd":
+        assert made.nesterov and made.momentum == 0.9
+    weights = keras.Variable(np.ones(3, np.float32))
+    made.apply_gradients([(keras.ops.zeros(3), weights)])  # no gradient: only the decay moves them
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(weights), 1 - 0.1 * 0.01, rtol=1e-6)
+
+
 class _StopAfter(keras.callbacks.Callback):
     def __init__(self, steps: int):
         super().__init__()
@@ -179,6 +190,7 @@ def test_imagenet_offline_is_one_clear_line(tiny_npz, capsys):
     (["--model", "vgg99"], "--model"),
     (["--image-size", "8"], "--image-size"),
     (["--learning-rate", "-1"], "--learning-rate"),
+    (["--optimizer", "adam"], "--optimizer"),
     (["--dropout", "1.5"], "--dropout"),
     (["--dropout", "lots"], "--dropout"),
     (["--time-budget", "-1"], "--time-budget"),
