@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from fer_mlflow.errors import FerError
+from fer_mlflow.errors import ConfigError, FerError, check_widths
 
 DATA_HELP = (
     "'demo', a FER2013 folder or .zip (Kaggle layout), fer2013.csv, "
@@ -45,13 +45,11 @@ class Widths(click.ParamType):
         if isinstance(value, tuple):
             return value
         try:
-            widths = tuple(int(part) for part in str(value).split(","))
+            return check_widths(tuple(int(part) for part in str(value).split(",")))
         except ValueError:
-            widths = ()
-        if not 1 <= len(widths) <= 5 or min(widths) < 1:
-            self.fail(f"{value!r} is not 1 to 5 positive channel counts separated by commas, "
-                      "e.g. 16,32,128,256", param, ctx)
-        return widths
+            self.fail(f"{value!r} is not channel counts separated by commas, e.g. 16,32,128,256", param, ctx)
+        except ConfigError as error:
+            self.fail(str(error), param, ctx)
 
 
 @click.group()

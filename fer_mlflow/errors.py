@@ -11,3 +11,17 @@ class DataError(FerError):
 
 class ConfigError(FerError):
     """A parameter value is invalid or cannot be honoured on this machine."""
+
+
+MAX_CNN_BLOCKS = 5  # 48 pixels pooled 2x2 five times is 1x1
+
+
+def check_widths(widths: tuple[int, ...]) -> tuple[int, ...]:
+    """The cnn's `widths` (one channel count per block) if valid, else a ConfigError.
+
+    Here, free of Keras, so that the command line checks them before it imports a framework.
+    """
+    if not 1 <= len(widths) <= MAX_CNN_BLOCKS or min(widths) < 1:
+        raise ConfigError(f"widths must be 1 to {MAX_CNN_BLOCKS} positive channel counts, one per block, "
+                          f"e.g. 16,32,128,256; got {','.join(map(str, widths)) or 'none'}")
+    return widths

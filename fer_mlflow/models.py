@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from fer_mlflow.errors import ConfigError
+from fer_mlflow.errors import ConfigError, check_widths
 
 INPUT_SHAPE = (48, 48, 1)
 NUM_CLASSES = 7
@@ -138,8 +138,7 @@ def build_cnn(
     32, 64, 128, 256 at about half the speed; with a 55-minute budget the former did not score
     better (BENCHMARKS.md).
     """
-    if not 1 <= len(widths) <= 5 or min(widths) < 1:
-        raise ConfigError(f"widths must be 1 to 5 positive channel counts, one per block, got {widths}")
+    check_widths(widths)
     inputs, x = _pixels(image_size)
     x = layers.Rescaling(1 / 255)(x)
     for block, width in enumerate(widths, start=1):
