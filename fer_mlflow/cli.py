@@ -102,10 +102,13 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 @click.option("--epochs", default="auto", show_default=True, type=Auto(click.IntRange(min=1)),
               help="Epochs (of phase 1 for pretrained ResNets); auto: the model's default.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"]),
-              help="sgd: Nesterov momentum 0.9. Both decay weights by learning rate x weight decay a step.")
-@click.option("--learning-rate", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(min=0))
+@click.option("--optimizer", default="auto", show_default=True, type=Auto(click.Choice(["adamw", "sgd"])),
+              help="sgd: Nesterov momentum 0.9; auto: sgd for cnn, adamw for the others.")
+@click.option("--learning-rate", default="auto", show_default=True,
+              type=Auto(click.FloatRange(min=0, min_open=True)),
+              help="Peak rate; auto: 0.05 for sgd, 0.001 for adamw.")
+@click.option("--weight-decay", default="auto", show_default=True, type=Auto(click.FloatRange(min=0)),
+              help="Each step shrinks the weights by learning rate x this; auto: 0.005 for sgd, 0.0001 for adamw.")
 @click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "constant"]),
               help="cosine: one-epoch warm-up then cosine decay to zero.")

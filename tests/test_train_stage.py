@@ -52,6 +52,7 @@ def test_each_model_trains_through_mlflow_run(model, extra, tiny_npz, tracking):
     # Left at "auto", these are logged as typed and, resolved, under <name>_resolved.
     assert run.data.params["dropout"] == "auto"
     assert float(run.data.params["dropout_resolved"]) == models.DEFAULT_DROPOUT[model]
+    assert run.data.params["optimizer_resolved"] == train.DEFAULT_OPTIMIZER[model]
     if "image_size" not in extra:
         assert run.data.params["image_size_resolved"] == str(models.DEFAULT_IMAGE_SIZE[model])
     assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"train", "val"}
@@ -85,7 +86,7 @@ def test_time_budget_ends_training_and_the_cosine_decay_with_it(tiny_npz):
     rates = [m.value for m in sorted(client.get_metric_history(outcome.run_id, "learning_rate"),
                                      key=lambda m: m.step)]
     assert len(rates) == outcome.epochs_trained
-    assert max(rates) <= config.learning_rate and rates[-1] < 0.1 * max(rates)  # decayed by the budget's end
+    assert max(rates) <= config.resolved().learning_rate and rates[-1] < 0.1 * max(rates)  # decayed by the budget's end
 
 
 def test_time_budget_schedule_follows_whichever_runs_out_first():
@@ -141,6 +142,17 @@ def test_dropout_is_resolved_logged_and_built(dropout, expected, tiny_npz):
     keras_model = mlflow.pyfunc.load_model(outcome.model_uri).unwrap_python_model().keras_model
     rates = [layer.rate for layer in keras_model.layers if isinstance(layer, keras.layers.Dropout)]
     assert rates == [expected]
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"model": "cnn"}, ("sgd", 0.05, 5e-3)),
+    ({"model": "resnet50"}, ("adamw", 1e-3, 1e-4)),
+    ({"model": "cnn", "optimizer": "adamw"}, ("adamw", 1e-3, 1e-4)),
+    ({"model": "cnn", "learning_rate": 0.01, "weight_decay": 0.0}, ("sgd", 0.01, 0.0)),
+])
+def test_optimizer_rate_and_decay_default_by_model_then_optimizer(given, expected):
+    config = train.TrainConfig(**given).resolved()
+    assert (config.optimizer, config.learning_rate, config.weight_decay) == expected
 
 
 def test_auto_parameters_get_their_resolved_value_logged_beside_them(tracking):
