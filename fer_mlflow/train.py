@@ -40,8 +40,8 @@ DEFAULT_EPOCHS = {"cnn": 26, "cnn_shallow": 30, "cnn_deep": 30,
 # ...and with a `time_budget`: the time ends training, this only bounds it.
 MAX_EPOCHS = 1000
 # The optimizer `optimizer=auto` means, and the peak learning rate and weight decay each one gets by
-# default. SGD was 0.6-1.6 points better than AdamW for the cnn on FER2013 (BENCHMARKS.md, run K);
-# the other models keep AdamW, which they were measured with.
+# default. For the cnn on FER2013, SGD scored 0.6-1.5 points above AdamW on validation data in a
+# 55-minute budget (BENCHMARKS.md, runs K and M); the other models keep AdamW, untried with SGD.
 DEFAULT_OPTIMIZER = {"cnn": "sgd", "cnn_shallow": "adamw", "cnn_deep": "adamw",
                      "resnet50": "adamw", "resnet101": "adamw", "resnet152": "adamw"}
 DEFAULT_LEARNING_RATE = {"adamw": 1e-3, "sgd": 0.05}
