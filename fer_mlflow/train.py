@@ -57,7 +57,7 @@ class TrainConfig:
     epochs: int | None = None  # None: DEFAULT_EPOCHS[model]
     batch_size: int = 64
     optimizer: str | None = None  # adamw | sgd (Nesterov momentum 0.9); None: DEFAULT_OPTIMIZER[model]
-    learning_rate: float | None = None  # peak, after a one-epoch warm-up, then cosine decay; None: by optimizer
+    learning_rate: float | None = None  # peak, after a 1-epoch warm-up; None: DEFAULT_LEARNING_RATE[optimizer]
     weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY[optimizer]
     label_smoothing: float = 0.1  # FER2013's labels are noisy; soft targets generalise better
     schedule: str = "cosine"  # cosine | constant

@@ -43,9 +43,12 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 
 
 def optimizer(name: str, schedule: str, learning_rate: float, weight_decay: float, steps: int, warmup_steps: int):
-    """`adamw`, or `sgd` (Nesterov momentum 0.9), with a linear warm-up then cosine decay to zero, or a
-    constant rate. Keras decouples `weight_decay` from the gradient in both: each step shrinks the
-    weights by learning rate x weight_decay."""
+    """The optimizer `name` ("adamw", or "sgd": Nesterov momentum 0.9) for `learning_rate`.
+
+    With `schedule` "cosine" the rate warms up linearly over `warmup_steps`, then decays to zero by
+    `steps`; else it stays constant. Keras decouples `weight_decay` from the gradient in both
+    optimizers: each step shrinks the weights by learning rate x weight_decay.
+    """
     if schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(
             0.0 if warmup_steps else learning_rate, max(steps - warmup_steps, 1),
