@@ -12,6 +12,7 @@ import sys
 import click
 
 from fer_mlflow.errors import ConfigError, FerError, check_widths
+from fer_mlflow.views import BATCH_SIZE, TTA_ROTATION, TTA_SHIFT, TTA_ZOOM
 
 DATA_HELP = (
     "'demo', a FER2013 folder or .zip (Kaggle layout), fer2013.csv, "
@@ -153,39 +154,47 @@ def train(**options) -> None:
 @click.option("--run-id", default="", help="A training run whose model to evaluate.")
 @click.option("--model-uri", default="", help="Or any model URI, e.g. models:/fer-emotion@champion.")
 @click.option("--data", default="", help="Test data (" + DATA_HELP + "); empty: the training run's data.")
-@click.option("--tta", default=False, show_default=True, type=bool,
-              help="Average each prediction over views of the face, each also mirrored.")
-@click.option("--tta-rotation", default=10.0, show_default=True, type=click.FloatRange(0, 45),
-              help="Views rotated this many degrees either way; 0: none.")
-@click.option("--tta-zoom", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
-              help="Views zoomed in and out by this fraction; 0: none.")
-@click.option("--tta-shift", default=0, show_default=True, type=click.IntRange(0, 12),
-              help="Views shifted this many pixels up, down, left and right; 0: none.")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
-def evaluate(run_id, model_uri, data, tta, tta_rotation, tta_zoom, tta_shift, batch_size) -> None:
-    """Evaluate a trained model on test data and log metrics, confusion matrices and predictions."""
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]),
+              help="Which split of DATA to score; metrics are named <split>_accuracy, ...")
+@click.option("--tta", default="auto", show_default=True, type=Auto(click.BOOL),
+              help="Average each prediction over views of the face, each also mirrored; auto: as the model serves.")
+@click.option("--tta-rotation", default="auto", show_default=True, type=Auto(click.FloatRange(0, 45)),
+              help=f"Views rotated this many degrees either way; 0: none; auto: the model's own ({TTA_ROTATION:g}).")
+@click.option("--tta-zoom", default="auto", show_default=True, type=Auto(click.FloatRange(0, 0.5)),
+              help=f"Views zoomed in and out by this fraction; 0: none; auto: the model's own ({TTA_ZOOM:g}).")
+@click.option("--tta-shift", default="auto", show_default=True, type=Auto(click.IntRange(0, 12)),
+              help=f"Views shifted this many pixels up, down, left and right; 0: none; auto: the model's own ({TTA_SHIFT}).")
+@click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
+              help="Images per predict call: memory, not the answer.")
+def evaluate(run_id, model_uri, data, split, tta, tta_rotation, tta_zoom, tta_shift, batch_size) -> None:
+    """Evaluate a model as it serves on test (or val) data; log metrics, confusion matrices and predictions."""
     from fer_mlflow import evaluate as stage
 
     outcome = stage.run(run_id or None, model_uri or None, data or None, tta, batch_size, tta_shift,
-                        tta_rotation, tta_zoom)
+                        tta_rotation, tta_zoom, split=split)
     click.echo(" ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items()))
-    click.echo(f"evaluation run: {outcome.run_id}")
+    click.echo(f"evaluation run: {outcome.run_id} (predicting {outcome.settings.describe()})")
 
 
 @cli.command()
-@click.option("--registered-model-name", default="fer-emotion", show_default=True)
-@click.option("--metric", default="test_accuracy", show_default=True,
-              help="Evaluation metric to rank by, higher is better (e.g. test_f1_macro).")
-@click.option("--test-digest", default="", help="Compare evaluations on this test data; empty: the newest's.")
+@click.option("--registered-model-name", default="auto", show_default=True,
+              help="auto: fer-emotion-demo for models trained or scored on the demo data, else fer-emotion.")
+@click.option("--metric", default="auto", show_default=True,
+              help="Evaluation metric to rank by, higher is better (e.g. test_f1_macro); auto: <split>_accuracy.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]),
+              help="Rank evaluations on this split (val: choose on validation data, report test).")
+@click.option("--test-digest", default="", help="Compare evaluations on this data; empty: the newest's.")
 @click.option("--rollback", default=False, show_default=True, type=bool,
-              help="Give the champion alias back to the version that held it before.")
-def promote(registered_model_name, metric, test_digest, rollback) -> None:
+              help="Give the champion alias back to the version that held it before; tag the other rejected.")
+@click.option("--include-rejected", default=False, show_default=True, type=bool,
+              help="Consider versions a rollback rejected.")
+def promote(registered_model_name, metric, split, test_digest, rollback, include_rejected) -> None:
     """Register the best evaluated model and make it the champion if it beats the current one."""
     from fer_mlflow import promote as stage
 
-    outcome = stage.run(registered_model_name, metric, test_digest, rollback)
+    outcome = stage.run(registered_model_name, metric, test_digest, rollback, split, include_rejected)
     click.echo(outcome.message)
-    click.echo(f"models:/{registered_model_name}@champion is version {outcome.champion_version}")
+    click.echo(f"models:/{outcome.registered_model_name}@champion is version {outcome.champion_version}")
 
 
 @cli.command("main")
@@ -196,8 +205,9 @@ def promote(registered_model_name, metric, test_digest, rollback) -> None:
 @click.option("--image-size", default="48", show_default=True, type=Auto(click.IntRange(min=32)),
               help="Input size for every model; 48 keeps the demo pipeline to minutes ('auto': each model's own).")
 @click.option("--weights", default="auto", show_default=True, help="ResNet weights, as for train.")
-@click.option("--registered-model-name", default="fer-emotion", show_default=True)
-@click.option("--metric", default="test_accuracy", show_default=True)
+@click.option("--registered-model-name", default="auto", show_default=True,
+              help="auto: fer-emotion-demo for the demo data, else fer-emotion.")
+@click.option("--metric", default="auto", show_default=True, help="Promote's metric; auto: test_accuracy.")
 def pipeline(data, models, epochs, image_size, weights, registered_model_name, metric) -> None:
     """The whole pipeline: clean, train each model, evaluate each, promote the best."""
     from fer_mlflow import pipeline_run

@@ -1,14 +1,21 @@
-"""The `evaluate` stage: score a trained model on test data and log the numbers that matter.
+"""The `evaluate` stage: score a model as it is served on one split of data, and log the numbers.
 
-The evaluation is its own run, nested under the training run in the UI (tag ``mlflow.parentRunId``)
-and tagged ``fer.stage=evaluate``, ``fer.model_uri``, ``fer.source_run`` and ``fer.test_digest``, so a
-model can be evaluated on several test sets and `promote` compares like with like.
+What is scored is what is served: the model is loaded with `mlflow.pyfunc.load_model` and its own
+`predict` gives the probabilities, called with no params. Its predict settings (test-time views,
+`views.Settings`) are the model's own unless `tta*` says otherwise; then the model is logged again
+under this run as ``served_model``, with those settings as its defaults, and that copy is scored and
+is what `promote` registers. An evaluation records what it scored with: tags ``fer.settings`` (a
+canonical text), ``fer.split``, ``fer.test_digest``, ``fer.served_model_uri``, ``fer.source_run``.
 
-Logged: ``test_accuracy``; ``test_precision|recall|f1_macro`` and ``_weighted``; per class, a table
-``per_class_metrics.csv`` (precision, recall, F1, support); the confusion matrix as counts and
-row-normalised (``confusion_matrix.json``, ``figures/confusion_matrix*.png``); ``predictions.csv``
-(id, true, predicted, one probability per class); ``figures/confident_mistakes.png``; the test data as
-a run input with its digest.
+The evaluation is its own run, nested under the training run in the UI (tag ``mlflow.parentRunId``),
+or under the run that started it (`promote` evaluating a champion), and tagged ``fer.stage=evaluate``.
+
+Logged, with ``<split>`` = ``test`` or ``val``: ``<split>_accuracy``;
+``<split>_precision|recall|f1_macro`` and ``_weighted``; per class, a table ``per_class_metrics.csv``
+(precision, recall, F1, support); the confusion matrix as counts and row-normalised
+(``confusion_matrix.json``, ``figures/confusion_matrix*.png``); ``predictions.csv`` (id, true,
+predicted, one probability per class); ``figures/confident_mistakes.png``; the data as a run input
+with its digest.
 """
 
 from __future__ import annotations
@@ -17,26 +24,25 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from fer_mlflow import figures
+from fer_mlflow import figures, pyfunc_model
 from fer_mlflow.dataset import Dataset
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.sources import read_source
-from fer_mlflow.tracking import log_params, log_split_inputs, source_label, stage_run
+from fer_mlflow.tracking import (
+    DEMO_TAG, is_demo, log_params, log_split_inputs, project_experiment, source_label, stage_run,
+)
+from fer_mlflow.views import BATCH_SIZE, Settings
 
-# The extra test-time views, each also mirrored (chosen on validation data: BENCHMARKS.md): the face
-# rotated TTA_ROTATION degrees either way, zoomed TTA_ZOOM in and out, and shifted TTA_SHIFT pixels
-# up, down, left and right; 0 turns a kind off.
-TTA_ROTATION = 10.0
-TTA_ZOOM = 0.1
-TTA_SHIFT = 0
+EVALUATED_SPLITS = ("test", "val")
+TRAINED_ON_DEMO_TAG = "fer.trained_on_demo"
 
 
 @dataclass
@@ -46,45 +52,102 @@ class EvaluateOutcome:
     run_id: str
     metrics: dict[str, float]
     test_digest: str
+    settings: Settings
+    served_model_uri: str
+
+
+@dataclass
+class _Target:
+    """What is evaluated: the model, the training run behind it, and its registered version."""
+
+    model_uri: str
+    source_run: str | None
+    data: str
+    version: str | None  # "<name>/<version>" when the URI names a registered version
 
 
 def run(run_id: str | None = None, model_uri: str | None = None, data: str | None = None,
-        tta: bool = False, batch_size: int = 256, tta_shift: int = TTA_SHIFT,
-        tta_rotation: float = TTA_ROTATION, tta_zoom: float = TTA_ZOOM) -> EvaluateOutcome:
-    """Evaluate the model of training run `run_id` (or `model_uri`) on the test split of `data`.
+        tta: bool | None = None, batch_size: int = BATCH_SIZE, tta_shift: int | None = None,
+        tta_rotation: float | None = None, tta_zoom: float | None = None, split: str = "test",
+        nested: bool = False) -> EvaluateOutcome:
+    """Evaluate the model of training run `run_id` (or `model_uri`) on the `split` of `data`.
 
-    `data` defaults to the data the training run used; any source `clean` reads works.
+    `data` defaults to the data the training run used; any source `clean` reads works. The `tta*`
+    settings default (None) to the model's own. `nested` makes it a child of the active run.
     """
-    model_uri, source_run, data = _resolve(run_id, model_uri, data)
-    test = _test_split(data)
-    label = source_label(data)
-    tags = {"fer.model_uri": model_uri, "fer.data": label, "fer.test_digest": test.digest()}
-    if source_run:
-        tags.update({"fer.source_run": source_run, "mlflow.parentRunId": source_run})
-        source = mlflow.get_run(source_run)
-        for key in ("fer.model", "fer.model_family"):
-            if key in source.data.tags:
-                tags[key] = source.data.tags[key]
-    name = f"evaluate-{tags.get('fer.model', 'model')}-{label}"
-    with stage_run("evaluate", name, tags) as active:
-        views = tta_views(tta_shift, tta_rotation, tta_zoom) if tta else [IDENTITY]
-        log_params({"run_id": run_id or "", "model_uri": model_uri, "data": data, "tta": tta,
-                    "tta_shift": tta_shift, "tta_rotation": tta_rotation, "tta_zoom": tta_zoom,
-                    "tta_views": 2 * len(views) if tta else 1, "test_images": len(test)})
-        log_split_inputs(test, data, label, splits=("test",))
-        probabilities = predict_probabilities(model_uri, test.images, tta, batch_size, tta_shift,
-                                              tta_rotation, tta_zoom)
-        metrics = _log_results(test, probabilities)
-        outcome = EvaluateOutcome(active.info.run_id, metrics, test.digest())
+    if split not in EVALUATED_SPLITS:
+        raise ConfigError(f"split={split} is not one of {', '.join(EVALUATED_SPLITS)}")
+    target = _resolve(run_id, model_uri, data)
+    part = _split(target.data, split)
+    model = mlflow.pyfunc.load_model(target.model_uri)
+    own = pyfunc_model.settings_of(model)
+    settings = Settings.from_mapping({"tta": tta, "tta_shift": tta_shift, "tta_rotation": tta_rotation,
+                                      "tta_zoom": tta_zoom}, base=own)
+    label = source_label(target.data)
+    tags = {"fer.model_uri": target.model_uri, "fer.data": label, "fer.test_digest": part.digest(),
+            "fer.split": split, "fer.settings": settings.key, DEMO_TAG: str(is_demo(target.data)).lower()}
+    experiment = project_experiment(target.data)
+    if target.version:
+        tags["fer.model_version"] = target.version
+    if target.source_run:
+        tags["fer.source_run"] = target.source_run
+        source = mlflow.get_run(target.source_run)
+        experiment = MlflowClient().get_experiment(source.info.experiment_id).name
+        if not nested:
+            tags["mlflow.parentRunId"] = target.source_run
+        copied = {"fer.model": "fer.model", "fer.model_family": "fer.model_family",
+                  "fer.data_digest": "fer.train_data_digest", "fer.data": "fer.train_data",
+                  DEMO_TAG: TRAINED_ON_DEMO_TAG}
+        tags.update({ours: source.data.tags[theirs] for theirs, ours in copied.items() if theirs in source.data.tags})
+    name = f"evaluate {tags.get('fer.model', 'model')}-{label} {split} {settings.describe()}"
+    with stage_run("evaluate", name, tags, nested=nested, experiment=experiment) as active:
+        log_params({"run_id": run_id or "", "model_uri": target.model_uri, "data": target.data,
+                    "split": split, "tta": settings.tta, "tta_shift": settings.tta_shift,
+                    "tta_rotation": settings.tta_rotation, "tta_zoom": settings.tta_zoom,
+                    "tta_views": settings.view_count, "images": len(part)})
+        log_split_inputs(part, target.data, label, splits=(split,))
+        served_uri = target.model_uri
+        if settings != own:
+            served_uri = pyfunc_model.log_model(
+                model.unwrap_python_model().keras_model, name="served_model",
+                class_names=model.unwrap_python_model().class_names, example_image=part.images[0],
+                settings=settings).model_uri
+            model = mlflow.pyfunc.load_model(served_uri)
+        mlflow.set_tag("fer.served_model_uri", served_uri)
+        probabilities = _probabilities(model, part.images, batch_size)
+        metrics = _log_results(part, probabilities, split)
+        outcome = EvaluateOutcome(active.info.run_id, metrics, part.digest(), settings, served_uri)
     return outcome
 
 
-def _resolve(run_id, model_uri, data) -> tuple[str, str | None, str]:
+def _probabilities(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The served model's probabilities (N x classes), from its own `predict` and settings."""
+    params = None if batch_size == BATCH_SIZE else {"batch_size": batch_size}
+    frame = model.predict(images, params=params)
+    return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+
+
+def predict_probabilities(model_uri: str, images: np.ndarray, settings: Settings | None = None,
+                          batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """Class probabilities (N x classes) of the logged model at `model_uri`, predicting with
+    `settings` (None: the model's own), exactly as the served model does."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    params = {"batch_size": batch_size}
+    if settings is not None:
+        params.update(tta=settings.tta, tta_shift=settings.tta_shift, tta_rotation=settings.tta_rotation,
+                      tta_zoom=settings.tta_zoom)
+    frame = model.predict(images, params=params)
+    return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+
+
+def _resolve(run_id, model_uri, data) -> _Target:
     if bool(run_id) == bool(model_uri):
         raise ConfigError("give exactly one of run_id (a training run) and model_uri")
-    source_run = run_id
+    source_run, version = run_id, None
     if model_uri and model_uri.startswith("runs:/"):
         source_run = model_uri.split("/")[1]
+    if model_uri and model_uri.startswith("models:/"):
+        source_run, version = _registered(model_uri)
     if run_id:
         model_uri = f"runs:/{run_id}/model"
     training = None
@@ -98,100 +161,57 @@ def _resolve(run_id, model_uri, data) -> tuple[str, str | None, str]:
         data = training.data.params.get("data_uri") if training else None
         if not data:
             raise ConfigError("no data given and the model's training data is unknown; pass -P data=...")
-    return model_uri, source_run, data
+    return _Target(model_uri, source_run, data, version)
 
 
-def _test_split(data: str) -> Dataset:
+def _registered(model_uri: str) -> tuple[str | None, str | None]:
+    """The training run and "<name>/<version>" of a ``models:/<name>/<version|@alias>`` URI; a
+    logged model's own URI (``models:/m-...``) names no version: its run, if any."""
+    client = MlflowClient()
+    path = model_uri[len("models:/"):]
+    try:
+        if "@" in path:
+            name, alias = path.split("@", 1)
+            found = client.get_model_version_by_alias(name, alias)
+        elif "/" in path:
+            name, number = path.split("/", 1)
+            found = client.get_model_version(name, number)
+        else:
+            return client.get_logged_model(path).source_run_id, None
+    except MlflowException as error:
+        raise ConfigError(f"model {model_uri} not found in {mlflow.get_registry_uri()}; "
+                          "check the name and version (or alias)") from error
+    return found.tags.get("source_run") or found.run_id, f"{found.name}/{found.version}"
+
+
+def _split(data: str, split: str) -> Dataset:
     dataset, _ = read_source(data)
-    test = dataset.split("test")
-    if len(test) == 0:
-        raise DataError(f"data {data} has no test split; pass a source with test/<class>/ folders, "
-                        "a folder of <class>/ folders, or a fer2013.csv with PrivateTest rows")
-    return test
+    part = dataset.split(split)
+    if len(part) == 0:
+        raise DataError(f"data {data} has no {split} split; pass a source with test/<class>/ folders, "
+                        "a folder of <class>/ folders, or a fer2013.csv with PrivateTest rows"
+                        if split == "test" else
+                        f"data {data} has no {split} split; evaluate on a clean run's dataset "
+                        "(the default: the training run's data) or -P split=test")
+    return part
 
 
-def predict_probabilities(model_uri: str, images: np.ndarray, tta: bool, batch_size: int,
-                          tta_shift: int = TTA_SHIFT, tta_rotation: float = TTA_ROTATION,
-                          tta_zoom: float = TTA_ZOOM) -> np.ndarray:
-    """Class probabilities (N x classes) of the logged model.
-
-    With `tta`, the mean over views of each face (`tta_views`), each view also mirrored: with the
-    defaults, the face rotated 10 degrees either way and zoomed 10% in and out, 10 views in all;
-    with every knob at 0, the face and its mirror alone.
-    """
-    model = mlflow.pyfunc.load_model(model_uri)
-    keras_model = model.unwrap_python_model().keras_model
-    inputs = images.astype(np.float32)[..., None]
-    if not tta:
-        return keras_model.predict(inputs, batch_size=batch_size, verbose=0)
-    views = tta_views(tta_shift, tta_rotation, tta_zoom)
-    total = 0.0
-    for view in views:
-        moved = transformed(inputs, *view)
-        for flipped in (moved, moved[:, :, ::-1]):
-            total = total + keras_model.predict(flipped, batch_size=batch_size, verbose=0)
-    return total / (2 * len(views))
-
-
-# A view: (pixels down, pixels right, degrees anticlockwise, magnification).
-IDENTITY = (0, 0, 0.0, 1.0)
-
-
-def tta_views(shift: int, rotation: float, zoom: float) -> list[tuple[int, int, float, float]]:
-    """The test-time views before mirroring: the face, then each kind whose knob is not 0."""
-    views = [IDENTITY]
-    if shift:
-        views += [(shift, 0, 0.0, 1.0), (-shift, 0, 0.0, 1.0), (0, shift, 0.0, 1.0), (0, -shift, 0.0, 1.0)]
-    if rotation:
-        views += [(0, 0, rotation, 1.0), (0, 0, -rotation, 1.0)]
-    if zoom:
-        views += [(0, 0, 0.0, 1.0 + zoom), (0, 0, 0.0, 1.0 - zoom)]
-    return views
-
-
-def transformed(images: np.ndarray, dy: int = 0, dx: int = 0, degrees: float = 0.0,
-                scale: float = 1.0) -> np.ndarray:
-    """`images` (N x H x W x C) rotated `degrees` anticlockwise and magnified `scale` times about
-    their centre (bilinear), then moved down `dy` and right `dx` pixels; edge pixels are repeated in.
-    """
-    if degrees or scale != 1.0:
-        height, width = images.shape[1:3]
-        cy, cx = (height - 1) / 2, (width - 1) / 2
-        # keras' transform maps each output pixel (x, y) to the input point it samples.
-        angle = np.deg2rad(degrees)
-        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
-        transform = [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0]
-        images = np.asarray(keras.ops.image.affine_transform(
-            images, np.array([transform] * len(images), np.float32), interpolation="bilinear",
-            fill_mode="nearest"))
-    return shifted(images, dy, dx)
-
-
-def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """`images` (N x H x W x C) moved down `dy` and right `dx` pixels, the edge rows repeated in."""
-    pad = max(abs(dy), abs(dx))
-    if not pad:
-        return images
-    height, width = images.shape[1:3]
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-    return padded[:, pad - dy:pad - dy + height, pad - dx:pad - dx + width]
-
-
-def scores(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Accuracy and macro / weighted precision, recall and F1 (sklearn, zero_division=0)."""
-    result = {"test_accuracy": float(np.mean(labels == predicted))}
+def scores(labels: np.ndarray, predicted: np.ndarray, num_classes: int, split: str = "test") -> dict[str, float]:
+    """Accuracy and macro / weighted precision, recall and F1 (sklearn, zero_division=0), named
+    ``<split>_accuracy``, ``<split>_f1_macro``, ..."""
+    result = {f"{split}_accuracy": float(np.mean(labels == predicted))}
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(labels, predicted, labels=range(num_classes),
                                                      average=average, zero_division=0)
-        result.update({f"test_precision_{average}": p, f"test_recall_{average}": r,
-                       f"test_f1_{average}": f})
+        result.update({f"{split}_precision_{average}": p, f"{split}_recall_{average}": r,
+                       f"{split}_f1_{average}": f})
     return {k: float(v) for k, v in result.items()}
 
 
-def _log_results(test: Dataset, probabilities: np.ndarray) -> dict[str, float]:
+def _log_results(test: Dataset, probabilities: np.ndarray, split: str) -> dict[str, float]:
     classes = list(test.class_names)
     predicted = probabilities.argmax(axis=1)
-    metrics = scores(test.labels, predicted, len(classes))
+    metrics = scores(test.labels, predicted, len(classes), split)
     mlflow.log_metrics(metrics)
 
     p, r, f, support = precision_recall_fscore_support(test.labels, predicted, labels=range(len(classes)),

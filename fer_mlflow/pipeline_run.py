@@ -14,19 +14,20 @@ from mlflow import MlflowClient
 from mlflow.exceptions import ExecutionException, MlflowException
 
 from fer_mlflow.errors import FerError
-from fer_mlflow.tracking import log_params, source_label, stage_run
+from fer_mlflow.tracking import log_params, project_experiment, source_label, stage_run
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", image_size: str = "48",
-        weights: str = "auto", registered_model_name: str = "fer-emotion",
-        metric: str = "test_accuracy") -> str:
-    """Run the whole pipeline; returns the champion's model URI."""
+        weights: str = "auto", registered_model_name: str = "auto",
+        metric: str = "auto") -> str:
+    """Run the whole pipeline; returns the champion's model URI (``fer-emotion-demo`` for the demo
+    data unless `registered_model_name` says otherwise: `promote.run`)."""
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
         raise FerError("models is empty; name one or more of cnn, cnn_shallow, cnn_deep, resnet50, ...")
-    with stage_run("main", f"pipeline-{source_label(data)}") as parent:
+    with stage_run("main", f"pipeline-{source_label(data)}", experiment=project_experiment(data)) as parent:
         log_params({"data": data, "models": models, "epochs": epochs, "image_size": image_size,
                     "weights": weights, "registered_model_name": registered_model_name, "metric": metric})
         step = _Steps(parent.info.run_id, parent.info.experiment_id)
@@ -36,8 +37,9 @@ def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", ima
             trained = step("train", {"model": name, "data": dataset_uri, "epochs": epochs,
                                      "image_size": image_size, "weights": weights})
             step("evaluate", {"run_id": trained})
-        step("promote", {"registered_model_name": registered_model_name, "metric": metric})
-        uri = f"models:/{registered_model_name}@champion"
+        promoted = step("promote", {"registered_model_name": registered_model_name, "metric": metric})
+        name = step.client.get_run(promoted).data.tags["fer.registered_model"]
+        uri = f"models:/{name}@champion"
         mlflow.set_tag("fer.champion_uri", uri)
     return uri
 

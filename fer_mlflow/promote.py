@@ -1,144 +1,347 @@
 """The `promote` stage: register the best evaluated model and move the `champion` alias to it.
 
-Among the evaluation runs of the current experiment on one test set (one ``fer.test_digest``: by
-default that of the newest evaluation), the best by `metric` (higher is better) is registered, once
-per source run, and compared with the current champion's score on the same test digest. The
-``champion`` alias moves only when the candidate is strictly better; the model it leaves keeps the
-alias ``previous``, so `rollback` (or one ``set_registered_model_alias`` call) restores it. Registry
-writes happen only after every check has passed, so a failed promote leaves the registry as it was.
+The rules:
+1. Candidates are this experiment's finished evaluations on one `split` (default test) of one data
+   set (one ``fer.test_digest``: the newest evaluation's, or `test_digest`), ranked by `metric`
+   (default ``<split>_accuracy``, higher is better). A candidate is a model *as served*: its training
+   run and its predict settings (``fer.settings``: test-time views on or off), so a ten-view score
+   only ever stands for a model that serves with ten views by default.
+2. The champion is compared on the same data, split and metric, as it serves. When it has no such
+   score, in any experiment (evaluations are found by model version, not by experiment), promote
+   evaluates it first in a nested evaluate run.
+3. The alias moves only to a strictly better model; the version it leaves gets ``previous``. Each
+   served model is registered once (a concurrent duplicate is deleted again), tagged and described
+   with its metric, value, data, settings, source run and training data.
+4. `rollback` gives ``champion`` back to ``previous`` and tags the version it leaves rejected (who
+   and when); promote skips rejected versions unless `include_rejected`.
+5. Registry writes are checked, not assumed: after writing, promote re-reads the aliases and the
+   scores of every version on this data, and writes again until the champion is the best of them
+   and ``previous`` is another version. So two promotes at once end in the same right state.
+
+`registered_model_name` "auto" is ``fer-emotion-demo`` for a model trained or scored on the built-in
+demo data, ``fer-emotion`` otherwise, so the demo never replaces a model trained on real data.
+Nothing is written to the registry before every check has passed.
 """
 
 from __future__ import annotations
 
+import getpass
 import logging
+import random
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.tracking import log_params, stage_run
+from fer_mlflow.evaluate import EVALUATED_SPLITS, TRAINED_ON_DEMO_TAG
+from fer_mlflow.tracking import (
+    DATA_EXPERIMENT, DATA_MODEL, DEMO_EXPERIMENT, DEMO_MODEL, DEMO_TAG, log_params, stage_run,
+)
+from fer_mlflow.views import Settings
 
 log = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS = "champion", "previous"
+AUTO = "auto"
+PLAIN = Settings().key  # what versions registered before settings were recorded serve with
+WRITE_ATTEMPTS = 8  # rounds of write-and-check before promote gives up
 
 
 @dataclass
 class PromoteOutcome:
-    """What promote decided: the champion version now, and whether it changed."""
+    """What promote decided: the registered model, its champion version now, and whether it changed."""
 
     run_id: str
     champion_version: str
     changed: bool
     message: str
+    registered_model_name: str
 
 
-def run(registered_model_name: str = "fer-emotion", metric: str = "test_accuracy",
-        test_digest: str = "", rollback: bool = False) -> PromoteOutcome:
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluation: a model as served (training run + settings) and its score."""
+
+    evaluation: Run
+    score: float
+
+    @property
+    def key(self) -> tuple[str, str]:
+        tags = self.evaluation.data.tags
+        return tags["fer.source_run"], tags["fer.settings"]
+
+    @property
+    def demo(self) -> bool:
+        tags = self.evaluation.data.tags
+        return tags.get(DEMO_TAG) == "true" or tags.get(TRAINED_ON_DEMO_TAG) == "true"
+
+
+def run(registered_model_name: str = AUTO, metric: str = AUTO, test_digest: str = "",
+        rollback: bool = False, split: str = "test", include_rejected: bool = False) -> PromoteOutcome:
     """Promote the best evaluated model of this experiment (see the module docstring)."""
+    if split not in EVALUATED_SPLITS:
+        raise ConfigError(f"split={split} is not one of {', '.join(EVALUATED_SPLITS)}")
+    metric = f"{split}_accuracy" if metric in ("", AUTO) else metric
+    if not metric.startswith(f"{split}_"):
+        raise ConfigError(f"metric {metric} is not one of the {split} split's; "
+                          f"use {split}_accuracy, {split}_f1_macro, ... or -P split=...")
+    name = "" if registered_model_name in ("", AUTO) else registered_model_name
     client = MlflowClient()
-    with stage_run("promote", f"promote-{registered_model_name}", {"fer.registered_model": registered_model_name}) as active:
-        log_params({"registered_model_name": registered_model_name, "metric": metric,
-                    "test_digest": test_digest, "rollback": rollback})
+    experiment = DEMO_EXPERIMENT if name == DEMO_MODEL else DATA_EXPERIMENT
+    with stage_run("promote", f"promote {name or 'fer-emotion(-demo)'} by {metric}", experiment=experiment) as active:
+        log_params({"registered_model_name": registered_model_name, "metric": metric, "split": split,
+                    "test_digest": test_digest, "rollback": rollback, "include_rejected": include_rejected})
         if rollback:
-            version, message = _rollback(client, registered_model_name)
+            if not name:
+                demo = client.get_experiment(active.info.experiment_id).name == DEMO_EXPERIMENT
+                name = DEMO_MODEL if demo else DATA_MODEL
+            version, message = _rollback(client, name, active)
             changed = True
         else:
-            version, changed, message = _promote(client, active.info.experiment_id,
-                                                 registered_model_name, metric, test_digest)
-        mlflow.set_tags({"fer.champion_version": version, "fer.champion_changed": str(changed).lower()})
+            best, pool_digest = _best_candidate(client, active.info.experiment_id, name, metric, split,
+                                                test_digest, include_rejected)
+            name = name or (DEMO_MODEL if best.demo else DATA_MODEL)
+            decision = _Decision(client, name, best, metric, split, pool_digest, include_rejected)
+            version, changed, message = decision.make()
+        mlflow.set_tags({"fer.registered_model": name, "fer.champion_version": version,
+                         "fer.champion_changed": str(changed).lower()})
         log.info(message)
-        return PromoteOutcome(active.info.run_id, version, changed, message)
+        return PromoteOutcome(active.info.run_id, version, changed, message, name)
 
 
-def _promote(client, experiment_id, name, metric, test_digest) -> tuple[str, bool, str]:
+def _best_candidate(client, experiment_id, name, metric, split, test_digest, include_rejected):
+    """The best non-rejected candidate of the experiment's evaluations, and the test digest."""
     evaluations = client.search_runs(
         [experiment_id], "tags.`fer.stage` = 'evaluate' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=5000,
     )
-    evaluations = [r for r in evaluations if metric in r.data.metrics and "fer.source_run" in r.data.tags]
+    evaluations = [r for r in evaluations if metric in r.data.metrics and "fer.source_run" in r.data.tags
+                   and "fer.settings" in r.data.tags and r.data.tags.get("fer.split", "test") == split]
     if not evaluations:
-        raise ConfigError(f"no finished evaluation with metric {metric} in this experiment; "
-                          "run the evaluate entry point first (or check -P metric=...)")
+        raise ConfigError(f"no finished evaluation with metric {metric} on the {split} split in this "
+                          f"experiment; run the evaluate entry point first (-P split={split}), "
+                          "or check -P metric=...")
     digest = test_digest or evaluations[0].data.tags["fer.test_digest"]
-    same_data = [r for r in evaluations if r.data.tags.get("fer.test_digest") == digest]
-    if not same_data:
-        raise ConfigError(f"no evaluation on test data with digest {digest}; "
+    pool = [Candidate(r, r.data.metrics[metric]) for r in evaluations if r.data.tags["fer.test_digest"] == digest]
+    if not pool:
+        raise ConfigError(f"no evaluation on {split} data with digest {digest}; "
                           "leave -P test_digest empty to use the newest evaluation's")
-    best = max(same_data, key=lambda r: r.data.metrics[metric])
-    score = best.data.metrics[metric]
-    champion = _alias_version(client, name, CHAMPION)
-    champion_score = _score_on(client, experiment_id, champion, metric, digest) if champion else None
-    candidate = _find_version(client, name, best.data.tags["fer.source_run"])
-
-    if champion and candidate and champion.version == candidate.version:
-        return champion.version, False, f"{name} v{champion.version} is already champion ({metric}={score:.4f})"
-    if champion_score is not None and score <= champion_score:
-        return champion.version, False, (
-            f"kept champion {name} v{champion.version} ({metric}={champion_score:.4f}); "
-            f"best candidate scores {score:.4f} on test data {digest}")
-    if candidate is None:
-        candidate = _register(client, name, best, metric, score, digest)
-    if champion:
-        client.set_registered_model_alias(name, PREVIOUS, champion.version)
-    client.set_registered_model_alias(name, CHAMPION, candidate.version)
-    versus = ("no score on this test data" if champion_score is None else f"{champion_score:.4f}") \
-        if champion else "no champion yet"
-    return candidate.version, True, (
-        f"champion is now {name} v{candidate.version} ({metric}={score:.4f} on test data {digest}; "
-        f"previous: {versus})")
+    pool.sort(key=lambda c: c.score, reverse=True)
+    if include_rejected:
+        return pool[0], digest
+    for candidate in pool:
+        registered = _versions(client, name or (DEMO_MODEL if candidate.demo else DATA_MODEL), candidate.key)
+        if not any(v.tags.get("rejected") == "true" for v in registered):
+            return candidate, digest
+        log.info("skipping rejected model %s %s", *candidate.key)
+    raise ConfigError(f"every candidate on data {digest} is a rejected version; "
+                      "pass -P include_rejected=true to consider them again")
 
 
-def _rollback(client, name) -> tuple[str, str]:
+class _Decision:
+    """Compare `best` with the champion of `name`, and write the aliases until they hold."""
+
+    def __init__(self, client: MlflowClient, name: str, best: Candidate, metric: str, split: str, digest: str,
+                 include_rejected: bool = False):
+        self.client, self.name, self.best = client, name, best
+        self.metric, self.split, self.digest = metric, split, digest
+        self.include_rejected = include_rejected
+
+    def make(self) -> tuple[str, bool, str]:
+        changed, old = False, _alias_version(self.client, self.name, CHAMPION)
+        for _ in range(WRITE_ATTEMPTS):
+            champion = _alias_version(self.client, self.name, CHAMPION)
+            previous = _alias_version(self.client, self.name, PREVIOUS)
+            scores = self._scores(champion)
+            top = self._top(champion, scores)
+            settled = champion is not None and top.version == champion.version
+            if settled and (previous is None or previous.version != champion.version):
+                return champion.version, changed, self._message(old, champion, scores, changed)
+            if not settled:
+                if champion is not None:
+                    _retrying(self.client.set_registered_model_alias, self.name, PREVIOUS, champion.version)
+                _retrying(self.client.set_registered_model_alias, self.name, CHAMPION, top.version)
+                if top.tags.get("rejected") == "true":  # chosen again with include_rejected
+                    _retrying(self.client.delete_model_version_tag, self.name, top.version, "rejected")
+                changed = True
+            else:  # previous names the champion itself: a concurrent write left it so
+                _retrying(self.client.delete_registered_model_alias, self.name, PREVIOUS)
+            time.sleep(random.uniform(0.2, 0.6))  # let a concurrent promote's writes land, then check
+        raise ConfigError(f"the aliases of {self.name} kept changing under promote (another promote "
+                          "running?); run promote again")
+
+    def _top(self, champion: ModelVersion | None, scores: dict) -> ModelVersion:
+        """The version that should be champion: the best scored non-rejected version, the candidate
+        registered only if it beats the champion; the champion wins ties."""
+        versions = [v for v in _versions(self.client, self.name) if _key(v) in scores
+                    and (self.include_rejected or v.tags.get("rejected") != "true")]
+        ranked = sorted(versions, key=lambda v: (scores[_key(v)], champion is not None and v.version == champion.version,
+                                                 -int(v.version)), reverse=True)
+        leader = scores[_key(ranked[0])] if ranked else None
+        if leader is None or self.best.score > leader:
+            return self._registered()
+        return ranked[0]
+
+    def _scores(self, champion: ModelVersion | None) -> dict[tuple[str, str], float]:
+        """Best `metric` per served model on this data and split, from every experiment; the
+        champion is evaluated first when it has no score here."""
+        scores = self._search()
+        if champion is not None and _key(champion) not in scores:
+            self._evaluate(champion)
+            scores = self._search()
+        scores[self.best.key] = max(scores.get(self.best.key, self.best.score), self.best.score)
+        return scores
+
+    def _search(self) -> dict[tuple[str, str], float]:
+        runs = mlflow.search_runs(
+            search_all_experiments=True, output_format="list", max_results=50000,
+            filter_string=f"tags.`fer.stage` = 'evaluate' and tags.`fer.test_digest` = '{self.digest}' "
+                          "and attributes.status = 'FINISHED'")
+        scores: dict[tuple[str, str], float] = {}
+        for found in runs:
+            tags = found.data.tags
+            if (self.metric in found.data.metrics and "fer.source_run" in tags and "fer.settings" in tags
+                    and tags.get("fer.split", "test") == self.split):
+                key = (tags["fer.source_run"], tags["fer.settings"])
+                scores[key] = max(scores.get(key, float("-inf")), found.data.metrics[self.metric])
+        return scores
+
+    def _evaluate(self, champion: ModelVersion) -> None:
+        """Score the champion as it serves on the candidate's data and split (a nested run)."""
+        from fer_mlflow import evaluate
+
+        data = self.best.evaluation.data.params.get("data")
+        if not data:
+            raise ConfigError(f"the candidate's evaluation {self.best.evaluation.info.run_id} records no "
+                              "data; evaluate the champion on it yourself (-P model_uri=models:/...)")
+        log.info("champion %s v%s has no %s on this data: evaluating it first",
+                 self.name, champion.version, self.metric)
+        evaluate.run(model_uri=f"models:/{self.name}/{champion.version}", data=data, split=self.split,
+                     nested=True)
+
+    def _registered(self) -> ModelVersion:
+        """The version of the candidate, registered once: when two promotes register it at once,
+        the lower version number is kept and the other deleted."""
+        if not (existing := _versions(self.client, self.name, self.best.key)):
+            try:
+                _retrying(self.client.get_registered_model, self.name)
+            except MlflowException:
+                try:
+                    self.client.create_registered_model(
+                        self.name, description="Facial-expression models (fer-mlflow): 7 emotions from "
+                                               "48x48 grayscale faces")
+                except MlflowException:  # another promote created it first
+                    pass
+            evaluation = self.best.evaluation
+            created = mlflow.register_model(evaluation.data.tags["fer.served_model_uri"], self.name,
+                                            tags=self._tags())
+            existing = _versions(self.client, self.name, self.best.key)
+            if existing and existing[0].version != created.version:
+                _retrying(self.client.delete_model_version, self.name, created.version)
+            else:
+                _retrying(self.client.update_model_version, self.name, created.version, self._description())
+            existing = existing or [self.client.get_model_version(self.name, created.version)]
+        return existing[0]
+
+    def _tags(self) -> dict[str, str]:
+        tags = self.best.evaluation.data.tags
+        source_run, settings = self.best.key
+        return {"metric": self.metric, self.metric: f"{self.best.score:.6f}", "split": self.split,
+                "test_digest": self.digest, "test_data": tags.get("fer.data", ""), "settings": settings,
+                "source_run": source_run, "evaluation_run": self.best.evaluation.info.run_id,
+                "model": tags.get("fer.model", ""), "model_family": tags.get("fer.model_family", ""),
+                "train_data": tags.get("fer.train_data", ""),
+                "train_data_digest": tags.get("fer.train_data_digest", "")}
+
+    def _description(self) -> str:
+        evaluation = self.best.evaluation
+        tags, params = evaluation.data.tags, evaluation.data.params
+        source_run, settings = self.best.key
+        experiment = evaluation.info.experiment_id
+        figure = "figures/confusion_matrix_normalised.png"
+        run_link = f"#/experiments/{experiment}/runs/{evaluation.info.run_id}"
+        return "\n".join([
+            f"**{self.metric} = {self.best.score:.4f}** on the {self.split} split of "
+            f"`{tags.get('fer.data', '?')}` ({params.get('images', '?')} images, digest "
+            f"`{self.digest}`), predicting with `{settings}` by default: `predict` with no params "
+            "reproduces this figure.",
+            "",
+            f"- model: `{tags.get('fer.model', '?')}`, trained in run `{source_run}` on "
+            f"`{tags.get('fer.train_data', '?')}` (data digest `{tags.get('fer.train_data_digest', '?')}`)",
+            f"- evaluation: [run `{evaluation.info.run_id}`]({run_link})",
+            f"- confusion matrix (row-normalised): [{figure}]({run_link}/artifacts/{figure})",
+            "",
+            f"![confusion matrix](get-artifact?path={figure}&run_uuid={evaluation.info.run_id})",
+        ])
+
+    def _message(self, old, champion, scores, changed) -> str:
+        score = scores[_key(champion)]
+        where = f"on {self.split} data {self.digest}"
+        if not changed:
+            if old is not None and _key(old) == self.best.key:
+                return f"{self.name} v{champion.version} is already champion ({self.metric}={score:.4f})"
+            return (f"kept champion {self.name} v{champion.version} ({self.metric}={score:.4f}); "
+                    f"best candidate scores {self.best.score:.4f} {where}")
+        versus = "no champion yet" if old is None else f"v{old.version} scored {scores.get(_key(old), float('nan')):.4f}"
+        return f"champion is now {self.name} v{champion.version} ({self.metric}={score:.4f} {where}; previous: {versus})"
+
+
+def _rollback(client, name, active) -> tuple[str, str]:
     champion, previous = _alias_version(client, name, CHAMPION), _alias_version(client, name, PREVIOUS)
     if previous is None:
         raise ConfigError(f"{name} has no '{PREVIOUS}' alias to roll back to")
-    client.set_registered_model_alias(name, CHAMPION, previous.version)
-    if champion:
-        client.set_registered_model_alias(name, PREVIOUS, champion.version)
-    return previous.version, f"rolled back: champion is {name} v{previous.version} again"
+    _retrying(client.set_registered_model_alias, name, CHAMPION, previous.version)
+    _retrying(client.delete_registered_model_alias, name, PREVIOUS)
+    if champion is not None and champion.version != previous.version:
+        user = active.data.tags.get("mlflow.user") or getpass.getuser()
+        for key, value in {"rejected": "true", "rejected_by": user,
+                           "rejected_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "rejected_in_run": active.info.run_id}.items():
+            _retrying(client.set_model_version_tag, name, champion.version, key, value)
+    return previous.version, (f"rolled back: champion is {name} v{previous.version} again; "
+                              f"v{champion.version if champion else '?'} is tagged rejected")
+
+
+def _key(version: ModelVersion) -> tuple[str, str]:
+    """The served model a version is: its training run and its predict settings."""
+    return version.tags.get("source_run") or version.run_id, version.tags.get("settings") or PLAIN
+
+
+def _versions(client, name, key: tuple[str, str] | None = None) -> list[ModelVersion]:
+    """The versions of `name` (those of served model `key` only, if given), lowest number first."""
+    try:
+        found = _retrying(client.search_model_versions, f"name = '{name}'", max_results=10000)
+    except MlflowException:
+        return []
+    found = [v for v in found if key is None or _key(v) == key]
+    return sorted(found, key=lambda v: int(v.version))
 
 
 def _alias_version(client, name, alias) -> ModelVersion | None:
     try:
-        return client.get_model_version_by_alias(name, alias)
+        return _retrying(client.get_model_version_by_alias, name, alias)
     except MlflowException:
         return None
 
 
-def _find_version(client, name, source_run) -> ModelVersion | None:
-    """The version registered from `source_run`, if any: a run is registered once."""
-    try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{source_run}'")
-    except MlflowException:
-        return None
-    return versions[0] if versions else None
+_FINAL_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
+                 "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
 
-def _score_on(client, experiment_id, version: ModelVersion, metric, digest) -> float | None:
-    """The champion's best `metric` on test data `digest`, from this experiment's evaluations."""
-    runs = client.search_runs(
-        [experiment_id],
-        f"tags.`fer.stage` = 'evaluate' and tags.`fer.source_run` = '{version.run_id}' "
-        f"and tags.`fer.test_digest` = '{digest}' and attributes.status = 'FINISHED'",
-    )
-    values = [r.data.metrics[metric] for r in runs if metric in r.data.metrics]
-    return max(values) if values else None
-
-
-def _register(client, name, evaluation, metric, score, digest) -> ModelVersion:
-    source_run = evaluation.data.tags["fer.source_run"]
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="FER2013 facial-expression models (fer-mlflow)")
-    tags = {"metric": metric, metric: f"{score:.6f}", "test_digest": digest, "source_run": source_run,
-            "evaluation_run": evaluation.info.run_id,
-            "model_family": evaluation.data.tags.get("fer.model_family", ""),
-            "model": evaluation.data.tags.get("fer.model", "")}
-    model_uri = evaluation.data.tags["fer.model_uri"]
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    return client.get_model_version(name, version.version)
+def _retrying(call, *args, attempts: int = 5, **kwargs):
+    """`call(*args, **kwargs)`, retried with backoff on errors that can pass (a locked SQLite
+    database, a busy server); answers that will not change are raised at once."""
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as error:
+            if error.error_code in _FINAL_ERRORS or attempt == attempts - 1:
+                raise
+            log.warning("registry call %s failed (%s); retrying", call.__name__, str(error).splitlines()[0])
+            time.sleep(0.2 * 2 ** attempt * random.uniform(0.5, 1.5))

@@ -7,7 +7,12 @@ pyfunc model. `mlflow.pyfunc.load_model(uri).predict(x)` takes either kind of in
 - encoded images (PNG/JPEG of any size and colour, as bytes or base64 strings) in a DataFrame
   ``image`` column, a dict with an ``image`` key, or a 1-D list/array/Series.
 
-Output: a DataFrame with ``label``, ``probability`` and one ``prob_<class>`` column per class. Bad
+Output: a DataFrame with ``label``, ``probability`` and one ``prob_<class>`` column per class.
+
+Predict params (declared in the signature, so they also work in a REST body's ``params``): ``tta``,
+``tta_rotation``, ``tta_zoom``, ``tta_shift`` (test-time views, `views.Settings`) and ``batch_size``.
+Their defaults are the model's own, from its model config, so a model logged to serve with ten views
+does so when called with no params; `evaluate` scores through this same `predict`. Bad
 input raises MlflowException (INVALID_PARAMETER_VALUE, so the scoring server answers 400) saying
 what was expected.
 
@@ -36,6 +41,7 @@ import binascii
 import io
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
@@ -44,11 +50,12 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE
 from fer_mlflow.errors import ConfigError, DataError, FerError
+from fer_mlflow.views import BATCH_SIZE, Settings, probabilities
 
 IMAGE_COLUMN = "image"
 EXPECTED_IMAGES = "PNG/JPEG images as bytes or base64 strings"
@@ -60,6 +67,9 @@ EXPECTED_INPUT = (
 )
 # Pinned so a served model gets the versions it was trained and validated with; keras is listed
 # because the .keras file format follows the keras release, not tensorflow's.
+# The model config's key for the default `Settings`. Nested, because MLflow also logs the model
+# config as params of the run (flattened: serving/tta, ...), and evaluate logs its own `tta`.
+SETTINGS_KEY = "serving"
 REQUIREMENT_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")
 _MODEL_CODE = (
     "import mlflow\n"
@@ -181,7 +191,10 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         import keras  # deferred: importing TensorFlow takes seconds and only loading needs it
 
         self.keras_model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
-        self.class_names = tuple((context.model_config or {}).get("class_names", CLASS_NAMES))
+        config = context.model_config or {}
+        self.class_names = tuple(config.get("class_names", CLASS_NAMES))
+        # Models logged before settings were part of the config predict on the face alone.
+        self.settings = Settings.from_mapping(config.get(SETTINGS_KEY))
         if self.keras_model.output_shape[-1] != len(self.class_names):
             raise ConfigError(
                 f"the Keras model has {self.keras_model.output_shape[-1]} outputs but "
@@ -195,14 +208,20 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         """Predict emotions for `model_input`: a numeric N x 48 x 48 (x 1) array in 0..255, or PNG/JPEG
         images (bytes or base64) in a DataFrame ``image`` column, a dict with an ``image`` key or a 1-D
         list/array. Returns a DataFrame with ``label``, ``probability`` and ``prob_<class>`` columns.
-        Bad input raises MlflowException (INVALID_PARAMETER_VALUE, so the scoring server answers 400)
-        saying what was expected."""
+        `params` (tta, tta_rotation, tta_zoom, tta_shift, batch_size) override the model's own
+        settings for this call. Bad input raises MlflowException (INVALID_PARAMETER_VALUE, so the
+        scoring server answers 400) saying what was expected."""
         try:
             pixels = _input_pixels(model_input)
         except FerError as error:
             raise MlflowException.invalid_parameter_value(str(error)) from error
-        probabilities = np.asarray(self.keras_model.predict(pixels, batch_size=256, verbose=0))
-        return _prediction_frame(probabilities.astype(np.float64), self.class_names)
+        settings = Settings.from_mapping(params, base=self.settings)
+        batch_size = int((params or {}).get("batch_size") or BATCH_SIZE)
+        if batch_size < 1 or settings.tta_shift < 0 or not 0 <= settings.tta_zoom < 1:
+            raise MlflowException.invalid_parameter_value(
+                f"params {params} out of range; expected batch_size >= 1, tta_shift >= 0, 0 <= tta_zoom < 1")
+        found = probabilities(self.keras_model, pixels, settings, batch_size)
+        return _prediction_frame(found.astype(np.float64), self.class_names)
 
 
 def _prediction_frame(probabilities: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
@@ -228,6 +247,14 @@ def predict_pixels(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray) -> pd.D
     return python_model.predict(None, images)
 
 
+def settings_of(model: mlflow.pyfunc.PyFuncModel) -> Settings:
+    """The settings a model loaded by `mlflow.pyfunc.load_model` predicts with when given no params."""
+    python_model = model.unwrap_python_model()
+    if not isinstance(python_model, FerEmotionModel):
+        raise ConfigError(f"expected a model logged by fer_mlflow.pyfunc_model, got {type(python_model)}")
+    return python_model.settings
+
+
 def encode_png_base64(image: np.ndarray) -> str:
     """A uint8 48x48 grayscale image as a base64 PNG string, the format the served model takes."""
     buffer = io.BytesIO()
@@ -235,13 +262,22 @@ def encode_png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def signature(class_names: Sequence[str] = CLASS_NAMES) -> ModelSignature:
-    """The logged signature: outputs only (label, probability, one ``prob_<class>`` per class). The
-    input schema is left out on purpose so that pixel arrays and encoded images both reach `predict`
-    (see the module docstring); the input example documents the HTTP request instead."""
+def signature(class_names: Sequence[str] = CLASS_NAMES, settings: Settings = Settings()) -> ModelSignature:
+    """The logged signature: outputs (label, probability, one ``prob_<class>`` per class) and the
+    predict params, whose defaults are `settings` (MLflow fills a missing param with its default, so
+    they must equal the model config's). The input schema is left out on purpose so that pixel
+    arrays and encoded images both reach `predict` (see the module docstring); the input example
+    documents the HTTP request instead."""
     outputs = [ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability")]
     outputs += [ColSpec(DataType.double, f"prob_{name}") for name in class_names]
-    return ModelSignature(inputs=None, outputs=Schema(outputs))
+    params = ParamSchema([
+        ParamSpec("tta", DataType.boolean, settings.tta),
+        ParamSpec("tta_rotation", DataType.double, settings.tta_rotation),
+        ParamSpec("tta_zoom", DataType.double, settings.tta_zoom),
+        ParamSpec("tta_shift", DataType.long, settings.tta_shift),
+        ParamSpec("batch_size", DataType.long, BATCH_SIZE),
+    ])
+    return ModelSignature(inputs=None, outputs=Schema(outputs), params=params)
 
 
 def _example_image() -> np.ndarray:
@@ -260,11 +296,13 @@ def log_model(
     class_names: Sequence[str] = CLASS_NAMES,
     registered_model_name: str | None = None,
     example_image: np.ndarray | None = None,
+    settings: Settings = Settings(),
 ) -> mlflow.models.model.ModelInfo:
     """Log `keras_model` (pixels (N, 48, 48, 1) 0..255 in, (N, len(class_names)) softmax out) as a
     pyfunc model named `name` in the active run (with none, MLflow 3 logs a run-less model), with the
     signature, a base64 PNG input example (`example_image`, 48x48 uint8, or a synthetic face) and
-    pinned pip requirements; registers it as `registered_model_name` if given. Returns ModelInfo."""
+    pinned pip requirements; it predicts with `settings` unless a call's params say otherwise.
+    Registers it as `registered_model_name` if given. Returns ModelInfo."""
     if keras_model.output_shape[-1] != len(class_names):
         raise ConfigError(
             f"the Keras model has {keras_model.output_shape[-1]} outputs but "
@@ -280,9 +318,9 @@ def log_model(
             name=name,
             python_model=str(code_path),
             artifacts={"keras_model": str(keras_path)},
-            model_config={"class_names": list(class_names)},
+            model_config={"class_names": list(class_names), SETTINGS_KEY: asdict(settings)},
             code_paths=[str(Path(__file__).resolve().parent)],
-            signature=signature(class_names),
+            signature=signature(class_names, settings),
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png_base64(example)]}),
             pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENT_PACKAGES],
             registered_model_name=registered_model_name,

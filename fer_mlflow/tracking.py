@@ -1,32 +1,171 @@
-"""Small MLflow helpers shared by the stages: runs, names and dataset inputs."""
+"""Small MLflow helpers shared by the stages: experiments, runs, names and dataset inputs.
+
+Where runs go. The experiment the user chose always wins: ``mlflow run --experiment-name`` /
+``--experiment-id``, ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID`` or ``mlflow.set_experiment``.
+With none chosen, a stage's run goes to the project's experiment for its data: ``fer-demo`` for the
+built-in demo data (and datasets cleaned from it), ``fer2013`` for real data, never MLflow's Default
+experiment, where the demo's runs would mix with real ones. `mlflow run` creates its run before the
+project's code starts, in Default (id 0) when nothing was chosen, and MLflow has no call to move a
+run: so that run is copied (params and tags) into the project's experiment and tagged
+``fer.moved_to``, and the stage logs to the copy. `mlflow run` marks its own run FINISHED or FAILED
+once the stage's process exits (and fails if it is gone by then), so a small detached process waits
+for that and then deletes it. Choosing Default by id 0 alone therefore counts as choosing nothing;
+name it (``--experiment-name Default``) to use it.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 
 from fer_mlflow.dataset import SPLITS, Dataset
+from fer_mlflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEMO_EXPERIMENT, DATA_EXPERIMENT = "fer-demo", "fer2013"
+DEMO_MODEL, DATA_MODEL = "fer-emotion-demo", "fer-emotion"
+DEMO_TAG = "fer.demo_data"  # "true" on runs whose data is (cleaned from) the built-in demo
+DEFAULT_EXPERIMENT_ID = "0"
+# MLflow 3.17's UI opens an experiment without this tag in its GenAI view.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def is_demo(data: str) -> bool:
+    """Whether `data` is the built-in demo, or a dataset artifact of a run made from it."""
+    if data == "demo":
+        return True
+    if not data.startswith("runs:/"):
+        return False
+    try:
+        run = MlflowClient().get_run(data.split("/")[1])
+    except MlflowException:
+        return False
+    return run.data.tags.get(DEMO_TAG) == "true" or run.data.params.get("data") == "demo"
+
+
+def project_experiment(data: str) -> str:
+    """The experiment a run on `data` goes to when the user chose none."""
+    return DEMO_EXPERIMENT if is_demo(data) else DATA_EXPERIMENT
 
 
 def source_label(data: str) -> str:
-    """A short human name for a data source: 'demo', a file or folder name, or a run's short id."""
+    """A short human name for a data source: 'demo', a file or folder name, or for a run's dataset
+    the name of the data that run read (else the run's short id)."""
     if data.startswith("runs:/"):
-        return "run-" + data.split("/")[1][:8]
+        run_id = data.split("/")[1]
+        try:
+            return MlflowClient().get_run(run_id).data.tags["fer.data"]
+        except (MlflowException, KeyError):
+            return "run-" + run_id[:8]
     return Path(data.rstrip("/")).name or data
 
 
 @contextmanager
-def stage_run(stage: str, run_name: str, tags: dict[str, str] | None = None, nested: bool = False):
-    """Start (or, under `mlflow run`, resume) the stage's run, named and tagged.
+def stage_run(stage: str, run_name: str, tags: dict[str, str] | None = None, nested: bool = False,
+              experiment: str = DATA_EXPERIMENT):
+    """Start (or, under `mlflow run`, resume) the stage's run, named and tagged; `experiment` is
+    where it goes when the user chose no experiment (see the module docstring). A nested run goes
+    to its parent's experiment.
 
     Leaving the block by an exception ends the run FAILED, so no run is ever left RUNNING.
     """
-    with mlflow.start_run(nested=nested) as run:
+    if nested:
+        target = {"nested": True, "experiment_id": mlflow.active_run().info.experiment_id}
+    else:
+        target = _target(experiment)
+    with mlflow.start_run(**target) as run:
         mlflow.set_tags({"mlflow.runName": run_name, "fer.stage": stage, **(tags or {})})
+        _mark_kind(run.info.experiment_id)
         yield run
+
+
+def user_chose_experiment() -> bool:
+    """Whether the user named an experiment (see the module docstring)."""
+    return bool(os.environ.get("MLFLOW_EXPERIMENT_NAME")) or \
+        os.environ.get("MLFLOW_EXPERIMENT_ID", DEFAULT_EXPERIMENT_ID) not in ("", DEFAULT_EXPERIMENT_ID)
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment `name`, created (tagged as model training) if missing."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+        except MlflowException:  # another process created it first
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if found.lifecycle_stage == "deleted":
+        raise ConfigError(f"experiment {name} is deleted; restore it (mlflow experiments restore "
+                          f"--experiment-id {found.experiment_id}) or choose one with --experiment-name")
+    return found.experiment_id
+
+
+def _target(experiment: str) -> dict:
+    """`mlflow.start_run` arguments for a top-level stage run."""
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if launched:
+        run = MlflowClient().get_run(launched)
+        if run.info.experiment_id != DEFAULT_EXPERIMENT_ID or os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+            return {"run_id": launched}
+        return {"run_id": _moved(run, experiment_id(experiment))}
+    if user_chose_experiment():
+        return {}
+    return {"experiment_id": experiment_id(experiment)}
+
+
+def _moved(run, target_experiment: str) -> str:
+    """Copy `run` (made by `mlflow run` in Default) into `target_experiment`; returns the copy's id."""
+    client = MlflowClient()
+    copy = client.create_run(target_experiment, tags=dict(run.data.tags), run_name=run.info.run_name)
+    params = [Param(key, value) for key, value in run.data.params.items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
+        client.log_batch(copy.info.run_id, params=params[start:start + 100])
+    client.set_tag(run.info.run_id, "fer.moved_to", copy.info.run_id)
+    _delete_when_ended(run.info.run_id)
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    name = client.get_experiment(target_experiment).name
+    log.info("no experiment chosen: run %s continues as run %s in experiment %s",
+             run.info.run_id, copy.info.run_id, name)
+    return copy.info.run_id
+
+
+# Run detached: waits (10 minutes at most) until `mlflow run` has ended the run, then deletes it.
+_DELETE_WHEN_ENDED = """
+import sys, time
+from mlflow import MlflowClient
+client, deadline = MlflowClient(), time.monotonic() + 600
+while time.monotonic() < deadline:
+    if client.get_run(sys.argv[1]).info.status != "RUNNING":
+        client.delete_run(sys.argv[1])
+        break
+    time.sleep(0.5)
+"""
+
+
+def _delete_when_ended(run_id: str) -> None:
+    subprocess.Popen([sys.executable, "-c", _DELETE_WHEN_ENDED, run_id], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()})
+
+
+def _mark_kind(experiment: str) -> None:
+    """Tag the experiment as model training for the UI, unless it already says what it is."""
+    client = MlflowClient()
+    if EXPERIMENT_KIND[0] not in client.get_experiment(experiment).tags:
+        client.set_experiment_tag(experiment, *EXPERIMENT_KIND)
 
 
 def log_split_inputs(dataset: Dataset, source: str, name: str, splits: tuple[str, ...] = SPLITS) -> dict:

@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import keras
 import matplotlib.pyplot as plt
@@ -26,7 +27,9 @@ import tensorflow as tf
 from fer_mlflow import models, pyfunc_model
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.pipeline import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
-from fer_mlflow.tracking import log_params, log_split_inputs, source_label, stage_run
+from fer_mlflow.tracking import (
+    DEMO_TAG, is_demo, log_params, log_split_inputs, project_experiment, source_label, stage_run,
+)
 from fer_mlflow.training import (
     EpochLogger, ImageCounter, TimeBudget, class_weights, curves_figure, load_training_data, make_strategy,
     optimizer,
@@ -125,8 +128,10 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False) -> TrainOutco
     config = config.resolved()
     family = "resnet" if config.model in models.RESNET_NAMES else "cnn"
     label = source_label(config.data)
-    tags = {"fer.model": config.model, "fer.model_family": family, "fer.data": label}
-    with stage_run("train", f"{config.model}-{label}", tags, nested=nested) as active:
+    tags = {"fer.model": config.model, "fer.model_family": family, "fer.data": label,
+            DEMO_TAG: str(is_demo(config.data)).lower()}
+    with stage_run("train", run_name(config, label), tags, nested=nested,
+                   experiment=project_experiment(config.data)) as active:
         log_params({k: v for k, v in asdict(config).items()})
         keras.utils.set_random_seed(config.seed)
         dataset, data_uri = load_training_data(config.data, config.val_fraction, config.seed)
@@ -166,6 +171,18 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False) -> TrainOutco
         run_id = active.info.run_id
     return TrainOutcome(run_id, f"runs:/{run_id}/model", history["val_accuracy"][best],
                         len(history["val_accuracy"]), data_uri)
+
+
+def run_name(config: TrainConfig, label: str) -> str:
+    """`<model>-<data>` and the settings that tell runs apart in the runs table, e.g.
+    ``cnn-fer2013.zip sgd lr=0.05 55min`` (`config` resolved)."""
+    length = f"{config.time_budget:g}min" if config.time_budget else f"{config.epochs}ep"
+    extras = [config.optimizer, f"lr={config.learning_rate:g}", length]
+    if config.model == "cnn" and config.widths != models.CNN_WIDTHS:
+        extras.append("widths=" + ",".join(map(str, config.widths)))
+    if config.model in models.RESNET_NAMES:
+        extras.append(f"weights={Path(config.weights).name}")
+    return f"{config.model}-{label} " + " ".join(extras)
 
 
 def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, dict, int]:

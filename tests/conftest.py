@@ -27,11 +27,19 @@ def tracking(tmp_path, monkeypatch):
     """Every test gets its own sqlite tracking store and runs in its own working directory."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for chosen in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(chosen, raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+def all_runs(filter_string: str = "", **kwargs) -> list:
+    """The runs of every experiment of the test's store (stages pick fer-demo or fer2013 themselves)."""
+    return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string,
+                              output_format="list", **kwargs)
 
 
 def face(label: int, index: int) -> np.ndarray:

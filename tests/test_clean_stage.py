@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_ZIP, face, mlflow_run, tree_checksum, write_csv, zip_folder
+from conftest import SHARED_ZIP, all_runs, face, mlflow_run, tree_checksum, write_csv, zip_folder
 from mlflow import MlflowClient
 
 from fer_mlflow import clean as stage
@@ -96,7 +96,7 @@ def test_bad_input_is_one_line_a_nonzero_exit_and_no_running_run(case, tmp_path,
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err
-    runs = MlflowClient().search_runs(["0"])
+    runs = all_runs()
     assert runs and all(r.info.status == "FAILED" for r in runs)
 
 

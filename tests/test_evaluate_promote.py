@@ -9,14 +9,17 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import all_runs
 from mlflow import MlflowClient
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
 from fer_mlflow import dataset as ds
-from fer_mlflow import evaluate, promote, train
+from fer_mlflow import evaluate, promote, train, views
 from fer_mlflow.cli import main
 from fer_mlflow.demo import make_demo
 from fer_mlflow.pyfunc_model import log_model
+from fer_mlflow.tracking import DATA_EXPERIMENT, experiment_id
+from fer_mlflow.views import Settings
 
 
 @pytest.fixture
@@ -71,16 +74,16 @@ def test_train_and_evaluate_agree_on_the_same_images(trained, tmp_path):
 
 def test_tta_with_every_kind_off_averages_with_the_mirrored_image(trained):
     test = ds.load(trained.data_uri).split("test")
-    plain = evaluate.predict_probabilities(trained.model_uri, test.images, False, 64)
-    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64, tta_shift=0,
-                                         tta_rotation=0, tta_zoom=0)
-    mirrored = evaluate.predict_probabilities(trained.model_uri, test.images[:, :, ::-1], False, 64)
+    plain = evaluate.predict_probabilities(trained.model_uri, test.images)
+    tta = evaluate.predict_probabilities(trained.model_uri, test.images,
+                                         Settings(tta=True, tta_shift=0, tta_rotation=0, tta_zoom=0))
+    mirrored = evaluate.predict_probabilities(trained.model_uri, test.images[:, :, ::-1])
     assert np.allclose(tta, (plain + mirrored) / 2, atol=1e-6)
 
 
 def _mean_over_views(trained, images, views):
     def predict(view):
-        return evaluate.predict_probabilities(trained.model_uri, view[..., 0], False, 64)
+        return evaluate.predict_probabilities(trained.model_uri, view[..., 0])
 
     return sum(predict(v) + predict(v[:, :, ::-1]) for v in views) / (2 * len(views))
 
@@ -88,11 +91,11 @@ def _mean_over_views(trained, images, views):
 def test_tta_averages_ten_views_the_face_rotated_and_zoomed_and_each_mirrored(trained):
     test = ds.load(trained.data_uri).split("test")
     images = test.images.astype(np.float32)[..., None]
-    r, z = evaluate.TTA_ROTATION, evaluate.TTA_ZOOM
-    views = [images] + [evaluate.transformed(images, degrees=d) for d in (r, -r)]
-    views += [evaluate.transformed(images, scale=s) for s in (1 + z, 1 - z)]
-    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64)  # the defaults
-    assert np.allclose(tta, _mean_over_views(trained, images, views), atol=1e-6)
+    r, z = views.TTA_ROTATION, views.TTA_ZOOM
+    expected = [images] + [views.transformed(images, degrees=d) for d in (r, -r)]
+    expected += [views.transformed(images, scale=s) for s in (1 + z, 1 - z)]
+    tta = evaluate.predict_probabilities(trained.model_uri, test.images, Settings(tta=True))  # the defaults
+    assert np.allclose(tta, _mean_over_views(trained, images, expected), atol=1e-6)
     assert np.allclose(tta.sum(axis=1), 1.0, atol=1e-5)
     params = mlflow.get_run(evaluate.run(run_id=trained.run_id, tta=True).run_id).data.params
     assert (params["tta_views"], params["tta_rotation"], params["tta_zoom"]) == ("10", str(r), str(z))
@@ -101,28 +104,28 @@ def test_tta_averages_ten_views_the_face_rotated_and_zoomed_and_each_mirrored(tr
 def test_tta_shift_adds_the_face_shifted_four_ways(trained):
     test = ds.load(trained.data_uri).split("test")
     images = test.images.astype(np.float32)[..., None]
-    views = [evaluate.shifted(images, dy, dx) for dy, dx in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))]
-    tta = evaluate.predict_probabilities(trained.model_uri, test.images, True, 64, tta_shift=2,
-                                         tta_rotation=0, tta_zoom=0)
-    assert np.allclose(tta, _mean_over_views(trained, images, views), atol=1e-6)
+    expected = [views.shifted(images, dy, dx) for dy, dx in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))]
+    tta = evaluate.predict_probabilities(trained.model_uri, test.images,
+                                         Settings(tta=True, tta_shift=2, tta_rotation=0, tta_zoom=0))
+    assert np.allclose(tta, _mean_over_views(trained, images, expected), atol=1e-6)
 
 
 def test_transformed_rotates_anticlockwise_and_magnifies_about_the_centre():
     image = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
-    assert np.allclose(evaluate.transformed(image, degrees=90)[0, ..., 0], np.rot90(image[0, ..., 0]), atol=1e-4)
+    assert np.allclose(views.transformed(image, degrees=90)[0, ..., 0], np.rot90(image[0, ..., 0]), atol=1e-4)
     ramp = np.tile(np.arange(8, dtype=np.float32), (8, 1))[None, ..., None]  # value = column
-    magnified = evaluate.transformed(ramp, scale=2.0)[0, ..., 0]
+    magnified = views.transformed(ramp, scale=2.0)[0, ..., 0]
     assert np.allclose(magnified[3], 3.5 + (np.arange(8) - 3.5) / 2, atol=1e-4)  # half the slope, same centre
-    assert evaluate.transformed(image) is image
+    assert views.transformed(image) is image
 
 
 def test_shifted_moves_the_face_and_repeats_the_edge_pixels():
     image = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
-    down = evaluate.shifted(image, 1, 0)[0, ..., 0]
+    down = views.shifted(image, 1, 0)[0, ..., 0]
     assert down.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-    left = evaluate.shifted(image, 0, -2)[0, ..., 0]
+    left = views.shifted(image, 0, -2)[0, ..., 0]
     assert left.tolist() == [[2, 3, 3, 3], [6, 7, 7, 7], [10, 11, 11, 11], [14, 15, 15, 15]]
-    assert evaluate.shifted(image, 0, 0) is image
+    assert views.shifted(image, 0, 0) is image
 
 
 def test_evaluate_needs_a_model(capsys):
@@ -142,16 +145,18 @@ def models_and_evaluations():
     outputs = keras.layers.Dense(7, activation="softmax")(x)
     keras_model = keras.Model(inputs, outputs)
     runs = []
+    experiment = experiment_id(DATA_EXPERIMENT)  # where promote looks when no experiment is chosen
     for i in range(3):
-        with mlflow.start_run(run_name=f"train-{i}") as run:
+        with mlflow.start_run(run_name=f"train-{i}", experiment_id=experiment) as run:
             mlflow.set_tags({"fer.stage": "train", "fer.model": "cnn", "fer.model_family": "cnn"})
             log_model(keras_model, name="model")
             runs.append(run.info.run_id)
 
     def evaluation(index: int, accuracy: float, digest: str = "d1") -> str:
-        with mlflow.start_run(run_name=f"evaluate-{index}") as run:
+        with mlflow.start_run(run_name=f"evaluate-{index}", experiment_id=experiment) as run:
             mlflow.set_tags({"fer.stage": "evaluate", "fer.source_run": runs[index], "fer.test_digest": digest,
-                             "fer.model_uri": f"runs:/{runs[index]}/model", "fer.model_family": "cnn"})
+                             "fer.model_uri": f"runs:/{runs[index]}/model", "fer.model_family": "cnn",
+                             "fer.settings": "tta=false", "fer.served_model_uri": f"runs:/{runs[index]}/model"})
             mlflow.log_metric("test_accuracy", accuracy)
         return run.info.run_id
 
@@ -209,7 +214,7 @@ def test_a_failed_promote_leaves_the_registry_untouched(models_and_evaluations, 
     assert "no finished evaluation with metric test_nonexistent" in capsys.readouterr().err
     after = [(v.version, v.aliases) for v in MlflowClient().search_model_versions("name = 'fer-emotion'")]
     assert after == before
-    failed = MlflowClient().search_runs(["0"], "tags.`fer.stage` = 'promote'", order_by=["start_time DESC"])
+    failed = all_runs("tags.`fer.stage` = 'promote'", order_by=["start_time DESC"])
     assert failed[0].info.status == "FAILED"
 
 

@@ -50,13 +50,16 @@ def test_cli_defaults_are_the_stage_defaults():
     import dataclasses
     import inspect
 
-    from fer_mlflow import evaluate, train
+    from fer_mlflow import evaluate, promote, train
 
     context = click.Context(cli.commands["train"])
     for field in dataclasses.fields(train.TrainConfig):
         option = next(p for p in cli.commands["train"].params if p.name == field.name)
         assert option.type_cast_value(context, option.default) == field.default, field.name
-    signature = inspect.signature(evaluate.run)
-    for option in cli.commands["evaluate"].params:
-        if option.name in ("tta", "tta_shift", "tta_rotation", "tta_zoom", "batch_size"):
-            assert option.default == signature.parameters[option.name].default, option.name
+    for command, stage in (("evaluate", evaluate.run), ("promote", promote.run)):
+        signature = inspect.signature(stage)
+        context = click.Context(cli.commands[command])
+        for option in cli.commands[command].params:
+            if option.name in signature.parameters and option.name not in ("run_id", "model_uri", "data"):
+                default = signature.parameters[option.name].default
+                assert option.type_cast_value(context, option.default) == default, (command, option.name)

@@ -1,0 +1,127 @@
+"""Test-time views: the settings a model predicts with, and the one implementation of the views.
+
+Test-time augmentation (TTA) is a property of the served model, not only of `evaluate`: the pyfunc
+model (`pyfunc_model`) reads its default `Settings` from its model config, takes them per call as
+predict params, and averages its Keras model's probabilities over `views` here; `evaluate` scores a
+model by calling that same `predict`, so what is scored is what is served.
+
+Keras is imported inside the functions that need it: the command line imports this module to check
+options before any framework loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+# The extra test-time views, each also mirrored (chosen on validation data: BENCHMARKS.md): the face
+# rotated TTA_ROTATION degrees either way, zoomed TTA_ZOOM in and out, and shifted TTA_SHIFT pixels
+# up, down, left and right; 0 turns a kind off.
+TTA_ROTATION = 10.0
+TTA_ZOOM = 0.1
+TTA_SHIFT = 0
+BATCH_SIZE = 256  # images per Keras predict call; changes memory, not the answer
+
+# A view: (pixels down, pixels right, degrees anticlockwise, magnification).
+IDENTITY = (0, 0, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a model predicts: on the face alone (tta False) or averaged over `views`."""
+
+    tta: bool = False
+    tta_rotation: float = TTA_ROTATION
+    tta_zoom: float = TTA_ZOOM
+    tta_shift: int = TTA_SHIFT
+
+    @classmethod
+    def from_mapping(cls, values: dict | None, base: Settings | None = None) -> Settings:
+        """`base` (default: the defaults) with the settings named in `values` replaced; other keys
+        (class names, batch size) are ignored."""
+        base = base or cls()
+        known = {k: values[k] for k in asdict(base) if values and values.get(k) is not None}
+        settings = replace(base, **known)
+        return replace(settings, tta=bool(settings.tta), tta_rotation=float(settings.tta_rotation),
+                       tta_zoom=float(settings.tta_zoom), tta_shift=int(settings.tta_shift))
+
+    @property
+    def views(self) -> list[tuple[int, int, float, float]]:
+        return tta_views(self.tta_shift, self.tta_rotation, self.tta_zoom) if self.tta else [IDENTITY]
+
+    @property
+    def view_count(self) -> int:
+        """Predictions averaged per face: each view and its mirror with tta, else 1."""
+        return 2 * len(self.views) if self.tta else 1
+
+    @property
+    def key(self) -> str:
+        """A canonical text naming what changes the predictions; equal keys predict alike."""
+        if not self.tta:
+            return "tta=false"
+        return f"tta=true,rotation={self.tta_rotation:g},zoom={self.tta_zoom:g},shift={self.tta_shift}"
+
+    def describe(self) -> str:
+        """A few words for run names and descriptions."""
+        return f"{self.view_count} views (tta)" if self.tta else "plain"
+
+
+def tta_views(shift: int, rotation: float, zoom: float) -> list[tuple[int, int, float, float]]:
+    """The test-time views before mirroring: the face, then each kind whose knob is not 0."""
+    views = [IDENTITY]
+    if shift:
+        views += [(shift, 0, 0.0, 1.0), (-shift, 0, 0.0, 1.0), (0, shift, 0.0, 1.0), (0, -shift, 0.0, 1.0)]
+    if rotation:
+        views += [(0, 0, rotation, 1.0), (0, 0, -rotation, 1.0)]
+    if zoom:
+        views += [(0, 0, 0.0, 1.0 + zoom), (0, 0, 0.0, 1.0 - zoom)]
+    return views
+
+
+def probabilities(keras_model, pixels: np.ndarray, settings: Settings,
+                  batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """Class probabilities (N x classes) of `keras_model` for float32 `pixels` (N x 48 x 48 x 1).
+
+    With ``settings.tta``, the mean over `settings.views` of each face, each view also mirrored:
+    with the defaults, the face rotated 10 degrees either way and zoomed 10% in and out, 10 views
+    in all; with every knob at 0, the face and its mirror alone.
+    """
+    if not settings.tta:
+        return np.asarray(keras_model.predict(pixels, batch_size=batch_size, verbose=0))
+    total = 0.0
+    for view in settings.views:
+        moved = transformed(pixels, *view)
+        for flipped in (moved, moved[:, :, ::-1]):
+            total = total + np.asarray(keras_model.predict(flipped, batch_size=batch_size, verbose=0))
+    return total / settings.view_count
+
+
+def transformed(images: np.ndarray, dy: int = 0, dx: int = 0, degrees: float = 0.0,
+                scale: float = 1.0) -> np.ndarray:
+    """`images` (N x H x W x C) rotated `degrees` anticlockwise and magnified `scale` times about
+    their centre (bilinear), then moved down `dy` and right `dx` pixels; edge pixels are repeated in.
+    """
+    if degrees or scale != 1.0:
+        import keras
+
+        height, width = images.shape[1:3]
+        cy, cx = (height - 1) / 2, (width - 1) / 2
+        # keras' transform maps each output pixel (x, y) to the input point it samples.
+        angle = np.deg2rad(degrees)
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        transform = [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0]
+        images = np.asarray(keras.ops.image.affine_transform(
+            images, np.array([transform] * len(images), np.float32), interpolation="bilinear",
+            fill_mode="nearest"))
+    return shifted(images, dy, dx)
+
+
+def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """`images` (N x H x W x C) moved down `dy` and right `dx` pixels, the edge rows repeated in."""
+    pad = max(abs(dy), abs(dx))
+    if not pad:
+        return images
+    height, width = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    return padded[:, pad - dy:pad - dy + height, pad - dx:pad - dx + width]
