@@ -109,10 +109,10 @@ def run(registered_model_name: str = AUTO, metric: str = AUTO, test_digest: str 
             name = name or (DEMO_MODEL if best.demo else DATA_MODEL)
             decision = _Decision(client, name, best, metric, split, pool_digest, include_rejected)
             version, changed, message = decision.make()
-        mlflow.set_tags({"fer.registered_model": name, "fer.champion_version": version,
+        mlflow.set_tags({"fer.registered_model": name, "fer.champion_version": str(version),
                          "fer.champion_changed": str(changed).lower()})
         log.info(message)
-        return PromoteOutcome(active.info.run_id, version, changed, message, name)
+        return PromoteOutcome(active.info.run_id, str(version), changed, message, name)
 
 
 def _best_candidate(client, experiment_id, name, metric, split, test_digest, include_rejected):
@@ -239,8 +239,8 @@ class _Decision:
                 except MlflowException:  # another promote created it first
                     pass
             evaluation = self.best.evaluation
-            created = mlflow.register_model(evaluation.data.tags["fer.served_model_uri"], self.name,
-                                            tags=self._tags())
+            created = _retrying(mlflow.register_model, evaluation.data.tags["fer.served_model_uri"],
+                                self.name, tags=self._tags())
             existing = _versions(self.client, self.name, self.best.key)
             if existing and existing[0].version != created.version:
                 _retrying(self.client.delete_model_version, self.name, created.version)
@@ -252,12 +252,29 @@ class _Decision:
     def _tags(self) -> dict[str, str]:
         tags = self.best.evaluation.data.tags
         source_run, settings = self.best.key
-        return {"metric": self.metric, self.metric: f"{self.best.score:.6f}", "split": self.split,
-                "test_digest": self.digest, "test_data": tags.get("fer.data", ""), "settings": settings,
-                "source_run": source_run, "evaluation_run": self.best.evaluation.info.run_id,
-                "model": tags.get("fer.model", ""), "model_family": tags.get("fer.model_family", ""),
-                "train_data": tags.get("fer.train_data", ""),
-                "train_data_digest": tags.get("fer.train_data_digest", "")}
+        found = {"metric": self.metric, self.metric: f"{self.best.score:.6f}", "split": self.split,
+                 "test_digest": self.digest, "test_data": tags.get("fer.data", ""), "settings": settings,
+                 "source_run": source_run, "evaluation_run": self.best.evaluation.info.run_id,
+                 "model": tags.get("fer.model", ""), "model_family": tags.get("fer.model_family", ""),
+                 "train_data": tags.get("fer.train_data", ""),
+                 "train_data_digest": tags.get("fer.train_data_digest", "")}
+        if (reported := self._reported_test()) is not None:
+            found.update({"reported_test_accuracy": f"{reported.data.metrics['test_accuracy']:.6f}",
+                          "reported_test_digest": reported.data.tags["fer.test_digest"],
+                          "reported_test_data": reported.data.tags.get("fer.data", "")})
+        return found
+
+    def _reported_test(self) -> Run | None:
+        """Chosen on val: the newest test evaluation of the same served model, to report."""
+        if self.split == "test":
+            return None
+        source_run, settings = self.best.key
+        found = mlflow.search_runs(
+            search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.`fer.stage` = 'evaluate' and tags.`fer.source_run` = '{source_run}' "
+                          f"and tags.`fer.settings` = '{settings}' and tags.`fer.split` = 'test' "
+                          "and attributes.status = 'FINISHED'")
+        return next((r for r in found if "test_accuracy" in r.data.metrics), None)
 
     def _description(self) -> str:
         evaluation = self.best.evaluation
@@ -266,6 +283,11 @@ class _Decision:
         experiment = evaluation.info.experiment_id
         figure = "figures/confusion_matrix_normalised.png"
         run_link = f"#/experiments/{experiment}/runs/{evaluation.info.run_id}"
+        reported = self._reported_test()
+        report = [] if reported is None else [
+            f"- reported on test: **test_accuracy = {reported.data.metrics['test_accuracy']:.4f}** on "
+            f"`{reported.data.tags.get('fer.data', '?')}` (digest `{reported.data.tags['fer.test_digest']}`), "
+            "chosen on validation data"]
         return "\n".join([
             f"**{self.metric} = {self.best.score:.4f}** on the {self.split} split of "
             f"`{tags.get('fer.data', '?')}` ({params.get('images', '?')} images, digest "
@@ -275,6 +297,7 @@ class _Decision:
             f"- model: `{tags.get('fer.model', '?')}`, trained in run `{source_run}` on "
             f"`{tags.get('fer.train_data', '?')}` (data digest `{tags.get('fer.train_data_digest', '?')}`)",
             f"- evaluation: [run `{evaluation.info.run_id}`]({run_link})",
+            *report,
             f"- confusion matrix (row-normalised): [{figure}]({run_link}/artifacts/{figure})",
             "",
             f"![confusion matrix](get-artifact?path={figure}&run_uuid={evaluation.info.run_id})",

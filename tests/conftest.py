@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -136,3 +139,35 @@ def tiny_keras_model():
     # Large output weights make the classes well separated, so a wrong image shows as a wrong answer.
     dense.set_weights([np.random.default_rng(0).normal(0, 8, (4, 7)), np.zeros(7)])
     return keras.Model(inputs, outputs)
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A real `mlflow server` on loopback: sqlite backend, artifacts served through the server."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

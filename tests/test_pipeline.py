@@ -65,38 +65,6 @@ def test_mlflow_run_main_leaves_a_champion_that_predicts_real_faces(tracking):
     assert np.allclose(predicted.filter(like="prob_").sum(axis=1), 1, atol=1e-4)
 
 
-@pytest.fixture
-def tracking_server(tmp_path):
-    """A real `mlflow server` on loopback: sqlite backend, artifacts served through the server."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-
-
 @pytest.mark.slow
 def test_the_pipeline_works_against_a_tracking_server(tracking_server, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)

@@ -1,0 +1,249 @@
+"""The champion can be trusted: the demo stays apart, a champion is never replaced unseen, what was
+scored is what is served, a rollback sticks, two promotes at once agree, and selection can be on val."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from conftest import PROJECT, all_runs, mlflow_run, tiny_keras_model
+from mlflow import MlflowClient
+
+from fer_mlflow import clean, evaluate, promote, pyfunc_model
+from fer_mlflow import dataset as ds
+from fer_mlflow.tracking import DATA_EXPERIMENT, EXPERIMENT_KIND, experiment_id
+from fer_mlflow.views import Settings
+
+ANGRY, FEAR, HAPPY, SAD = 0, 2, 3, 4
+
+
+def constant_model(label: int):
+    """A model that answers `label` for every face (probability about 0.99)."""
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Flatten()(keras.layers.Rescaling(0.0)(inputs))
+    dense = keras.layers.Dense(7, activation="softmax")
+    outputs = dense(x)
+    dense.set_weights([np.zeros((48 * 48, 7)), 10.0 * np.eye(7)[label]])
+    return keras.Model(inputs, outputs)
+
+
+def logged(keras_model, experiment: str | None = None, name: str = "model") -> str:
+    """A training-like run holding `keras_model`; returns its id."""
+    with mlflow.start_run(run_name=name, experiment_id=experiment or experiment_id(DATA_EXPERIMENT)) as run:
+        mlflow.set_tags({"fer.stage": "train", "fer.model": name, "fer.model_family": "cnn"})
+        pyfunc_model.log_model(keras_model, name="model")
+    return run.info.run_id
+
+
+def labelled(tmp_path, name: str, test: dict[int, int], val: dict[int, int] | None = None) -> str:
+    """A dataset file whose test (and val) split holds `count` faces of each `label` in the dicts."""
+    images, labels, splits = [], [], []
+    rng = np.random.default_rng(len(name))
+    for split, counts in (("test", test), ("val", val or {}), ("train", {SAD: 2})):
+        for label, count in counts.items():
+            images += [rng.integers(40, 215, (48, 48), dtype=np.uint8) for _ in range(count)]
+            labels += [label] * count
+            splits += [split] * count
+    ids = [f"{name}-{i}" for i in range(len(images))]
+    return str(ds.save(ds.Dataset(np.stack(images), labels, splits, ids), tmp_path / f"{name}.npz"))
+
+
+def champion(name="fer-emotion"):
+    return MlflowClient().get_model_version_by_alias(name, "champion")
+
+
+def versions(name="fer-emotion"):
+    return MlflowClient().search_model_versions(f"name = '{name}'")
+
+
+# --- 1. the demo stays apart -------------------------------------------------------------------
+
+
+def test_runs_go_to_the_project_experiment_for_their_data_unless_the_user_chose_one(kaggle_folder, monkeypatch):
+    client = MlflowClient()
+    demo = clean.run("demo")
+    real = clean.run(str(kaggle_folder))
+    where = {o.run_id: client.get_experiment(client.get_run(o.run_id).info.experiment_id) for o in (demo, real)}
+    assert where[demo.run_id].name == "fer-demo" and where[real.run_id].name == "fer2013"
+    assert all(e.tags.get(EXPERIMENT_KIND[0]) == EXPERIMENT_KIND[1] for e in where.values())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "my-study")  # what the user names always wins
+    chosen = clean.run("demo")
+    assert client.get_experiment(client.get_run(chosen.run_id).info.experiment_id).name == "my-study"
+    assert not client.search_runs(["0"])  # nothing in MLflow's Default experiment
+
+
+def test_mlflow_run_without_an_experiment_leaves_nothing_in_default(tracking):
+    done = mlflow_run("clean", {"data": "demo"}, tracking)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient()
+    runs = all_runs()
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert client.get_experiment(runs[0].info.experiment_id).name == "fer-demo"
+    assert runs[0].data.params["data"] == "demo"  # the runner's params came along
+    deadline = time.monotonic() + 60
+    while client.search_runs(["0"]) and time.monotonic() < deadline:  # MLflow's own run, deleted once ended
+        time.sleep(0.5)
+    assert not client.search_runs(["0"])
+
+
+# --- 2. never replace a champion unseen --------------------------------------------------------
+
+
+def test_promote_scores_a_champion_from_another_experiment_before_replacing_it(tmp_path, monkeypatch):
+    mostly_happy = labelled(tmp_path, "d2", {HAPPY: 6, ANGRY: 4})
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-a")
+    happy = logged(constant_model(HAPPY), experiment_id("team-a"), "happy")
+    evaluate.run(run_id=happy, data=labelled(tmp_path, "d1", {HAPPY: 5}))
+    assert promote.run().changed  # v1, scored 1.0 on d1 only
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+
+    angry = logged(constant_model(ANGRY), name="angry")
+    assert evaluate.run(run_id=angry, data=mostly_happy).metrics["test_accuracy"] == pytest.approx(0.4)
+    kept = promote.run()
+    assert not kept.changed and str(champion().version) == "1"
+    nested = all_runs(f"tags.`mlflow.parentRunId` = '{kept.run_id}'")
+    assert len(nested) == 1 and nested[0].data.tags["fer.model_version"] == "fer-emotion/1"
+    assert nested[0].data.metrics["test_accuracy"] == pytest.approx(0.6)  # the champion, seen on d2
+
+    assert evaluate.run(model_uri="models:/fer-emotion@champion", data=mostly_happy).metrics[
+        "test_accuracy"] == pytest.approx(0.6)  # a models:/ URI's score counts for that version
+    assert not promote.run().changed
+    assert len(all_runs("tags.`fer.stage` = 'evaluate' and tags.`fer.model_version` = 'fer-emotion/1'")) == 2
+
+
+# --- 3. scored equals served -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [[False], [True], [False, True]], ids=["plain", "tta", "both"])
+def test_the_registered_version_predicts_what_its_metric_says_with_no_params(settings, tmp_path):
+    data = labelled(tmp_path, "faces", {label: 4 for label in range(7)})
+    source = logged(tiny_keras_model(), name="cnn")
+    scored = {tta: evaluate.run(run_id=source, data=data, tta=tta) for tta in settings}
+    outcome = promote.run()
+    version = champion()
+    top = max(o.metrics["test_accuracy"] for o in scored.values())
+    best = [o.settings for o in scored.values() if o.metrics["test_accuracy"] == top]
+    assert version.tags["settings"] in [b.key for b in best] and version.tags["source_run"] == source
+    model = mlflow.pyfunc.load_model(f"models:/fer-emotion/{version.version}")
+    served = pyfunc_model.settings_of(model)
+    assert served in best and served.key == version.tags["settings"]
+    test = ds.load(data).split("test")
+    predicted = model.predict(test.images)["label"].map(list(test.class_names).index).to_numpy()
+    assert np.mean(predicted == test.labels) == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-6)
+    for words in ("test_accuracy", served.key, "faces.npz", source, "confusion_matrix"):
+        assert words in version.description
+    promote_run = MlflowClient().get_run(outcome.run_id)
+    assert promote_run.data.tags["fer.registered_model"] == "fer-emotion"
+
+
+def test_the_served_model_takes_its_settings_as_predict_params():
+    keras_model = tiny_keras_model()
+    with mlflow.start_run():
+        plain = mlflow.pyfunc.load_model(pyfunc_model.log_model(keras_model, name="plain").model_uri)
+        tta = mlflow.pyfunc.load_model(
+            pyfunc_model.log_model(keras_model, name="tta", settings=Settings(tta=True)).model_uri)
+    faces = np.random.default_rng(0).integers(0, 255, (6, 48, 48), dtype=np.uint8)
+    probabilities = lambda frame: frame.filter(like="prob_").to_numpy()  # noqa: E731
+    assert np.allclose(probabilities(tta.predict(faces)), probabilities(plain.predict(faces, params={"tta": True})))
+    assert np.allclose(probabilities(plain.predict(faces)), probabilities(tta.predict(faces, params={"tta": False})))
+    assert not np.allclose(probabilities(plain.predict(faces)), probabilities(tta.predict(faces)))
+    defaults = {spec.name: spec.default for spec in tta.metadata.get_params_schema().params}
+    assert defaults["tta"] is True and defaults["tta_rotation"] == 10.0  # so REST bodies take them too
+
+
+# --- 4. rollback sticks ------------------------------------------------------------------------
+
+
+def test_a_rolled_back_version_is_rejected_and_skipped_until_included(tmp_path):
+    data = labelled(tmp_path, "d", {HAPPY: 7, ANGRY: 3})
+    angry, happy = logged(constant_model(ANGRY), name="angry"), logged(constant_model(HAPPY), name="happy")
+    evaluate.run(run_id=angry, data=data)
+    promote.run()
+    evaluate.run(run_id=happy, data=data)
+    assert promote.run().changed and champion().run_id == happy
+    rolled = promote.run(rollback=True)
+    assert champion().run_id == angry
+    rejected = MlflowClient().get_model_version("fer-emotion", "2")
+    assert rejected.tags["rejected"] == "true" and rejected.tags["rejected_in_run"] == rolled.run_id
+    assert rejected.tags["rejected_by"] and rejected.tags["rejected_at"].startswith("20")
+    assert not promote.run().changed and champion().run_id == angry  # the rollback sticks
+    assert promote.run(include_rejected=True).changed and champion().run_id == happy
+    assert "rejected" not in MlflowClient().get_model_version("fer-emotion", "2").tags
+
+
+# --- 5. two promotes at once -------------------------------------------------------------------
+
+
+def promote_together(tracking_uri: str, experiments: list[str]) -> None:
+    """Start one `promote` process per experiment at the same moment; all must succeed."""
+    processes = [subprocess.Popen([sys.executable, "-m", "fer_mlflow", "promote"], cwd=PROJECT,
+                                  env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+                                       "MLFLOW_EXPERIMENT_NAME": name},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for name in experiments]
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+
+
+def check_registry(best_run: str) -> None:
+    sources = [v.tags.get("source_run") for v in versions()]
+    assert len(sources) == len(set(sources))  # one version per source run
+    assert champion().run_id == best_run
+    assert str(MlflowClient().get_model_version_by_alias("fer-emotion", "previous").version) != str(champion().version)
+
+
+def concurrent_promotes(tmp_path) -> None:
+    """Accuracies on the data: SAD 0.1 (the first champion), ANGRY 0.2, FEAR 0.3, HAPPY 0.4."""
+    data = labelled(tmp_path, "d", {HAPPY: 8, FEAR: 6, ANGRY: 4, SAD: 2})
+    runs = {label: logged(constant_model(label), experiment_id("base"), str(label))
+            for label in (SAD, ANGRY, FEAR, HAPPY)}
+    for experiment, label in (("base", SAD), ("a", ANGRY), ("b", ANGRY), ("c", FEAR), ("d", HAPPY)):
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
+        evaluate.run(run_id=runs[label], data=data)
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = "base"
+    promote.run()
+    promote_together(mlflow.get_tracking_uri(), ["a", "b"])  # both register the same run
+    check_registry(runs[ANGRY])
+    promote_together(mlflow.get_tracking_uri(), ["c", "d"])  # each a different, better run
+    check_registry(runs[HAPPY])
+
+
+@pytest.mark.slow
+def test_two_promotes_at_once_on_sqlite_leave_one_version_per_run_and_the_best_champion(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "base")  # cleaned up by monkeypatch after the test
+    concurrent_promotes(tmp_path)
+
+
+@pytest.mark.slow
+def test_two_promotes_at_once_on_a_tracking_server_agree_too(tracking_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "base")
+    mlflow.set_tracking_uri(tracking_server)
+    concurrent_promotes(tmp_path)
+
+
+# --- 6. selection on validation data -----------------------------------------------------------
+
+
+def test_promote_can_choose_on_val_and_reports_test(tmp_path):
+    data = labelled(tmp_path, "d", test={HAPPY: 6, ANGRY: 4}, val={ANGRY: 6, HAPPY: 4})
+    angry, happy = logged(constant_model(ANGRY), name="angry"), logged(constant_model(HAPPY), name="happy")
+    for run_id in (angry, happy):
+        evaluate.run(run_id=run_id, data=data, split="val")
+        evaluate.run(run_id=run_id, data=data)
+    with pytest.raises(Exception, match="not one of the val split's"):
+        promote.run(split="val", metric="test_accuracy")
+    promote.run(split="val")
+    version = champion()
+    assert version.run_id == angry  # best on val (0.6), though worse on test (0.4)
+    assert version.tags["split"] == "val" and version.tags["val_accuracy"] == "0.600000"
+    assert version.tags["reported_test_accuracy"] == "0.400000"
+    assert "chosen on validation data" in version.description
