@@ -11,7 +11,6 @@ Logged to the run:
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import asdict, dataclass

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
 import zipfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from conftest import SHARED_ZIP, free_port, mlflow_run
+from conftest import SHARED_ZIP, mlflow_run, write_layout
 from mlflow import MlflowClient
 from PIL import Image
 
+from fer_mlflow import evaluate, promote, train
 from fer_mlflow.dataset import CLASS_NAMES
 
 SMALL = {"models": "cnn,resnet50", "epochs": 1, "image_size": 32}
@@ -32,27 +29,60 @@ def real_faces(count: int = 8) -> tuple[np.ndarray, list[str]]:
     return np.stack(images), [n.split("/")[1] for n in names]
 
 
+def real_sample(folder: Path) -> Path:
+    """A small FER2013 sample in the Kaggle layout: 10 train and 3 test faces per class of the
+    shared zip, or (without it) synthetic faces in the same layout, which count as real data too."""
+    if not SHARED_ZIP.exists():
+        return write_layout(folder / "sample", {"train": 10, "test": 3})
+    sample = folder / "fer2013-sample.zip"
+    with zipfile.ZipFile(SHARED_ZIP) as source, zipfile.ZipFile(sample, "w") as target:
+        for split, count in (("train", 10), ("test", 3)):
+            for name in CLASS_NAMES:
+                members = [n for n in source.namelist() if n.startswith(f"{split}/{name}/") and n.endswith(".jpg")]
+                for member in members[:count]:
+                    target.writestr(member, source.read(member))
+    return sample
+
+
 def check_pipeline(done: subprocess.CompletedProcess, client: MlflowClient) -> None:
+    """The quick start's pipeline ran whole in the fer-demo experiment and registered fer-emotion-demo."""
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "champion: models:/fer-emotion@champion" in done.stdout
-    assert "mlflow.pyfunc.load_model('models:/fer-emotion@champion')" in done.stdout
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert "champion: models:/fer-emotion-demo@champion" in done.stdout
+    assert "mlflow.pyfunc.load_model('models:/fer-emotion-demo@champion')" in done.stdout
+    demo = client.get_experiment_by_name("fer-demo")
+    runs = client.search_runs([demo.experiment_id])
     parent = [r for r in runs if r.data.tags.get("fer.stage") == "main"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     stages = sorted(r.data.tags.get("fer.stage") for r in runs)
-    assert stages == ["clean", "evaluate", "evaluate", "main", "promote", "train", "train"]
+    models = SMALL["models"].count(",") + 1
+    assert stages == sorted(["clean", "main", "promote"] + ["evaluate", "train"] * models)
     assert all(r.info.status == "FINISHED" for r in runs)
     steps = [r for r in runs if r.data.tags.get("fer.stage") in ("clean", "train", "promote")]
     assert all(r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id for r in steps)
-    champion = client.get_model_version_by_alias("fer-emotion", "champion")
+    names = {r.data.tags["fer.stage"]: r.info.run_name for r in runs}
+    assert names["train"].startswith(("cnn-demo ", "resnet50-demo ")) and names["clean"] == "clean-demo"
+    champion = client.get_model_version_by_alias("fer-emotion-demo", "champion")
     assert champion.tags["test_digest"] and champion.tags["model"] in ("cnn", "resnet50")
 
 
 @pytest.mark.slow
-def test_mlflow_run_main_leaves_a_champion_that_predicts_real_faces(tracking):
-    done = mlflow_run("main", SMALL, tracking, timeout=1500)
-    check_pipeline(done, MlflowClient())
-    model = mlflow.pyfunc.load_model("models:/fer-emotion@champion")
+def test_the_quick_start_leaves_a_demo_champion_and_never_touches_one_trained_on_real_data(tracking, tmp_path):
+    sample = real_sample(tmp_path)
+    trained = train.run(train.TrainConfig(model="cnn", data=str(sample), epochs=1, batch_size=32))
+    evaluate.run(run_id=trained.run_id)
+    promote.run()
+    client = MlflowClient()
+    real = client.get_model_version_by_alias("fer-emotion", "champion")
+    assert real.run_id == trained.run_id
+
+    done = mlflow_run("main", SMALL, tracking, timeout=1500)  # the README's quick start, shrunk
+    check_pipeline(done, client)
+    after = client.get_model_version_by_alias("fer-emotion", "champion")
+    assert (after.version, after.aliases) == (real.version, real.aliases)
+    assert len(client.search_model_versions("name = 'fer-emotion'")) == 1
+    assert not client.search_runs(["0"], "attributes.status = 'RUNNING'")
+
+    model = mlflow.pyfunc.load_model("models:/fer-emotion-demo@champion")
     if SHARED_ZIP.exists():
         images, _ = real_faces()
     else:
@@ -72,9 +102,9 @@ def test_the_pipeline_works_against_a_tracking_server(tracking_server, monkeypat
     done = mlflow_run("main", {**SMALL, "models": "cnn"}, tracking_server, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     client = MlflowClient(tracking_server)
-    champion = client.get_model_version_by_alias("fer-emotion", "champion")
+    champion = client.get_model_version_by_alias("fer-emotion-demo", "champion")
     assert champion.tags["model"] == "cnn"
-    model = mlflow.pyfunc.load_model("models:/fer-emotion@champion")
+    model = mlflow.pyfunc.load_model("models:/fer-emotion-demo@champion")
     from fer_mlflow.demo import make_demo
 
     assert len(model.predict(make_demo(per_class=9).images[:3])) == 3

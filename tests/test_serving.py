@@ -183,6 +183,16 @@ def test_served_model_answers_pixel_arrays(server, key):
     check_predictions(text, server.model.predict(pixels))
 
 
+def test_served_model_takes_test_time_views_as_body_params(server):
+    pixels = smooth_pixels(2)
+    body = {"inputs": pixels.tolist(), "params": {"tta": True}}
+    status, text = post(server.url, json.dumps(body).encode())
+    assert status == 200, text
+    ten_views = server.model.predict(pixels, params={"tta": True})
+    check_predictions(text, ten_views)
+    assert not np.allclose(ten_views.filter(like="prob_"), server.model.predict(pixels).filter(like="prob_"))
+
+
 def test_served_model_answers_its_own_input_example(server):
     status, text = post(server.url, server.serving_example.encode())
     assert status == 200, text
