@@ -163,7 +163,8 @@ def train(**options) -> None:
 @click.option("--tta-zoom", default="auto", show_default=True, type=Auto(click.FloatRange(0, 0.5)),
               help=f"Views zoomed in and out by this fraction; 0: none; auto: the model's own ({TTA_ZOOM:g}).")
 @click.option("--tta-shift", default="auto", show_default=True, type=Auto(click.IntRange(0, 12)),
-              help=f"Views shifted this many pixels up, down, left and right; 0: none; auto: the model's own ({TTA_SHIFT}).")
+              help=f"Views shifted this many pixels up, down, left and right; 0: none; "
+                   f"auto: the model's own ({TTA_SHIFT}).")
 @click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
               help="Images per predict call: memory, not the answer.")
 def evaluate(run_id, model_uri, data, split, tta, tta_rotation, tta_zoom, tta_shift, batch_size) -> None:

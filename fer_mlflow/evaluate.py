@@ -106,7 +106,8 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
                     "tta_rotation": settings.tta_rotation, "tta_zoom": settings.tta_zoom,
                     "tta_views": settings.view_count, "images": len(part)})
         log_split_inputs(part, target.data, label, splits=(split,))
-        served_uri = target.model_uri
+        # A registered version is named by number: an alias may move before promote reads this.
+        served_uri = f"models:/{target.version}" if target.version else target.model_uri
         if settings != own:
             served_uri = pyfunc_model.log_model(
                 model.unwrap_python_model().keras_model, name="served_model",

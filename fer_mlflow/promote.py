@@ -94,7 +94,7 @@ def run(registered_model_name: str = AUTO, metric: str = AUTO, test_digest: str 
     name = "" if registered_model_name in ("", AUTO) else registered_model_name
     client = MlflowClient()
     experiment = DEMO_EXPERIMENT if name == DEMO_MODEL else DATA_EXPERIMENT
-    with stage_run("promote", f"promote {name or 'fer-emotion(-demo)'} by {metric}", experiment=experiment) as active:
+    with stage_run("promote", f"promote by {metric}", experiment=experiment) as active:
         log_params({"registered_model_name": registered_model_name, "metric": metric, "split": split,
                     "test_digest": test_digest, "rollback": rollback, "include_rejected": include_rejected})
         if rollback:
@@ -109,7 +109,8 @@ def run(registered_model_name: str = AUTO, metric: str = AUTO, test_digest: str 
             name = name or (DEMO_MODEL if best.demo else DATA_MODEL)
             decision = _Decision(client, name, best, metric, split, pool_digest, include_rejected)
             version, changed, message = decision.make()
-        mlflow.set_tags({"fer.registered_model": name, "fer.champion_version": str(version),
+        mlflow.set_tags({"mlflow.runName": f"promote {name} by {metric}{' (rollback)' if rollback else ''}",
+                         "fer.registered_model": name, "fer.champion_version": str(version),
                          "fer.champion_changed": str(changed).lower()})
         log.info(message)
         return PromoteOutcome(active.info.run_id, str(version), changed, message, name)
@@ -124,9 +125,10 @@ def _best_candidate(client, experiment_id, name, metric, split, test_digest, inc
     evaluations = [r for r in evaluations if metric in r.data.metrics and "fer.source_run" in r.data.tags
                    and "fer.settings" in r.data.tags and r.data.tags.get("fer.split", "test") == split]
     if not evaluations:
-        raise ConfigError(f"no finished evaluation with metric {metric} on the {split} split in this "
-                          f"experiment; run the evaluate entry point first (-P split={split}), "
-                          "or check -P metric=...")
+        where = client.get_experiment(experiment_id).name
+        raise ConfigError(f"no finished evaluation with metric {metric} on the {split} split in experiment "
+                          f"{where}; run the evaluate entry point first (-P split={split}), promote in the "
+                          "experiment of your evaluations (--experiment-name ...), or check -P metric=...")
     digest = test_digest or evaluations[0].data.tags["fer.test_digest"]
     pool = [Candidate(r, r.data.metrics[metric]) for r in evaluations if r.data.tags["fer.test_digest"] == digest]
     if not pool:
@@ -135,9 +137,12 @@ def _best_candidate(client, experiment_id, name, metric, split, test_digest, inc
     pool.sort(key=lambda c: c.score, reverse=True)
     if include_rejected:
         return pool[0], digest
+    rejected: dict[str, set] = {}  # registered model -> keys of its rejected versions
     for candidate in pool:
-        registered = _versions(client, name or (DEMO_MODEL if candidate.demo else DATA_MODEL), candidate.key)
-        if not any(v.tags.get("rejected") == "true" for v in registered):
+        model = name or (DEMO_MODEL if candidate.demo else DATA_MODEL)
+        if model not in rejected:
+            rejected[model] = {_key(v) for v in _versions(client, model) if v.tags.get("rejected") == "true"}
+        if candidate.key not in rejected[model]:
             return candidate, digest
         log.info("skipping rejected model %s %s", *candidate.key)
     raise ConfigError(f"every candidate on data {digest} is a rejected version; "
@@ -181,8 +186,8 @@ class _Decision:
         registered only if it beats the champion; the champion wins ties."""
         versions = [v for v in _versions(self.client, self.name) if _key(v) in scores
                     and (self.include_rejected or v.tags.get("rejected") != "true")]
-        ranked = sorted(versions, key=lambda v: (scores[_key(v)], champion is not None and v.version == champion.version,
-                                                 -int(v.version)), reverse=True)
+        holds = lambda v: champion is not None and v.version == champion.version  # noqa: E731
+        ranked = sorted(versions, key=lambda v: (scores[_key(v)], holds(v), -int(v.version)), reverse=True)
         leader = scores[_key(ranked[0])] if ranked else None
         if leader is None or self.best.score > leader:
             return self._registered()
@@ -311,8 +316,10 @@ class _Decision:
                 return f"{self.name} v{champion.version} is already champion ({self.metric}={score:.4f})"
             return (f"kept champion {self.name} v{champion.version} ({self.metric}={score:.4f}); "
                     f"best candidate scores {self.best.score:.4f} {where}")
-        versus = "no champion yet" if old is None else f"v{old.version} scored {scores.get(_key(old), float('nan')):.4f}"
-        return f"champion is now {self.name} v{champion.version} ({self.metric}={score:.4f} {where}; previous: {versus})"
+        versus = "no champion yet" if old is None else \
+            f"v{old.version} scored {scores.get(_key(old), float('nan')):.4f}"
+        return (f"champion is now {self.name} v{champion.version} ({self.metric}={score:.4f} {where}; "
+                f"previous: {versus})")
 
 
 def _rollback(client, name, active) -> tuple[str, str]:
