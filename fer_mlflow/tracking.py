@@ -22,6 +22,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow import MlflowClient
@@ -102,7 +103,7 @@ def experiment_id(name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+            return client.create_experiment(name, _artifact_location(client, name), tags=dict([EXPERIMENT_KIND]))
         except MlflowException:  # another process created it first
             found = client.get_experiment_by_name(name)
             if found is None:
@@ -113,9 +114,26 @@ def experiment_id(name: str) -> str:
     return found.experiment_id
 
 
+def _artifact_location(client: MlflowClient, name: str) -> str | None:
+    """Beside the Default experiment's artifacts when those are local files; else None, for the
+    store or server to choose. A local store would otherwise resolve its default root against this
+    process's working directory, which under `mlflow run` is the project's folder, not the user's."""
+    try:
+        location = client.get_experiment(DEFAULT_EXPERIMENT_ID).artifact_location
+    except MlflowException:
+        return None
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        return None
+    folder = Path(parsed.path).parent / name
+    return folder.as_uri() if parsed.scheme == "file" else str(folder)
+
+
 def _target(experiment: str) -> dict:
     """`mlflow.start_run` arguments for a top-level stage run."""
-    launched = os.environ.get("MLFLOW_RUN_ID")
+    # Taken out of the environment, as MLflow does when it resumes the run itself: left there, a
+    # nested start_run (train's clean) would resume this run instead of starting a child.
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
     if launched:
         run = MlflowClient().get_run(launched)
         if run.info.experiment_id != DEFAULT_EXPERIMENT_ID or os.environ.get("MLFLOW_EXPERIMENT_NAME"):
@@ -135,7 +153,6 @@ def _moved(run, target_experiment: str) -> str:
         client.log_batch(copy.info.run_id, params=params[start:start + 100])
     client.set_tag(run.info.run_id, "fer.moved_to", copy.info.run_id)
     _delete_when_ended(run.info.run_id)
-    os.environ.pop("MLFLOW_RUN_ID", None)
     name = client.get_experiment(target_experiment).name
     log.info("no experiment chosen: run %s continues as run %s in experiment %s",
              run.info.run_id, copy.info.run_id, name)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import keras
 import mlflow
@@ -90,6 +91,21 @@ def test_mlflow_run_without_an_experiment_leaves_nothing_in_default(tracking):
     while client.search_runs(["0"]) and time.monotonic() < deadline:  # MLflow's own run, deleted once ended
         time.sleep(0.5)
     assert not client.search_runs(["0"])
+    # Its artifacts sit beside Default's, in the user's folder, not in the project's (mlflow run's cwd).
+    default = Path(client.get_experiment("0").artifact_location.removeprefix("file://"))
+    demo = client.get_experiment_by_name("fer-demo").artifact_location.removeprefix("file://")
+    assert Path(demo).parent == default.parent and PROJECT not in Path(demo).parents
+
+
+def test_mlflow_run_in_a_chosen_experiment_keeps_train_and_its_clean_apart(tracking, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
+    done = mlflow_run("train", {"data": "demo", "epochs": 1, "batch_size": 32}, tracking)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {r.data.tags["fer.stage"]: r for r in all_runs()}
+    assert set(runs) == {"train", "clean"}
+    assert runs["clean"].data.tags["mlflow.parentRunId"] == runs["train"].info.run_id
+    assert runs["train"].info.run_name.startswith("cnn-demo sgd lr=0.05 1ep")
+    assert MlflowClient().get_experiment(runs["train"].info.experiment_id).name == "mine"
 
 
 # --- 2. never replace a champion unseen --------------------------------------------------------
