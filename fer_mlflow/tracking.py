@@ -9,8 +9,8 @@ project's code starts, in Default (id 0) when nothing was chosen, and MLflow has
 run: so that run is copied (params and tags) into the project's experiment and tagged
 ``fer.moved_to``, and the stage logs to the copy. `mlflow run` marks its own run FINISHED or FAILED
 once the stage's process exits (and fails if it is gone by then), so a small detached process waits
-for that and then deletes it. Choosing Default by id 0 alone therefore counts as choosing nothing;
-name it (``--experiment-name Default``) to use it.
+for that and then deletes it. `mlflow run` passes its stages the experiment's id alone, so Default
+(id 0) counts as no choice there; ``MLFLOW_EXPERIMENT_NAME=Default`` chooses it.
 """
 
 from __future__ import annotations
