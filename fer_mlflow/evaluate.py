@@ -79,7 +79,7 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
         raise ConfigError(f"split={split} is not one of {', '.join(EVALUATED_SPLITS)}")
     target = _resolve(run_id, model_uri, data)
     part = _split(target.data, split)
-    model = mlflow.pyfunc.load_model(target.model_uri)
+    model = _load(target.model_uri)
     own = pyfunc_model.settings_of(model)
     settings = Settings.from_mapping({"tta": tta, "tta_shift": tta_shift, "tta_rotation": tta_rotation,
                                       "tta_zoom": tta_zoom}, base=own)
@@ -98,7 +98,8 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
         copied = {"fer.model": "fer.model", "fer.model_family": "fer.model_family",
                   "fer.data_digest": "fer.train_data_digest", "fer.data": "fer.train_data",
                   DEMO_TAG: TRAINED_ON_DEMO_TAG}
-        tags.update({ours: source.data.tags[theirs] for theirs, ours in copied.items() if theirs in source.data.tags})
+        tags.update({ours: source.data.tags[theirs] for theirs, ours in copied.items()
+                     if theirs in source.data.tags})
     name = f"evaluate {tags.get('fer.model', 'model')}-{label} {split} {settings.describe()}"
     with stage_run("evaluate", name, tags, nested=nested, experiment=experiment) as active:
         log_params({"run_id": run_id or "", "model_uri": target.model_uri, "data": target.data,
@@ -119,6 +120,14 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
         metrics = _log_results(part, probabilities, split)
         outcome = EvaluateOutcome(active.info.run_id, metrics, part.digest(), settings, served_uri)
     return outcome
+
+
+def _load(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as error:
+        raise ConfigError(f"model {model_uri} could not be loaded ({str(error).splitlines()[0]}); pass the "
+                          "id of a training run, or a models:/<name>/<version> or runs:/<id>/model URI") from error
 
 
 def _probabilities(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, batch_size: int) -> np.ndarray:

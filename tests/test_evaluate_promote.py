@@ -128,10 +128,17 @@ def test_shifted_moves_the_face_and_repeats_the_edge_pixels():
     assert views.shifted(image, 0, 0) is image
 
 
-def test_evaluate_needs_a_model(capsys):
-    with pytest.raises(SystemExit):
-        main(["evaluate"])
-    assert "exactly one of run_id" in capsys.readouterr().err
+@pytest.mark.parametrize(("arguments", "expected"), [
+    ([], "exactly one of run_id"),
+    (["--model-uri", "/no/such/model", "--data", "demo"], "model /no/such/model could not be loaded"),
+    (["--model-uri", "models:/fer-emotion/7", "--data", "demo"], "model models:/fer-emotion/7 not found"),
+], ids=["none", "missing_path", "missing_version"])
+def test_evaluate_needs_a_model(arguments, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", *arguments])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and expected in err and "Traceback" not in err
+    assert not all_runs()  # nothing started, nothing left RUNNING
 
 
 # --- promote ---------------------------------------------------------------------------------
