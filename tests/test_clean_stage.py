@@ -17,6 +17,11 @@ from fer_mlflow.cleaning import CleanConfig
 from fer_mlflow.sources import read_source
 
 def only_run(client: MlflowClient):
+    """The one run the stage made. `mlflow run`'s own run in Default, copied into the project's
+    experiment, is deleted once it has ended: wait for that (test_champion checks it further)."""
+    deadline = time.monotonic() + 60
+    while client.search_runs(["0"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
     runs = client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1
     return runs[0]
@@ -28,6 +33,7 @@ def test_mlflow_run_clean_on_demo_logs_counts_figures_inputs_and_dataset(trackin
     client = MlflowClient()
     run = only_run(client)
     assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "fer-demo"  # not MLflow's Default
     metrics = run.data.metrics
     for key in ("source/images", "removed/total", "removed/duplicates", "removed/leakage",
                 "removed/conflicting_labels", "removed/blank", "removed/mean_outlier", "images/train"):
