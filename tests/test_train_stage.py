@@ -75,6 +75,7 @@ def test_metric_history_has_one_point_per_epoch(tiny_npz):
     assert mlflow.pyfunc.load_model(outcome.model_uri) is not None
 
 
+@pytest.mark.slow  # over 10 s: keeps -m 'not slow' under 3 minutes
 def test_time_budget_ends_training_and_the_cosine_decay_with_it(tiny_npz):
     config = train.TrainConfig(model="cnn", data=tiny_npz, batch_size=32, time_budget=0.15, patience=1000)
     outcome = train.run(config)
@@ -172,6 +173,7 @@ def test_a_raw_source_is_cleaned_in_a_nested_run(tmp_path):
     assert training.data.params["data_uri"] == f"runs:/{cleaning[0].info.run_id}/dataset/dataset.npz"
 
 
+@pytest.mark.slow  # over 10 s: keeps -m 'not slow' under 3 minutes
 def test_resnet_with_a_local_weights_file_trains_head_then_fine_tunes(tiny_npz, tmp_path):
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
                                            pooling="avg")
@@ -217,6 +219,7 @@ def test_bad_train_options_are_one_line(args, expected, capsys):
     assert len(err) == 1 and expected in err[0]
 
 
+@pytest.mark.slow  # over 10 s: keeps -m 'not slow' under 3 minutes
 def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_npz, tracking):
     script = textwrap.dedent(f"""
         import tensorflow as tf
