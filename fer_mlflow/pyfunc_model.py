@@ -39,9 +39,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -51,10 +53,11 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE
 from fer_mlflow.errors import ConfigError, DataError, FerError
+from fer_mlflow.images import MAX_IMAGES, MAX_PIXELS, open_gray
 from fer_mlflow.views import BATCH_SIZE, Settings, probabilities
 
 IMAGE_COLUMN = "image"
@@ -65,11 +68,11 @@ EXPECTED_INPUT = (
     f"{EXPECTED_ARRAY}, or {EXPECTED_IMAGES} in a DataFrame '{IMAGE_COLUMN}' column, "
     f"a dict with an '{IMAGE_COLUMN}' key or a 1-D list/array"
 )
-# Pinned so a served model gets the versions it was trained and validated with; keras is listed
-# because the .keras file format follows the keras release, not tensorflow's.
 # The model config's key for the default `Settings`. Nested, because MLflow also logs the model
 # config as params of the run (flattened: serving/tta, ...), and evaluate logs its own `tta`.
 SETTINGS_KEY = "serving"
+# Pinned so a served model gets the versions it was trained and validated with; keras is listed
+# because the .keras file format follows the keras release, not tensorflow's.
 REQUIREMENT_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")
 _MODEL_CODE = (
     "import mlflow\n"
@@ -78,10 +81,16 @@ _MODEL_CODE = (
 )
 
 
-def decode_images(images: Iterable[bytes | str]) -> np.ndarray:
-    """Decode PNG/JPEG images (bytes, or base64 strings, optionally a ``data:`` URL) of any size
-    and colour into grayscale 48x48 pixels: returns uint8 (N, 48, 48). Raises DataError naming the
-    first bad image and what was expected."""
+def decode_images(images: Iterable[bytes | str], max_pixels: int = MAX_PIXELS,
+                  max_images: int = MAX_IMAGES) -> np.ndarray:
+    """Decode encoded images (bytes, or base64 strings, optionally a ``data:`` URL) of any size and
+    colour (`images.FORMATS`) into grayscale 48x48 pixels: returns uint8 (N, 48, 48). Raises
+    DataError naming the first bad image and what was expected, or the limit passed: more than
+    `max_images` images, or one declaring more than `max_pixels` pixels."""
+    images = list(images)
+    if len(images) > max_images:
+        raise DataError(f"got {len(images)} images in one request, over the limit of {max_images}; "
+                        "send them in several requests (or raise max_images)")
     decoded = []
     for index, item in enumerate(images):
         if isinstance(item, str):
@@ -93,20 +102,10 @@ def decode_images(images: Iterable[bytes | str]) -> np.ndarray:
                 f"image {index} is {type(item).__name__} {str(item)[:40]!r}; "
                 "expected PNG/JPEG bytes or a base64 string of them"
             )
-        try:
-            with Image.open(io.BytesIO(item)) as opened:
-                # Phone JPEGs are often stored sideways with an EXIF rotation tag.
-                image = ImageOps.exif_transpose(opened).convert("L")
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            decoded.append(np.asarray(image, dtype=np.uint8))
-        # Decoders raise many types on corrupt data (OSError, SyntaxError, ValueError, ...); every
-        # one of them means the client sent a bad image, which must become a 4xx, not a 500.
-        except Exception as error:
-            reason = "unknown format" if isinstance(error, UnidentifiedImageError) else str(error)
-            raise DataError(
-                f"image {index} could not be decoded ({reason}); expected a PNG or JPEG image"
-            ) from error
+        image = Image.fromarray(open_gray(item, index, max_pixels))
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+        decoded.append(np.asarray(image, dtype=np.uint8))
     if not decoded:
         raise DataError(f"no images given; expected one or more {EXPECTED_IMAGES}")
     return np.stack(decoded)
@@ -141,29 +140,31 @@ def _pixels(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _input_pixels(model_input) -> np.ndarray:
+def _input_pixels(model_input, max_pixels: int = MAX_PIXELS, max_images: int = MAX_IMAGES) -> np.ndarray:
     """Route each accepted kind of input (see the module docstring) to float32 (N, 48, 48, 1)
-    pixels; anything else raises DataError naming what was expected."""
+    pixels; anything else raises DataError naming what was expected. The limits apply to encoded
+    images (`decode_images`)."""
+    decode = partial(decode_images, max_pixels=max_pixels, max_images=max_images)
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
             raise DataError(
                 f"a DataFrame with columns {list(model_input.columns)} given; expected {EXPECTED_FRAME}"
             )
-        return _pixels(decode_images(model_input[IMAGE_COLUMN].tolist()))
+        return _pixels(decode(model_input[IMAGE_COLUMN].tolist()))
     if isinstance(model_input, dict):
         if IMAGE_COLUMN not in model_input:
             raise DataError(
                 f"a dict with keys {list(model_input)} given; expected an '{IMAGE_COLUMN}' key "
                 f"holding a list of {EXPECTED_IMAGES}"
             )
-        return _pixels(decode_images(_image_list(model_input[IMAGE_COLUMN])))
+        return _pixels(decode(_image_list(model_input[IMAGE_COLUMN])))
     if isinstance(model_input, (list, tuple, pd.Series)):
-        return _pixels(decode_images(_image_list(model_input)))
+        return _pixels(decode(_image_list(model_input)))
     if isinstance(model_input, np.ndarray):
         if model_input.dtype.kind not in "OSU":  # numbers: pixels, whose checks name the problem
             return _pixels(model_input)
         if model_input.ndim == 1:
-            return _pixels(decode_images(model_input.tolist()))
+            return _pixels(decode(model_input.tolist()))
         raise DataError(
             f"a {model_input.dtype} array of shape {model_input.shape} given; expected {EXPECTED_INPUT}"
         )
@@ -195,6 +196,11 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         self.class_names = tuple(config.get("class_names", CLASS_NAMES))
         # Models logged before settings were part of the config predict on the face alone.
         self.settings = Settings.from_mapping(config.get(SETTINGS_KEY))
+        # Input limits of a public endpoint: for `mlflow models serve` the environment
+        # (FER_MAX_PIXELS, FER_MAX_IMAGES); else the model config, which load_model(...,
+        # model_config={"max_pixels": ...}) overrides; models logged before limits get the defaults.
+        self.max_pixels = int(os.environ.get("FER_MAX_PIXELS") or config.get("max_pixels") or MAX_PIXELS)
+        self.max_images = int(os.environ.get("FER_MAX_IMAGES") or config.get("max_images") or MAX_IMAGES)
         if self.keras_model.output_shape[-1] != len(self.class_names):
             raise ConfigError(
                 f"the Keras model has {self.keras_model.output_shape[-1]} outputs but "
@@ -212,7 +218,7 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         settings for this call. Bad input raises MlflowException (INVALID_PARAMETER_VALUE, so the
         scoring server answers 400) saying what was expected."""
         try:
-            pixels = _input_pixels(model_input)
+            pixels = _input_pixels(model_input, self.max_pixels, self.max_images)
         except FerError as error:
             raise MlflowException.invalid_parameter_value(str(error)) from error
         settings = Settings.from_mapping(params, base=self.settings)
@@ -318,7 +324,8 @@ def log_model(
             name=name,
             python_model=str(code_path),
             artifacts={"keras_model": str(keras_path)},
-            model_config={"class_names": list(class_names), SETTINGS_KEY: asdict(settings)},
+            model_config={"class_names": list(class_names), SETTINGS_KEY: asdict(settings),
+                          "max_pixels": MAX_PIXELS, "max_images": MAX_IMAGES},
             code_paths=[str(Path(__file__).resolve().parent)],
             signature=signature(class_names, settings),
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png_base64(example)]}),

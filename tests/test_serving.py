@@ -42,6 +42,13 @@ def jpeg_base64() -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def image_base64(format: str, size: tuple[int, int]) -> bytes:
+    """A plain grey image of `size` in `format`, base64 (a 48-megapixel PNG is a few kilobytes)."""
+    buffer = io.BytesIO()
+    Image.new("L", size, 100).save(buffer, format=format)
+    return base64.b64encode(buffer.getvalue())
+
+
 def smooth_pixels(count: int) -> np.ndarray:
     """Distinct smooth 48x48 uint8 faces-to-be, as a client holding decoded pixels sends them."""
     rows, cols = np.mgrid[0:48, 0:48]
@@ -204,7 +211,7 @@ def test_served_model_answers_its_own_input_example(server):
     [
         (b'{"dataframe_split": {"columns": ["image"], "data": [["abc"', "valid JSON"),
         (b'{"dataframe_split": {"columns": ["image"], "data": [["not an image!"]]}}', "base64"),
-        (b'{"inputs": {"image": ["aGVsbG8gd29ybGQ="]}}', "expected a PNG or JPEG"),
+        (b'{"inputs": {"image": ["aGVsbG8gd29ybGQ="]}}', "expected a PNG, JPEG, WebP, BMP or GIF"),
         (b'{"inputs": {"picture": ["aGVsbG8gd29ybGQ="]}}', "expected an 'image' key"),
         (b'{"inputs": {"image": "aGVsbG8gd29ybGQ="}}', "expected a 1-D list of PNG/JPEG"),
         (b'{"dataframe_records": [{"picture": "aGVsbG8="}]}', "expected a DataFrame with an 'image' column"),
@@ -213,11 +220,17 @@ def test_served_model_answers_its_own_input_example(server):
         (b'{"inputs": "aGVsbG8gd29ybGQ="}', "expected an N x 48 x 48"),
         (b'{"inputs": []}', "no images given"),
         (b'{"image": ["aGVsbG8gd29ybGQ="]}', "dataframe_split"),
+        (b'{"inputs": ["' + image_base64("TIFF", (48, 48)) + b'"]}', "expected a PNG, JPEG, WebP, BMP or GIF"),
+        (b'{"inputs": ["' + image_base64("PNG", (8000, 6000)) + b'"]}', "over the limit of 40"),
+        (b'{"inputs": [' + b",".join([b'"' + image_base64("PNG", (48, 48)) + b'"'] * 257) + b"]}",
+         "257 images in one request, over the limit of 256"),
     ],
     ids=["invalid_json", "not_base64", "not_an_image", "wrong_key", "lone_string", "wrong_column",
-         "null_image", "small_pixel_array", "single_string", "empty", "no_format_key"],
+         "null_image", "small_pixel_array", "single_string", "empty", "no_format_key", "tiff",
+         "48_megapixels", "257_images"],
 )
 def test_served_model_rejects_bad_bodies_with_4xx(server, body, expected):
     status, text = post(server.url, body)
     assert 400 <= status < 500, (status, text)
     assert expected in json.loads(text)["message"]
+    assert post(server.url, json.dumps({"inputs": smooth_pixels(1).tolist()}).encode())[0] == 200  # still up
