@@ -1,0 +1,116 @@
+"""Finding faces in photos, and cutting each out as FER2013 frames its faces.
+
+Two detectors, each with its weights inside its pip wheel, so nothing is downloaded at run time:
+``mtcnn`` (the `mtcnn` package on the project's TensorFlow; it also finds the eyes) and ``haar``
+(OpenCV 4's frontal-face cascade, ``cv2.data.haarcascades``). Both are loaded once per process.
+
+FER2013's 48x48 images hold the whole face with a little forehead and chin, a frame larger than
+either detector's box. `FRAMING` says, per detector, how large that frame is and where its centre
+lies, in units of the box's width: fitted on upscaled FER2013 training images by
+``benchmarks/fit_framing.py`` (BENCHMARKS.md). `crop` cuts that square from the grayscale photo,
+padding with the edge pixels at the border, and resizes it to 48x48.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from PIL import Image
+
+from fer_mlflow.dataset import IMAGE_SIZE
+from fer_mlflow.errors import ConfigError
+
+DETECTORS = ("mtcnn", "haar")
+MIN_FACE = 20  # pixels: the smallest face searched for
+MAX_FACES = 20  # per image, the most confident first
+MIN_CONFIDENCE = 0.9  # mtcnn's own threshold for a face
+
+# detector -> (frame side, frame centre x offset, y offset), in box widths: medians over 449 (haar)
+# and 537 (mtcnn) FER2013 training images (benchmarks/fit_framing.py, BENCHMARKS.md).
+FRAMING = {"haar": (1.04, 0.0, 0.0), "mtcnn": (1.27, 0.01, -0.01)}
+
+
+@dataclass(frozen=True)
+class Face:
+    """A face box in the photo's own pixels, the detector's confidence, and the eyes if found."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    confidence: float
+    eyes: tuple[tuple[float, float], tuple[float, float]] | None = None  # (left, right) as (x, y)
+
+
+def detect(rgb: np.ndarray, detector: str = "mtcnn", min_face: int = MIN_FACE,
+           max_faces: int = MAX_FACES) -> list[Face]:
+    """The faces in `rgb` (H x W x 3 uint8) at least `min_face` pixels wide, most confident first,
+    at most `max_faces` of them."""
+    if detector not in DETECTORS:
+        raise ConfigError(f"detector={detector} is not one of {', '.join(DETECTORS)}")
+    # MTCNN starts its image pyramid at min_face: a large one leaves too coarse a pyramid to find
+    # faces of that size, so it searches from MIN_FACE and the small ones are dropped below.
+    found = _mtcnn(rgb, min(min_face, MIN_FACE)) if detector == "mtcnn" else _haar(rgb, min_face)
+    found = [f for f in found if f.w >= min_face and f.h >= min_face]
+    return sorted(found, key=lambda f: -f.confidence)[:max_faces]
+
+
+def _haar(rgb: np.ndarray, min_face: int) -> list[Face]:
+    import cv2
+
+    gray = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    boxes, _, weights = _cascade().detectMultiScale3(gray, scaleFactor=1.1, minNeighbors=5,
+                                                     minSize=(min_face, min_face), outputRejectLevels=True)
+    # The cascade's level weight is a score, not a probability: squashed to 0..1 for ranking.
+    return [Face(int(x), int(y), int(w), int(h), float(1 / (1 + np.exp(-weight))))
+            for (x, y, w, h), weight in zip(boxes, np.ravel(weights))]
+
+
+def _mtcnn(rgb: np.ndarray, min_face: int) -> list[Face]:
+    faces = []
+    for found in _mtcnn_detector().detect_faces(np.ascontiguousarray(rgb), min_face_size=min_face):
+        if found["confidence"] < MIN_CONFIDENCE:
+            continue
+        x, y, w, h = (int(v) for v in found["box"])
+        points = found.get("keypoints", {})
+        eyes = (tuple(map(float, points["left_eye"])), tuple(map(float, points["right_eye"]))) \
+            if "left_eye" in points else None
+        faces.append(Face(x, y, w, h, float(found["confidence"]), eyes))
+    return faces
+
+
+@cache
+def _cascade():
+    import cv2
+
+    path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise ConfigError(f"OpenCV's face cascade is missing ({path}); install opencv-python-headless<5")
+    return cascade
+
+
+@cache
+def _mtcnn_detector():
+    from mtcnn import MTCNN
+
+    return MTCNN()
+
+
+def crop(gray: np.ndarray, face: Face, detector: str = "mtcnn") -> np.ndarray:
+    """The 48x48 uint8 face of `gray` (H x W) framed as FER2013 frames faces (`FRAMING`): a square
+    around `face`'s box, edge pixels repeated where it passes the border."""
+    side_ratio, offset_x, offset_y = FRAMING[detector]
+    side = max(2, int(round(side_ratio * face.w)))
+    cx = face.x + face.w / 2 + offset_x * face.w
+    cy = face.y + face.h / 2 + offset_y * face.w
+    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
+    pad = max(0, -left, -top, left + side - gray.shape[1], top + side - gray.shape[0])
+    padded = np.pad(gray, pad, mode="edge") if pad else gray
+    square = padded[top + pad:top + pad + side, left + pad:left + pad + side]
+    resized = Image.fromarray(np.ascontiguousarray(square)).resize((IMAGE_SIZE, IMAGE_SIZE),
+                                                                    Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)

@@ -1,0 +1,68 @@
+"""Face detection on real photos no one here made (scikit-image's), on composites of them, and the
+FER2013-style crop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from fer_mlflow import faces
+from fer_mlflow.errors import ConfigError
+
+# The astronaut's face in skimage's astronaut.png (512 x 512), read off the photo by hand: between
+# her hairline and chin, ear to ear.
+FACE_LEFT, FACE_RIGHT, FACE_TOP, FACE_BOTTOM = 165, 285, 50, 180
+
+
+@pytest.mark.parametrize("detector", faces.DETECTORS)
+def test_each_detector_finds_the_astronauts_one_face_and_none_in_the_other_photos(detector):
+    found = faces.detect(data.astronaut(), detector)
+    assert len(found) == 1
+    face = found[0]
+    assert FACE_LEFT <= face.x and face.x + face.w <= FACE_RIGHT
+    assert FACE_TOP <= face.y and face.y + face.h <= FACE_BOTTOM
+    assert face.w >= 60 and 0 < face.confidence <= 1
+    assert faces.detect(data.coffee(), detector) == []
+    assert faces.detect(data.chelsea(), detector) == []
+
+
+def test_mtcnn_also_finds_the_eyes_level_on_her_face():
+    (face,) = faces.detect(data.astronaut(), "mtcnn")
+    (left_x, left_y), (right_x, right_y) = face.eyes
+    assert face.x < left_x < right_x < face.x + face.w and abs(left_y - right_y) < 0.1 * face.w
+
+
+@pytest.mark.parametrize("detector", faces.DETECTORS)
+def test_several_faces_of_several_sizes_in_one_photo_are_each_found(detector):
+    astronaut = Image.fromarray(data.astronaut())
+    head = astronaut.crop((140, 20, 310, 210))  # her head with some margin: 170 x 190
+    canvas = Image.new("RGB", (900, 400), (120, 120, 120))
+    placed = []
+    for scale, left in ((0.6, 20), (1.0, 200), (1.6, 480)):
+        size = (int(head.width * scale), int(head.height * scale))
+        canvas.paste(head.resize(size, Image.Resampling.BICUBIC), (left, 40))
+        placed.append((left, left + size[0]))
+    found = sorted(faces.detect(np.asarray(canvas), detector), key=lambda f: f.x)
+    assert len(found) == 3
+    for face, (start, end) in zip(found, placed):
+        assert start <= face.x and face.x + face.w <= end
+    assert faces.detect(np.asarray(canvas), detector, max_faces=2) == sorted(
+        found, key=lambda f: -f.confidence)[:2]
+    assert len(faces.detect(np.asarray(canvas), detector, min_face=120)) == 1  # only the largest
+
+
+def test_crop_is_the_framed_square_resized_with_edges_repeated_at_the_border(monkeypatch):
+    monkeypatch.setitem(faces.FRAMING, "haar", (2.0, 0.0, 0.0))  # a frame twice the box's width
+    gray = np.tile(np.arange(100, dtype=np.uint8), (100, 1))  # value = column
+    middle = faces.crop(gray, faces.Face(40, 40, 20, 20, 1.0), "haar")  # frame: columns 30..69
+    assert middle.shape == (48, 48) and middle.dtype == np.uint8
+    assert abs(int(middle[24, 0]) - 30) <= 1 and abs(int(middle[24, -1]) - 69) <= 1
+    corner = faces.crop(gray, faces.Face(0, 0, 20, 20, 1.0), "haar")  # frame: columns -10..29
+    assert corner[:, :10].max() == 0 and abs(int(corner[24, -1]) - 29) <= 1
+
+
+def test_an_unknown_detector_is_a_config_error():
+    with pytest.raises(ConfigError, match="detector=dlib is not one of mtcnn, haar"):
+        faces.detect(data.astronaut(), "dlib")
