@@ -18,12 +18,17 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from fer_mlflow.dataset import IMAGE_SIZE
 from fer_mlflow.errors import ConfigError
+from fer_mlflow.images import gray
 
 DETECTORS = ("mtcnn", "haar")
+CHOICES = ("auto", "none", *DETECTORS)  # auto: crops as they are, larger photos searched
+CROP_SIDE = 64  # auto: a photo at most this many pixels a side is one face crop
+BOX_COLUMNS = ("image", "face", "x", "y", "w", "h", "face_confidence")
 MIN_FACE = 20  # pixels: the smallest face searched for
 MAX_FACES = 20  # per image, the most confident first
 MIN_CONFIDENCE = 0.9  # mtcnn's own threshold for a face
@@ -114,3 +119,48 @@ def crop(gray: np.ndarray, face: Face, detector: str = "mtcnn") -> np.ndarray:
     resized = Image.fromarray(np.ascontiguousarray(square)).resize((IMAGE_SIZE, IMAGE_SIZE),
                                                                     Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.uint8)
+
+
+def whole(gray_image: np.ndarray) -> np.ndarray:
+    """A grayscale image (H x W uint8), whole, as a 48x48 face crop."""
+    image = Image.fromarray(gray_image)
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def face_crops(photos: list[np.ndarray], detector: str = "auto", default: str = "mtcnn",
+               min_face: int = MIN_FACE, max_faces: int = MAX_FACES) -> tuple[np.ndarray, pd.DataFrame]:
+    """The 48x48 uint8 crops (N x 48 x 48) of the faces in `photos` (RGB arrays), and a table
+    with a row per face (`BOX_COLUMNS`: photo index, face index, box in the photo's pixels,
+    detector confidence) and one row with face -1 per photo where none was found.
+
+    `detector`: ``auto`` takes a photo of at most `CROP_SIDE` pixels a side as one face crop and
+    searches larger ones with `default`; ``none`` takes every photo whole; else that detector.
+    """
+    if detector not in CHOICES:
+        raise ConfigError(f"detector={detector} is not one of {', '.join(CHOICES)}")
+    crops, rows = [], []
+    for index, rgb in enumerate(photos):
+        height, width = rgb.shape[:2]
+        use = detector
+        if detector == "auto":
+            use = "none" if height <= CROP_SIDE and width <= CROP_SIDE else default
+        luma = gray(rgb)
+        if use == "none":
+            crops.append(whole(luma))
+            rows.append((index, 0, 0, 0, width, height, np.nan))
+            continue
+        found = detect(rgb, use, min_face, max_faces)
+        rows += [(index, number, f.x, f.y, f.w, f.h, f.confidence) for number, f in enumerate(found)]
+        crops += [crop(luma, f, use) for f in found]
+        if not found:
+            rows.append((index, -1, 0, 0, 0, 0, np.nan))
+    empty = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    return (np.stack(crops) if crops else empty), pd.DataFrame(rows, columns=list(BOX_COLUMNS))
+
+
+def crop_boxes(count: int) -> pd.DataFrame:
+    """The table `face_crops` gives for `count` inputs that are face crops already (48x48 each)."""
+    return pd.DataFrame({"image": np.arange(count), "face": 0, "x": 0, "y": 0, "w": IMAGE_SIZE,
+                         "h": IMAGE_SIZE, "face_confidence": np.nan})

@@ -26,7 +26,17 @@ _SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def open_gray(data: bytes, index: int = 0, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """The image in `data` as uint8 grayscale (H x W), upright; DataError naming image `index` and
+    """The image in `data` as uint8 grayscale (H x W), upright (see `open_rgb`)."""
+    return gray(open_rgb(data, index, max_pixels))
+
+
+def gray(rgb: np.ndarray) -> np.ndarray:
+    """uint8 H x W x 3 to H x W luma, as Pillow's ``convert("L")`` computes it."""
+    return np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint8)
+
+
+def open_rgb(data: bytes, index: int = 0, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image in `data` as uint8 RGB (H x W x 3), upright; DataError naming image `index` and
     the fix when it is not an accepted format, declares more than `max_pixels`, or is corrupt."""
     try:
         with warnings.catch_warnings():
@@ -38,7 +48,7 @@ def open_gray(data: bytes, index: int = 0, max_pixels: int = MAX_PIXELS) -> np.n
                         f"image {index} is {width} x {height} = {width * height / 1e6:.1f} megapixels, over "
                         f"the limit of {max_pixels / 1e6:g}; send a smaller image (or raise max_pixels)")
                 image = ImageOps.exif_transpose(opened)  # phone photos are often stored sideways
-                return _gray(image)
+                return _rgb(image)
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -51,11 +61,11 @@ def open_gray(data: bytes, index: int = 0, max_pixels: int = MAX_PIXELS) -> np.n
             from error
 
 
-def _gray(image: Image.Image) -> np.ndarray:
+def _rgb(image: Image.Image) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT:  # 16-bit PNGs: 0..65535 down to 0..255, not clipped at 255
-        samples = np.asarray(image, dtype=np.float64)
-        return np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)
+        samples = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(samples[..., None], 3, axis=2)
     if image.mode in ("P", "PA") or "A" in image.mode or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(image.convert("L"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)

@@ -57,7 +57,8 @@ from PIL import Image
 
 from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE
 from fer_mlflow.errors import ConfigError, DataError, FerError
-from fer_mlflow.images import MAX_IMAGES, MAX_PIXELS, open_gray
+from fer_mlflow.faces import BOX_COLUMNS, MAX_FACES, MIN_FACE, crop_boxes, face_crops, whole
+from fer_mlflow.images import MAX_IMAGES, MAX_PIXELS, gray, open_rgb
 from fer_mlflow.views import BATCH_SIZE, Settings, probabilities
 
 IMAGE_COLUMN = "image"
@@ -73,7 +74,9 @@ EXPECTED_INPUT = (
 SETTINGS_KEY = "serving"
 # Pinned so a served model gets the versions it was trained and validated with; keras is listed
 # because the .keras file format follows the keras release, not tensorflow's.
-REQUIREMENT_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow")
+REQUIREMENT_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow", "mtcnn",
+                        "opencv-python-headless")
+DEFAULT_DETECTOR = "mtcnn"  # detector=auto searches photos larger than a crop with it
 _MODEL_CODE = (
     "import mlflow\n"
     "from fer_mlflow.pyfunc_model import FerEmotionModel\n"
@@ -84,9 +87,15 @@ _MODEL_CODE = (
 def decode_images(images: Iterable[bytes | str], max_pixels: int = MAX_PIXELS,
                   max_images: int = MAX_IMAGES) -> np.ndarray:
     """Decode encoded images (bytes, or base64 strings, optionally a ``data:`` URL) of any size and
-    colour (`images.FORMATS`) into grayscale 48x48 pixels: returns uint8 (N, 48, 48). Raises
-    DataError naming the first bad image and what was expected, or the limit passed: more than
-    `max_images` images, or one declaring more than `max_pixels` pixels."""
+    colour (`images.FORMATS`) into grayscale 48x48 pixels, each whole image one face: returns uint8
+    (N, 48, 48). Raises DataError naming the first bad image and what was expected, or the limit
+    passed: more than `max_images` images, or one declaring more than `max_pixels` pixels."""
+    return np.stack([whole(gray(rgb)) for rgb in decode_photos(images, max_pixels, max_images)])
+
+
+def decode_photos(images: Iterable[bytes | str], max_pixels: int = MAX_PIXELS,
+                  max_images: int = MAX_IMAGES) -> list[np.ndarray]:
+    """Decode encoded images as `decode_images` does, at their own size: uint8 RGB (H x W x 3) each."""
     images = list(images)
     if len(images) > max_images:
         raise DataError(f"got {len(images)} images in one request, over the limit of {max_images}; "
@@ -102,13 +111,10 @@ def decode_images(images: Iterable[bytes | str], max_pixels: int = MAX_PIXELS,
                 f"image {index} is {type(item).__name__} {str(item)[:40]!r}; "
                 "expected PNG/JPEG bytes or a base64 string of them"
             )
-        image = Image.fromarray(open_gray(item, index, max_pixels))
-        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-        decoded.append(np.asarray(image, dtype=np.uint8))
+        decoded.append(open_rgb(item, index, max_pixels))
     if not decoded:
         raise DataError(f"no images given; expected one or more {EXPECTED_IMAGES}")
-    return np.stack(decoded)
+    return decoded
 
 
 def _base64_bytes(text: str, index: int) -> bytes:
@@ -140,31 +146,32 @@ def _pixels(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _input_pixels(model_input, max_pixels: int = MAX_PIXELS, max_images: int = MAX_IMAGES) -> np.ndarray:
-    """Route each accepted kind of input (see the module docstring) to float32 (N, 48, 48, 1)
-    pixels; anything else raises DataError naming what was expected. The limits apply to encoded
-    images (`decode_images`)."""
-    decode = partial(decode_images, max_pixels=max_pixels, max_images=max_images)
+def _input_images(model_input, max_pixels: int = MAX_PIXELS,
+                  max_images: int = MAX_IMAGES) -> np.ndarray | list[np.ndarray]:
+    """Route each accepted kind of input (see the module docstring) to face crops, float32
+    (N, 48, 48, 1) pixels, or to photos, a list of RGB arrays of their own sizes; anything else
+    raises DataError naming what was expected. The limits apply to encoded images (`decode_photos`)."""
+    decode = partial(decode_photos, max_pixels=max_pixels, max_images=max_images)
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
             raise DataError(
                 f"a DataFrame with columns {list(model_input.columns)} given; expected {EXPECTED_FRAME}"
             )
-        return _pixels(decode(model_input[IMAGE_COLUMN].tolist()))
+        return decode(model_input[IMAGE_COLUMN].tolist())
     if isinstance(model_input, dict):
         if IMAGE_COLUMN not in model_input:
             raise DataError(
                 f"a dict with keys {list(model_input)} given; expected an '{IMAGE_COLUMN}' key "
                 f"holding a list of {EXPECTED_IMAGES}"
             )
-        return _pixels(decode(_image_list(model_input[IMAGE_COLUMN])))
+        return decode(_image_list(model_input[IMAGE_COLUMN]))
     if isinstance(model_input, (list, tuple, pd.Series)):
-        return _pixels(decode(_image_list(model_input)))
+        return decode(_image_list(model_input))
     if isinstance(model_input, np.ndarray):
         if model_input.dtype.kind not in "OSU":  # numbers: pixels, whose checks name the problem
             return _pixels(model_input)
         if model_input.ndim == 1:
-            return _pixels(decode(model_input.tolist()))
+            return decode(model_input.tolist())
         raise DataError(
             f"a {model_input.dtype} array of shape {model_input.shape} given; expected {EXPECTED_INPUT}"
         )
@@ -201,6 +208,7 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         # model_config={"max_pixels": ...}) overrides; models logged before limits get the defaults.
         self.max_pixels = int(os.environ.get("FER_MAX_PIXELS") or config.get("max_pixels") or MAX_PIXELS)
         self.max_images = int(os.environ.get("FER_MAX_IMAGES") or config.get("max_images") or MAX_IMAGES)
+        self.detector = config.get("detector", DEFAULT_DETECTOR)  # what detector=auto searches photos with
         if self.keras_model.output_shape[-1] != len(self.class_names):
             raise ConfigError(
                 f"the Keras model has {self.keras_model.output_shape[-1]} outputs but "
@@ -217,26 +225,39 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         `params` (tta, tta_rotation, tta_zoom, tta_shift, batch_size) override the model's own
         settings for this call. Bad input raises MlflowException (INVALID_PARAMETER_VALUE, so the
         scoring server answers 400) saying what was expected."""
+        params = params or {}
         try:
-            pixels = _input_pixels(model_input, self.max_pixels, self.max_images)
+            images = _input_images(model_input, self.max_pixels, self.max_images)
+            if isinstance(images, np.ndarray):  # pixel arrays: face crops already
+                crops, boxes = images, crop_boxes(len(images))
+            else:
+                crops, boxes = face_crops(images, str(params.get("detector") or "auto"), self.detector,
+                                          int(params.get("min_face") or MIN_FACE),
+                                          int(params.get("max_faces") or MAX_FACES))
+                crops = crops.astype(np.float32)[..., np.newaxis]
         except FerError as error:
             raise MlflowException.invalid_parameter_value(str(error)) from error
         settings = Settings.from_mapping(params, base=self.settings)
-        batch_size = int((params or {}).get("batch_size") or BATCH_SIZE)
+        batch_size = int(params.get("batch_size") or BATCH_SIZE)
         if batch_size < 1 or settings.tta_shift < 0 or not 0 <= settings.tta_zoom < 1:
             raise MlflowException.invalid_parameter_value(
                 f"params {params} out of range; expected batch_size >= 1, tta_shift >= 0, 0 <= tta_zoom < 1")
-        found = probabilities(self.keras_model, pixels, settings, batch_size)
-        return _prediction_frame(found.astype(np.float64), self.class_names)
+        found = np.full((len(boxes), len(self.class_names)), np.nan)
+        if len(crops):  # every face of the call in one batch
+            found[boxes["face"].to_numpy() >= 0] = probabilities(self.keras_model, crops, settings, batch_size)
+        return _prediction_frame(found, self.class_names, boxes)
 
 
-def _prediction_frame(probabilities: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
-    """The output table: argmax label, its probability, then one probability column per class."""
-    best = probabilities.argmax(axis=1)
-    frame = pd.DataFrame({
-        "label": np.asarray(class_names, dtype=object)[best],
-        "probability": probabilities[np.arange(len(best)), best],
-    })
+def _prediction_frame(probabilities: np.ndarray, class_names: Sequence[str],
+                      boxes: pd.DataFrame) -> pd.DataFrame:
+    """The output table: the face columns (`faces.BOX_COLUMNS`), the argmax label and its
+    probability, then one probability column per class; a row without a face has an empty label and
+    NaN probabilities."""
+    frame = boxes.reset_index(drop=True).copy()
+    has_face = ~np.isnan(probabilities).any(axis=1)
+    best = np.where(has_face, np.nan_to_num(probabilities, nan=-1.0).argmax(axis=1), 0)
+    frame["label"] = np.where(has_face, np.asarray(class_names, dtype=object)[best], "")
+    frame["probability"] = np.where(has_face, probabilities[np.arange(len(best)), best], np.nan)
     for column, name in enumerate(class_names):
         frame[f"prob_{name}"] = probabilities[:, column]
     return frame
@@ -274,7 +295,9 @@ def signature(class_names: Sequence[str] = CLASS_NAMES, settings: Settings = Set
     they must equal the model config's). The input schema is left out on purpose so that pixel
     arrays and encoded images both reach `predict` (see the module docstring); the input example
     documents the HTTP request instead."""
-    outputs = [ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability")]
+    outputs = [ColSpec(DataType.long, name) for name in BOX_COLUMNS[:-1]]
+    outputs += [ColSpec(DataType.double, BOX_COLUMNS[-1]), ColSpec(DataType.string, "label"),
+                ColSpec(DataType.double, "probability")]
     outputs += [ColSpec(DataType.double, f"prob_{name}") for name in class_names]
     params = ParamSchema([
         ParamSpec("tta", DataType.boolean, settings.tta),
@@ -282,6 +305,9 @@ def signature(class_names: Sequence[str] = CLASS_NAMES, settings: Settings = Set
         ParamSpec("tta_zoom", DataType.double, settings.tta_zoom),
         ParamSpec("tta_shift", DataType.long, settings.tta_shift),
         ParamSpec("batch_size", DataType.long, BATCH_SIZE),
+        ParamSpec("detector", DataType.string, "auto"),
+        ParamSpec("min_face", DataType.long, MIN_FACE),
+        ParamSpec("max_faces", DataType.long, MAX_FACES),
     ])
     return ModelSignature(inputs=None, outputs=Schema(outputs), params=params)
 
@@ -325,7 +351,7 @@ def log_model(
             python_model=str(code_path),
             artifacts={"keras_model": str(keras_path)},
             model_config={"class_names": list(class_names), SETTINGS_KEY: asdict(settings),
-                          "max_pixels": MAX_PIXELS, "max_images": MAX_IMAGES},
+                          "max_pixels": MAX_PIXELS, "max_images": MAX_IMAGES, "detector": DEFAULT_DETECTOR},
             code_paths=[str(Path(__file__).resolve().parent)],
             signature=signature(class_names, settings),
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png_base64(example)]}),

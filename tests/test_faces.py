@@ -66,3 +66,38 @@ def test_crop_is_the_framed_square_resized_with_edges_repeated_at_the_border(mon
 def test_an_unknown_detector_is_a_config_error():
     with pytest.raises(ConfigError, match="detector=dlib is not one of mtcnn, haar"):
         faces.detect(data.astronaut(), "dlib")
+
+
+def png(rgb: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_served_model_answers_a_photo_with_one_row_per_face_and_a_row_for_none():
+    import mlflow
+    import pandas as pd
+    from conftest import tiny_keras_model
+
+    from fer_mlflow.pyfunc_model import log_model
+
+    with mlflow.start_run():
+        model = mlflow.pyfunc.load_model(log_model(tiny_keras_model(), name="model").model_uri)
+    crop = np.full((48, 48, 3), 90, np.uint8)
+    frame = pd.DataFrame({"image": [png(data.astronaut()), png(data.coffee()), png(crop)]})
+    answer = model.predict(frame)
+    assert list(answer["image"]) == [0, 1, 2] and list(answer["face"]) == [0, -1, 0]
+    (face,) = faces.detect(data.astronaut(), "mtcnn")  # auto searches photos with mtcnn
+    assert tuple(answer.loc[0, ["x", "y", "w", "h"]]) == (face.x, face.y, face.w, face.h)
+    assert answer.loc[1, "label"] == "" and answer.filter(like="prob_").iloc[1].isna().all()
+    assert tuple(answer.loc[2, ["x", "y", "w", "h"]]) == (0, 0, 48, 48)  # a crop is its own box
+    gray = np.asarray(Image.fromarray(data.astronaut()).convert("L"))
+    alone = model.predict(faces.crop(gray, face, "mtcnn")[None])  # the crop, as pixels
+    assert np.allclose(answer.filter(like="prob_").iloc[0], alone.filter(like="prob_").iloc[0], atol=1e-5)
+    by_haar = model.predict(frame.iloc[:1], params={"detector": "haar"})
+    assert len(by_haar) == 1 and by_haar.loc[0, "face"] == 0 and by_haar.loc[0, "w"] != face.w
+    assert list(model.predict(frame.iloc[:1], params={"min_face": 150})["face"]) == [-1]
+    whole = model.predict(frame.iloc[:1], params={"detector": "none"})
+    assert tuple(whole.loc[0, ["x", "y", "w", "h"]]) == (0, 0, 512, 512)

@@ -20,6 +20,7 @@ from PIL import Image
 from conftest import tiny_keras_model
 
 from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.faces import BOX_COLUMNS
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.pyfunc_model import decode_images, log_model, predict_pixels
 
@@ -90,7 +91,8 @@ def logged(tmp_path_factory) -> Logged:
 
 def check_output(frame: pd.DataFrame, expected: np.ndarray, atol: float) -> None:
     """Columns, per-row normalisation, argmax label, and closeness to the Keras model's own output."""
-    assert list(frame.columns) == ["label", "probability", *PROB_COLUMNS]
+    assert list(frame.columns) == [*BOX_COLUMNS, "label", "probability", *PROB_COLUMNS]
+    assert list(frame["image"]) == list(range(len(frame))) and set(frame["face"]) == {0}  # crops: one face each
     probabilities = frame[PROB_COLUMNS].to_numpy()
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert list(frame["label"]) == [CLASS_NAMES[i] for i in probabilities.argmax(axis=1)]
@@ -102,10 +104,11 @@ def test_logged_model_records_signature_requirements_code_and_example(logged):
     info, local = logged.info, logged.local
     # Outputs only: an input schema would make MLflow refuse pixel arrays before predict runs.
     assert info.signature.inputs is None
-    assert info.signature.outputs.input_names() == ["label", "probability", *PROB_COLUMNS]
+    assert info.signature.outputs.input_names() == [*BOX_COLUMNS, "label", "probability", *PROB_COLUMNS]
     assert mlflow.models.Model.load(str(local)).signature == info.signature
     requirements = (local / "requirements.txt").read_text().split()
-    for package in ("mlflow==3.17.2", "tensorflow==", "keras==", "numpy==", "pandas==", "pillow=="):
+    for package in ("mlflow==3.17.2", "tensorflow==", "keras==", "numpy==", "pandas==", "pillow==", "mtcnn==",
+                    "opencv-python-headless==4."):
         assert any(line.startswith(package) for line in requirements), (package, requirements)
     assert (local / "code" / "fer_mlflow" / "pyfunc_model.py").is_file()
     example = mlflow.models.Model.load(str(local)).load_input_example(str(local))
@@ -168,14 +171,17 @@ def test_base64_jpeg_of_a_colour_image_of_another_size(logged):
     ])
     expected = keras_probabilities(keras_model, reference)
     as_png = pd.DataFrame({"image": [encode(image, "PNG") for image in colour]})
-    check_output(loaded.predict(as_png), expected, atol=1e-6)
+    check_output(loaded.predict(as_png, params={"detector": "none"}), expected, atol=1e-6)  # each whole
+    searched = loaded.predict(as_png)  # over 64 pixels a side: searched for faces, and these have none
+    assert list(searched["face"]) == [-1, -1] and list(searched["label"]) == ["", ""]
+    assert searched.filter(like="prob_").isna().all().all()
     as_jpeg = pd.DataFrame({
         "image": [base64.b64encode(encode(image, "JPEG", quality=90)).decode() for image in colour]
     })
     # JPEG moves a few gray levels; the tiny model barely reacts (~2e-5), while a colour mix-up
     # such as reading BGR moves it by ~1e-2.
     assert np.abs(decode_images(as_jpeg["image"]).astype(float) - reference).mean() < 2
-    check_output(loaded.predict(as_jpeg), expected, atol=2e-3)
+    check_output(loaded.predict(as_jpeg, params={"detector": "none"}), expected, atol=2e-3)
 
 
 def test_decode_images_keeps_orientation_and_accepts_base64_variants():

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.faces import BOX_COLUMNS
 from conftest import tiny_keras_model
 
 from fer_mlflow.pyfunc_model import log_model
@@ -34,9 +35,10 @@ STARTUP_SECONDS = 120
 
 
 def jpeg_base64() -> str:
-    """A 100x80 RGB gradient as a base64 JPEG, the kind of body a web client sends."""
-    rows, cols = np.mgrid[0:80, 0:100]
-    image = np.stack([rows * 3, cols * 2, 255 - cols * 2], axis=-1).astype(np.uint8)
+    """A 60x50 RGB gradient as a base64 JPEG, a face crop of another size as a web client sends it
+    (at most 64 pixels a side: taken as one face, not searched)."""
+    rows, cols = np.mgrid[0:50, 0:60]
+    image = np.stack([rows * 5, cols * 4, 255 - cols * 4], axis=-1).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=90)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -152,14 +154,15 @@ def check_predictions(text: str, expected: pd.DataFrame) -> None:
 def test_champion_loaded_in_python_takes_pixel_arrays_and_encoded_images(server):
     pixels = smooth_pixels(3)
     from_uint8 = server.model.predict(pixels)
-    assert list(from_uint8.columns) == ["label", "probability", *[f"prob_{n}" for n in CLASS_NAMES]]
+    assert list(from_uint8.columns) == [*BOX_COLUMNS, "label", "probability", *[f"prob_{n}" for n in CLASS_NAMES]]
+    assert list(from_uint8["face"]) == [0, 0, 0] and list(from_uint8["w"]) == [48, 48, 48]
     assert len(from_uint8) == 3
     from_float = server.model.predict(pixels[..., None].astype(np.float32))
-    np.testing.assert_allclose(from_float.iloc[:, 1:], from_uint8.iloc[:, 1:], atol=1e-6)
+    np.testing.assert_allclose(from_float.filter(like="prob_"), from_uint8.filter(like="prob_"), atol=1e-6)
     buffer = io.BytesIO()
     Image.fromarray(pixels[0]).save(buffer, format="PNG")
     from_png = server.model.predict(pd.DataFrame({"image": [buffer.getvalue()]}))
-    np.testing.assert_allclose(from_png.iloc[:, 1:], from_uint8.iloc[:1, 1:], atol=1e-6)
+    np.testing.assert_allclose(from_png.filter(like="prob_"), from_uint8.filter(like="prob_").iloc[:1], atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -188,6 +191,22 @@ def test_served_model_answers_pixel_arrays(server, key):
     status, text = post(server.url, json.dumps({key: pixels.tolist()}).encode())
     assert status == 200, text
     check_predictions(text, server.model.predict(pixels))
+
+
+def test_served_model_answers_a_photo_with_a_row_per_face_and_takes_the_detector_as_a_param(server):
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
+    photo = base64.b64encode(buffer.getvalue()).decode("ascii")
+    for params in ({}, {"detector": "haar"}, {"detector": "mtcnn", "min_face": 40}):
+        body = {"dataframe_split": {"columns": ["image"], "data": [[photo]]}, "params": params}
+        status, text = post(server.url, json.dumps(body).encode())
+        assert status == 200, text
+        (row,) = json.loads(text)["predictions"]
+        assert row["face"] == 0 and 165 <= row["x"] and row["x"] + row["w"] <= 285, (params, row)
+        expected = server.model.predict(pd.DataFrame({"image": [photo]}), params=params or None)
+        check_predictions(text, expected)
 
 
 def test_served_model_takes_test_time_views_as_body_params(server):
