@@ -3,18 +3,23 @@
 `log_model` stores the trained Keras model (raw pixels in, 7 softmax probabilities out) as an MLflow
 pyfunc model. `mlflow.pyfunc.load_model(uri).predict(x)` takes either kind of input:
 
-- pixels: a numeric N x 48 x 48 or N x 48 x 48 x 1 array in 0..255 (uint8 or float);
-- encoded images (PNG/JPEG of any size and colour, as bytes or base64 strings) in a DataFrame
-  ``image`` column, a dict with an ``image`` key, or a 1-D list/array/Series.
+- pixels: a numeric N x 48 x 48 or N x 48 x 48 x 1 array in 0..255 (uint8 or float), face crops;
+- encoded images (PNG, JPEG, WebP, BMP or GIF of any size and colour, as bytes or base64 strings,
+  within the limits of `images`) in a DataFrame ``image`` column, a dict with an ``image`` key, or a
+  1-D list/array/Series. With ``detector=auto``, one of at most 64 pixels a side is a face crop, and
+  a larger one a photo whose faces are found (`faces`).
 
-Output: a DataFrame with ``label``, ``probability`` and one ``prob_<class>`` column per class.
+Output: a DataFrame with one row per face: ``image`` (index of the input), ``face`` (index within
+it; -1 for a photo without a face, whose label is empty and probabilities NaN), the box ``x``,
+``y``, ``w``, ``h`` in the input's pixels (a crop's is the whole image), ``face_confidence``, then
+``label``, ``probability`` and one ``prob_<class>`` column per class.
 
 Predict params (declared in the signature, so they also work in a REST body's ``params``): ``tta``,
-``tta_rotation``, ``tta_zoom``, ``tta_shift`` (test-time views, `views.Settings`) and ``batch_size``.
-Their defaults are the model's own, from its model config, so a model logged to serve with ten views
-does so when called with no params; `evaluate` scores through this same `predict`. Bad
-input raises MlflowException (INVALID_PARAMETER_VALUE, so the scoring server answers 400) saying
-what was expected.
+``tta_rotation``, ``tta_zoom``, ``tta_shift`` (test-time views, `views.Settings`), ``batch_size``,
+``detector`` (auto, none, mtcnn, haar), ``min_face`` and ``max_faces``. The views' defaults are the
+model's own, from its model config, so a model logged to serve with ten views does so when called
+with no params; `evaluate` scores through this same `predict`. Bad input raises MlflowException
+(INVALID_PARAMETER_VALUE, so the scoring server answers 400) saying what was expected.
 
 Why the signature has no input schema. MLflow 3.17.2 enforces only the input schema
 (`_validate_prediction_input` in `mlflow.pyfunc` runs `_enforce_schema` only when it is not None)
