@@ -32,6 +32,7 @@ BOX_COLUMNS = ("image", "face", "x", "y", "w", "h", "face_confidence")
 MIN_FACE = 20  # pixels: the smallest face searched for
 MAX_FACES = 20  # per image, the most confident first
 MIN_CONFIDENCE = 0.9  # mtcnn's own threshold for a face
+SEARCH_SIDE = 1280  # pixels: larger photos are searched downscaled to this (the search grows with area)
 
 # detector -> (frame side, frame centre x offset, y offset), in box widths: medians over 449 (haar)
 # and 537 (mtcnn) FER2013 training images (benchmarks/fit_framing.py, BENCHMARKS.md).
@@ -53,9 +54,20 @@ class Face:
 def detect(rgb: np.ndarray, detector: str = "mtcnn", min_face: int = MIN_FACE,
            max_faces: int = MAX_FACES) -> list[Face]:
     """The faces in `rgb` (H x W x 3 uint8) at least `min_face` pixels wide, most confident first,
-    at most `max_faces` of them."""
+    at most `max_faces` of them. A photo over `SEARCH_SIDE` pixels a side is searched at that size
+    (faces small in it are then searched at no less than `MIN_FACE` pixels there), and the boxes are
+    given in its own pixels."""
     if detector not in DETECTORS:
         raise ConfigError(f"detector={detector} is not one of {', '.join(DETECTORS)}")
+    scale = SEARCH_SIDE / max(rgb.shape[:2])
+    if scale < 1:
+        size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+        small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+        found = detect(small, detector, max(MIN_FACE, round(min_face * scale)), max_faces)
+        return [Face(round(f.x / scale), round(f.y / scale), round(f.w / scale), round(f.h / scale),
+                     f.confidence, None if f.eyes is None else
+                     tuple((x / scale, y / scale) for x, y in f.eyes))
+                for f in found]
     # MTCNN starts its image pyramid at min_face: a large one leaves too coarse a pyramid to find
     # faces of that size, so it searches from MIN_FACE and the small ones are dropped below.
     found = _mtcnn(rgb, min(min_face, MIN_FACE)) if detector == "mtcnn" else _haar(rgb, min_face)

@@ -209,6 +209,35 @@ def test_served_model_answers_a_photo_with_a_row_per_face_and_takes_the_detector
         check_predictions(text, expected)
 
 
+def astronaut_photo(size: tuple[int, int], head: tuple[int, int], at: tuple[int, int], noise: float = 0,
+                    quality: int = 90) -> bytes:
+    """A JPEG of `size` with the astronaut's head scaled to `head` pasted `at`, on grey (plus noise)."""
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    background = (118 + rng.normal(0, noise, (size[1], size[0], 3))).clip(0, 255).astype(np.uint8)
+    canvas = Image.fromarray(background)
+    canvas.paste(Image.fromarray(data.astronaut()).crop((140, 20, 310, 210)).resize(head), at)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def test_served_model_answers_a_10_mb_photo_and_a_request_of_50_photos(server):
+    large = astronaut_photo((3600, 2700), (510, 570), (1500, 1000), noise=60, quality=97)
+    assert len(large) >= 10_000_000
+    body = {"inputs": [base64.b64encode(large).decode("ascii")]}
+    status, text = post(server.url, json.dumps(body).encode())
+    assert status == 200, text[:2000]
+    (row,) = json.loads(text)["predictions"]
+    assert row["face"] == 0 and 1500 <= row["x"] and row["x"] + row["w"] <= 2010 and 1000 <= row["y"]
+    small = base64.b64encode(astronaut_photo((640, 480), (116, 130), (300, 140))).decode("ascii")
+    status, text = post(server.url, json.dumps({"inputs": [small] * 50}).encode())
+    assert status == 200, text[:2000]
+    rows = json.loads(text)["predictions"]
+    assert [r["image"] for r in rows] == list(range(50)) and {r["face"] for r in rows} == {0}
+
+
 def test_served_model_takes_test_time_views_as_body_params(server):
     pixels = smooth_pixels(2)
     body = {"inputs": pixels.tolist(), "params": {"tta": True}}
