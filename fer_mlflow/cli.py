@@ -219,7 +219,7 @@ def pipeline(data, models, epochs, image_size, weights, registered_model_name, m
     click.echo(f"champion: {uri}")
     click.echo("use it from Python:")
     click.echo(f"  import mlflow; model = mlflow.pyfunc.load_model('{uri}')")
-    click.echo("  model.predict(images)  # N x 48 x 48 uint8 face crops (or photos) -> a row per face: label, probability, ...")
+    click.echo("  model.predict(images)  # N x 48 x 48 uint8 crops (or photos) -> a row per face: label, ...")
 
 
 def main(argv: list[str] | None = None) -> None:
