@@ -116,7 +116,9 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
                 settings=settings).model_uri
             model = mlflow.pyfunc.load_model(served_uri)
         mlflow.set_tag("fer.served_model_uri", served_uri)
-        probabilities = _probabilities(model, part.images, batch_size)
+        # No params, so the served model's own settings: batch size changes memory, not the answer.
+        probabilities = _probabilities(model, part.images,
+                                       None if batch_size == BATCH_SIZE else {"batch_size": batch_size})
         metrics = _log_results(part, probabilities, split)
         outcome = EvaluateOutcome(active.info.run_id, metrics, part.digest(), settings, served_uri)
     return outcome
@@ -130,9 +132,9 @@ def _load(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
                           "id of a training run, or a models:/<name>/<version> or runs:/<id>/model URI") from error
 
 
-def _probabilities(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """The served model's probabilities (N x classes), from its own `predict` and settings."""
-    params = None if batch_size == BATCH_SIZE else {"batch_size": batch_size}
+def _probabilities(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, params: dict | None = None) -> np.ndarray:
+    """The model's probabilities (N x classes) from its own `predict` (its own settings unless
+    `params` say otherwise)."""
     frame = model.predict(images, params=params)
     return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
 
@@ -141,13 +143,11 @@ def predict_probabilities(model_uri: str, images: np.ndarray, settings: Settings
                           batch_size: int = BATCH_SIZE) -> np.ndarray:
     """Class probabilities (N x classes) of the logged model at `model_uri`, predicting with
     `settings` (None: the model's own), exactly as the served model does."""
-    model = mlflow.pyfunc.load_model(model_uri)
     params = {"batch_size": batch_size}
     if settings is not None:
         params.update(tta=settings.tta, tta_shift=settings.tta_shift, tta_rotation=settings.tta_rotation,
                       tta_zoom=settings.tta_zoom)
-    frame = model.predict(images, params=params)
-    return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+    return _probabilities(mlflow.pyfunc.load_model(model_uri), images, params)
 
 
 def _resolve(run_id, model_uri, data) -> _Target:

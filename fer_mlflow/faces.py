@@ -78,8 +78,8 @@ def detect(rgb: np.ndarray, detector: str = "mtcnn", min_face: int = MIN_FACE,
 def _haar(rgb: np.ndarray, min_face: int) -> list[Face]:
     import cv2
 
-    gray = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
-    boxes, _, weights = _cascade().detectMultiScale3(gray, scaleFactor=1.1, minNeighbors=5,
+    luma = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    boxes, _, weights = _cascade().detectMultiScale3(luma, scaleFactor=1.1, minNeighbors=5,
                                                      minSize=(min_face, min_face), outputRejectLevels=True)
     # The cascade's level weight is a score, not a probability: squashed to 0..1 for ranking.
     return [Face(int(x), int(y), int(w), int(h), float(1 / (1 + np.exp(-weight))))
@@ -127,10 +127,7 @@ def crop(gray: np.ndarray, face: Face, detector: str = "mtcnn") -> np.ndarray:
     left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
     pad = max(0, -left, -top, left + side - gray.shape[1], top + side - gray.shape[0])
     padded = np.pad(gray, pad, mode="edge") if pad else gray
-    square = padded[top + pad:top + pad + side, left + pad:left + pad + side]
-    resized = Image.fromarray(np.ascontiguousarray(square)).resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                                    Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
+    return whole(np.ascontiguousarray(padded[top + pad:top + pad + side, left + pad:left + pad + side]))
 
 
 def whole(gray_image: np.ndarray) -> np.ndarray:

@@ -273,18 +273,20 @@ def predict_pixels(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray) -> pd.D
     `mlflow.pyfunc.load_model`. For models logged by this version it equals `model.predict(images)`;
     it is kept because it also works on models logged with the earlier ``image``-column input schema,
     whose `predict` MLflow refuses arrays for."""
-    python_model = model.unwrap_python_model()
-    if not isinstance(python_model, FerEmotionModel):
-        raise ConfigError(f"expected a model logged by fer_mlflow.pyfunc_model, got {type(python_model)}")
-    return python_model.predict(None, images)
+    return _fer_model(model).predict(None, images)
 
 
 def settings_of(model: mlflow.pyfunc.PyFuncModel) -> Settings:
     """The settings a model loaded by `mlflow.pyfunc.load_model` predicts with when given no params."""
+    return _fer_model(model).settings
+
+
+def _fer_model(model: mlflow.pyfunc.PyFuncModel) -> FerEmotionModel:
+    """The project's python model inside a loaded pyfunc model; ConfigError for any other."""
     python_model = model.unwrap_python_model()
     if not isinstance(python_model, FerEmotionModel):
         raise ConfigError(f"expected a model logged by fer_mlflow.pyfunc_model, got {type(python_model)}")
-    return python_model.settings
+    return python_model
 
 
 def encode_png_base64(image: np.ndarray) -> str:
