@@ -23,7 +23,7 @@ from fer_mlflow import figures
 from fer_mlflow.cleaning import CleanConfig, CleanResult, clean
 from fer_mlflow.sources import SourceReport, read_source
 from fer_mlflow.tracking import (
-    DEMO_TAG, is_demo, log_params, log_split_inputs, project_experiment, source_label, stage_run,
+    data_context, log_params, log_split_inputs, stage_run,
 )
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ def run(
     nested: bool = False,
 ) -> CleanOutcome:
     """Read `data`, clean it with `config` and log everything to an MLflow run (see module docstring)."""
-    label = source_label(data)
-    tags = {"fer.data": label, DEMO_TAG: str(is_demo(data)).lower()}
-    with stage_run("clean", f"clean-{label}", tags, nested=nested, experiment=project_experiment(data)) as active:
+    tags, experiment = data_context(data)
+    label = tags["fer.data"]
+    with stage_run("clean", f"clean-{label}", tags, nested=nested, experiment=experiment) as active:
         log_params(
             {"data": data, "val_fraction": val_fraction, "seed": seed, **_config_params(config)}
         )

@@ -37,7 +37,7 @@ from fer_mlflow.dataset import Dataset
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.sources import read_source
 from fer_mlflow.tracking import (
-    DEMO_TAG, is_demo, log_params, log_split_inputs, project_experiment, source_label, stage_run,
+    DEMO_TAG, data_context, log_params, log_split_inputs, stage_run,
 )
 from fer_mlflow.views import BATCH_SIZE, Settings
 
@@ -83,10 +83,10 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
     own = pyfunc_model.settings_of(model)
     settings = Settings.from_mapping({"tta": tta, "tta_shift": tta_shift, "tta_rotation": tta_rotation,
                                       "tta_zoom": tta_zoom}, base=own)
-    label = source_label(target.data)
-    tags = {"fer.model_uri": target.model_uri, "fer.data": label, "fer.test_digest": part.digest(),
-            "fer.split": split, "fer.settings": settings.key, DEMO_TAG: str(is_demo(target.data)).lower()}
-    experiment = project_experiment(target.data)
+    tags, experiment = data_context(target.data)
+    label = tags["fer.data"]
+    tags.update({"fer.model_uri": target.model_uri, "fer.test_digest": part.digest(), "fer.split": split,
+                 "fer.settings": settings.key})
     if target.version:
         tags["fer.model_version"] = target.version
     if target.source_run:

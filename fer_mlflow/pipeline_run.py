@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import ExecutionException, MlflowException
 
 from fer_mlflow.errors import FerError
-from fer_mlflow.tracking import log_params, project_experiment, source_label, stage_run
+from fer_mlflow.tracking import data_context, log_params, stage_run
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,8 @@ def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", ima
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
         raise FerError("models is empty; name one or more of cnn, cnn_shallow, cnn_deep, resnet50, ...")
-    with stage_run("main", f"pipeline-{source_label(data)}", experiment=project_experiment(data)) as parent:
+    tags, experiment = data_context(data)
+    with stage_run("main", f"pipeline-{tags['fer.data']}", tags, experiment=experiment) as parent:
         log_params({"data": data, "models": models, "epochs": epochs, "image_size": image_size,
                     "weights": weights, "registered_model_name": registered_model_name, "metric": metric})
         step = _Steps(parent.info.run_id, parent.info.experiment_id)

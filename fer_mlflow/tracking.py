@@ -55,9 +55,12 @@ def is_demo(data: str) -> bool:
     return run.data.tags.get(DEMO_TAG) == "true" or run.data.params.get("data") == "demo"
 
 
-def project_experiment(data: str) -> str:
-    """The experiment a run on `data` goes to when the user chose none."""
-    return DEMO_EXPERIMENT if is_demo(data) else DATA_EXPERIMENT
+def data_context(data: str) -> tuple[dict[str, str], str]:
+    """The tags that name `data` (``fer.data``: `source_label`; `DEMO_TAG`), and the experiment a
+    run on it goes to when the user chose none."""
+    demo = is_demo(data)
+    return ({"fer.data": source_label(data), DEMO_TAG: str(demo).lower()},
+            DEMO_EXPERIMENT if demo else DATA_EXPERIMENT)
 
 
 def source_label(data: str) -> str:

@@ -28,7 +28,7 @@ from fer_mlflow import models, pyfunc_model
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.pipeline import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking import (
-    DEMO_TAG, is_demo, log_params, log_split_inputs, project_experiment, source_label, stage_run,
+    data_context, log_params, log_split_inputs, stage_run,
 )
 from fer_mlflow.training import (
     EpochLogger, ImageCounter, TimeBudget, class_weights, curves_figure, load_training_data, make_strategy,
@@ -127,11 +127,11 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False) -> TrainOutco
     """Train `config.model` on `config.data` and log the run (see the module docstring)."""
     config = config.resolved()
     family = "resnet" if config.model in models.RESNET_NAMES else "cnn"
-    label = source_label(config.data)
-    tags = {"fer.model": config.model, "fer.model_family": family, "fer.data": label,
-            DEMO_TAG: str(is_demo(config.data)).lower()}
+    tags, experiment = data_context(config.data)
+    label = tags["fer.data"]
+    tags.update({"fer.model": config.model, "fer.model_family": family})
     with stage_run("train", run_name(config, label), tags, nested=nested,
-                   experiment=project_experiment(config.data)) as active:
+                   experiment=experiment) as active:
         log_params({k: v for k, v in asdict(config).items()})
         keras.utils.set_random_seed(config.seed)
         dataset, data_uri = load_training_data(config.data, config.val_fraction, config.seed)
