@@ -12,6 +12,8 @@ import sys
 import click
 
 from fer_mlflow.errors import ConfigError, FerError, check_widths
+from fer_mlflow.faces import CHOICES, MAX_FACES, MIN_FACE
+from fer_mlflow.media import FRAMES_PER_SECOND
 from fer_mlflow.views import BATCH_SIZE, TTA_ROTATION, TTA_SHIFT, TTA_ZOOM
 
 DATA_HELP = (
@@ -196,6 +198,36 @@ def promote(registered_model_name, metric, split, test_digest, rollback, include
     outcome = stage.run(registered_model_name, metric, test_digest, rollback, split, include_rejected)
     click.echo(outcome.message)
     click.echo(f"models:/{outcome.registered_model_name}@champion is version {outcome.champion_version}")
+
+
+@cli.command()
+@click.option("--model-uri", default="models:/fer-emotion@champion", show_default=True,
+              help="The model: a models:/<name>@<alias> or /<version> URI, or runs:/<run_id>/model.")
+@click.option("--input", default="", help="A photo, a folder of photos and videos (searched recursively), "
+                                          "a .zip of them, or a video (mp4, avi, webm, ...).")
+@click.option("--detector", default="auto", show_default=True, type=click.Choice(CHOICES),
+              help="Face detector; auto: the model's own (images of at most 64 pixels a side are crops); "
+                   "none: each image is one face.")
+@click.option("--every", default="auto", show_default=True, type=Auto(click.IntRange(min=1)),
+              help=f"Videos: analyse every Nth frame; auto: {FRAMES_PER_SECOND} frames per second of video.")
+@click.option("--max-annotated", default=50, show_default=True, type=click.IntRange(min=0),
+              help="Log annotated copies (boxes and labels drawn) of this many inputs.")
+@click.option("--min-face", default=MIN_FACE, show_default=True, type=click.IntRange(min=1),
+              help="Smallest face searched for, in pixels.")
+@click.option("--max-faces", default=MAX_FACES, show_default=True, type=click.IntRange(min=1),
+              help="Most faces per image, the most confident first.")
+def predict(model_uri, input, detector, every, max_annotated, min_face, max_faces) -> None:
+    """Find and label every face in a photo, a folder, a zip or a video; log a table, annotated
+    copies and figures."""
+    from fer_mlflow import predict as stage
+
+    outcome = stage.run(model_uri, input, detector, every, max_annotated, min_face, max_faces)
+    table = outcome.predictions
+    faces = table[table["face"] >= 0]
+    counts = ", ".join(f"{label} {count}" for label, count in faces["label"].value_counts().items())
+    click.echo(f"{table['image'].nunique()} images, {len(faces)} faces ({counts or 'none'}); "
+               f"{len(outcome.skipped)} files skipped")
+    click.echo(f"prediction run: {outcome.run_id}")
 
 
 @cli.command("main")

@@ -79,7 +79,7 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
         raise ConfigError(f"split={split} is not one of {', '.join(EVALUATED_SPLITS)}")
     target = _resolve(run_id, model_uri, data)
     part = _split(target.data, split)
-    model = _load(target.model_uri)
+    model = load_model(target.model_uri)
     own = pyfunc_model.settings_of(model)
     settings = Settings.from_mapping({"tta": tta, "tta_shift": tta_shift, "tta_rotation": tta_rotation,
                                       "tta_zoom": tta_zoom}, base=own)
@@ -124,7 +124,8 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
     return outcome
 
 
-def _load(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """`mlflow.pyfunc.load_model(model_uri)`, or a ConfigError in one line saying what to pass."""
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as error:
@@ -157,7 +158,7 @@ def _resolve(run_id, model_uri, data) -> _Target:
     if model_uri and model_uri.startswith("runs:/"):
         source_run = model_uri.split("/")[1]
     if model_uri and model_uri.startswith("models:/"):
-        source_run, version = _registered(model_uri)
+        source_run, version = registered_version(model_uri)
     if run_id:
         model_uri = f"runs:/{run_id}/model"
     training = None
@@ -174,7 +175,7 @@ def _resolve(run_id, model_uri, data) -> _Target:
     return _Target(model_uri, source_run, data, version)
 
 
-def _registered(model_uri: str) -> tuple[str | None, str | None]:
+def registered_version(model_uri: str) -> tuple[str | None, str | None]:
     """The training run and "<name>/<version>" of a ``models:/<name>/<version|@alias>`` URI; a
     logged model's own URI (``models:/m-...``) names no version: its run, if any."""
     client = MlflowClient()

@@ -119,3 +119,27 @@ def confident_mistakes(dataset: Dataset, predicted: np.ndarray, probabilities: n
     cells = [(dataset.images[i], f"{names[dataset.labels[i]]} -> {names[predicted[i]]}\n"
                                  f"p={probabilities[i, predicted[i]]:.2f}") for i in order]
     return image_grid(cells or [(None, "no mistakes")], 8, "Most confident mistakes (true -> predicted)")
+
+
+def label_counts(labels: list[str], classes: list[str], title: str = "Faces per predicted emotion") -> Figure:
+    """Bars: how many faces got each label (empty labels, images without a face, left out)."""
+    counts = [sum(1 for label in labels if label == name) for name in classes]
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    bars = ax.bar(classes, counts, color="tab:blue")
+    ax.bar_label(bars, fontsize=8)
+    ax.set_ylabel("faces")
+    ax.set_title(title)
+    return fig
+
+
+def emotion_over_time(times: np.ndarray, probabilities: np.ndarray, classes: list[str], title: str) -> Figure:
+    """Each class's probability (N x classes; NaN where no face was found) against time in seconds."""
+    fig, ax = plt.subplots(figsize=(10, 4), layout="constrained")
+    for column, name in enumerate(classes):
+        ax.plot(times, probabilities[:, column], label=name, linewidth=1.2)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("probability")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return fig

@@ -233,6 +233,16 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         params = params or {}
         try:
             images = _input_images(model_input, self.max_pixels, self.max_images)
+        except FerError as error:
+            raise MlflowException.invalid_parameter_value(str(error)) from error
+        return self.predict_images(images, params)
+
+    def predict_images(self, images: np.ndarray | list[np.ndarray], params: dict | None = None) -> pd.DataFrame:
+        """`predict` after decoding: `images` are face crops (float32 N x 48 x 48 x 1, 0..255) or
+        photos (a list of uint8 RGB arrays, H x W x 3). The `predict` entry point calls this with the
+        frames and photos it read, so that they take the served model's own path from there."""
+        params = params or {}
+        try:
             if isinstance(images, np.ndarray):  # pixel arrays: face crops already
                 crops, boxes = images, crop_boxes(len(images))
             else:
@@ -274,6 +284,23 @@ def predict_pixels(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray) -> pd.D
     it is kept because it also works on models logged with the earlier ``image``-column input schema,
     whose `predict` MLflow refuses arrays for."""
     return _fer_model(model).predict(None, images)
+
+
+def predict_photos(model: mlflow.pyfunc.PyFuncModel, photos: list[np.ndarray],
+                   params: dict | None = None) -> pd.DataFrame:
+    """What `model.predict` answers for these photos (decoded: uint8 RGB arrays, H x W x 3) with
+    `params`: the served path from after decoding on, without encoding them again."""
+    return _fer_model(model).predict_images(photos, params)
+
+
+def detector_of(model: mlflow.pyfunc.PyFuncModel) -> str:
+    """The detector a loaded model searches photos with when called with ``detector=auto``."""
+    return _fer_model(model).detector
+
+
+def class_names_of(model: mlflow.pyfunc.PyFuncModel) -> tuple[str, ...]:
+    """The class names of a loaded model, in the order of its ``prob_<class>`` columns."""
+    return _fer_model(model).class_names
 
 
 def settings_of(model: mlflow.pyfunc.PyFuncModel) -> Settings:

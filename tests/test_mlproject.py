@@ -50,16 +50,17 @@ def test_cli_defaults_are_the_stage_defaults():
     import dataclasses
     import inspect
 
-    from fer_mlflow import evaluate, promote, train
+    from fer_mlflow import evaluate, predict, promote, train
 
     context = click.Context(cli.commands["train"])
     for field in dataclasses.fields(train.TrainConfig):
         option = next(p for p in cli.commands["train"].params if p.name == field.name)
         assert option.type_cast_value(context, option.default) == field.default, field.name
-    for command, stage in (("evaluate", evaluate.run), ("promote", promote.run)):
+    for command, stage in (("evaluate", evaluate.run), ("promote", promote.run), ("predict", predict.run)):
         signature = inspect.signature(stage)
         context = click.Context(cli.commands[command])
         for option in cli.commands[command].params:
-            if option.name in signature.parameters and option.name not in ("run_id", "model_uri", "data"):
+            if option.name in signature.parameters and option.name not in ("run_id", "data") and \
+                    (command, option.name) != ("evaluate", "model_uri"):
                 default = signature.parameters[option.name].default
                 assert option.type_cast_value(context, option.default) == default, (command, option.name)

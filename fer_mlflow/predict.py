@@ -1,0 +1,264 @@
+"""The `predict` stage: run a logged model over a photo, a folder, a zip or a video, and log what
+it found, face by face.
+
+The photos and frames (`media`) go through the model's own path from decoding on
+(`pyfunc_model.predict_photos`, what ``model.predict`` does for an encoded photo), `CHUNK` of them a
+call so that the network sees all their faces in one batch. The run goes to the experiment
+``fer-predictions`` unless the user chose one, and logs:
+
+- params ``model_uri``, ``input``, ``detector``, ``every``, ``max_annotated``, ``min_face``,
+  ``max_faces``, and ``detector_resolved`` / ``every_resolved`` where those were ``auto``;
+- ``predictions.csv``: a row per face (``source`` file, video ``frame`` and ``time_s``, then the
+  served model's columns: ``image``, a running index over all photos and frames, ``face``, the box
+  ``x``, ``y``, ``w``, ``h``, ``face_confidence``, ``label``, ``probability``, ``prob_<class>``); an
+  image without a face has one row with face -1 and an empty label;
+- ``annotated/``: the first `max_annotated` inputs with each face boxed and labelled (photos as
+  JPEG, videos as MP4 at their own frame rate, each frame showing the latest analysed one's faces);
+- ``figures/label_counts.png`` and, per video, ``figures/emotion_over_time/<video>.png`` (each
+  class's probability for the most confident face, against time); ``videos.json`` (fps, frames,
+  size and `every` of each video);
+- metrics: ``photos``, ``videos``, ``frames`` (analysed), ``faces``, ``images_without_face``,
+  ``skipped_files``, ``seconds``, ``images_per_second`` and ``faces_<label>``.
+
+Unreadable files in a folder or zip are skipped with one warning each and counted; a missing
+path, a folder with no photo or video, an unreadable video given alone or a model that cannot be
+loaded is a one-line error before any run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path, PurePosixPath
+
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fer_mlflow import annotate, figures, media, pyfunc_model
+from fer_mlflow.errors import ConfigError, DataError
+from fer_mlflow.evaluate import load_model, registered_version
+from fer_mlflow.faces import CHOICES, MAX_FACES, MIN_FACE
+from fer_mlflow.tracking import log_params, stage_run
+
+log = logging.getLogger(__name__)
+
+PREDICT_EXPERIMENT = "fer-predictions"
+DEFAULT_MODEL_URI = "models:/fer-emotion@champion"
+MAX_ANNOTATED = 50
+CHUNK = 16  # photos or frames per predict call
+SOURCE_COLUMNS = ("source", "frame", "time_s")
+
+
+@dataclass
+class PredictOutcome:
+    """The prediction run, its table (as logged in predictions.csv) and the files it skipped."""
+
+    run_id: str
+    predictions: pd.DataFrame
+    skipped: list[str]
+
+
+def run(model_uri: str = DEFAULT_MODEL_URI, input: str = "", detector: str = "auto", every: int | None = None,
+        max_annotated: int = MAX_ANNOTATED, min_face: int = MIN_FACE, max_faces: int = MAX_FACES) -> PredictOutcome:
+    """Predict the emotion of every face in `input` (a photo, a folder, a .zip or a video) with the
+    model at `model_uri`, searching photos with `detector` (``auto``: the model's own), and for
+    videos analysing every `every`-th frame (None: `media.FRAMES_PER_SECOND` a second). Logs the
+    run described in the module docstring."""
+    if not input:
+        raise ConfigError("no input given; pass -P input=PATH: a photo, a folder, a .zip or a video")
+    if detector not in CHOICES:
+        raise ConfigError(f"detector={detector} is not one of {', '.join(CHOICES)}")
+    if (every is not None and every < 1) or max_annotated < 0 or min_face < 1 or max_faces < 1:
+        raise ConfigError("every, min_face and max_faces must be at least 1, and max_annotated at least 0")
+    sources = media.find(input)
+    if len(sources) == 1 and sources[0].kind == "video":
+        media.Video(sources[0], every).close()  # a video given alone must be readable: else an error now
+    model = load_model(model_uri)
+    tags = {"fer.model_uri": model_uri, "fer.input": str(input)}
+    model_label = model_uri.removeprefix("models:/")
+    if model_uri.startswith("models:/"):
+        source_run, version = registered_version(model_uri)
+        tags.update({key: value for key, value in (("fer.model_version", version), ("fer.source_run", source_run))
+                     if value})
+    elif model_uri.startswith("runs:/"):
+        tags["fer.source_run"] = model_uri.split("/")[1]
+        model_label = "run-" + tags["fer.source_run"][:8]
+    name = f"predict {Path(str(input).rstrip('/')).name} with {model_label}"
+    with stage_run("predict", name, tags, experiment=PREDICT_EXPERIMENT) as active, \
+            tempfile.TemporaryDirectory() as folder:
+        log_params({"model_uri": model_uri, "input": input, "detector": detector,
+                    "every": "auto" if every is None else every, "max_annotated": max_annotated,
+                    "min_face": min_face, "max_faces": max_faces})
+        if detector == "auto":
+            log_params({"detector_resolved": pyfunc_model.detector_of(model)})
+        started = time.perf_counter()
+        reader = media.Reader(sources, every)
+        annotated = {source.name for source in sources[:max_annotated]}
+        table = _predict(model, reader, {"detector": detector, "min_face": min_face, "max_faces": max_faces},
+                         Path(folder), annotated, _estimate(sources, every))
+        classes = list(pyfunc_model.class_names_of(model))
+        for source in sources:
+            if source.name in reader.videos and source.name in annotated:
+                _annotate_video(source, reader.videos[source.name], table, Path(folder))
+        seconds = time.perf_counter() - started
+        if reader.videos:
+            resolved = sorted({info.every for info in reader.videos.values()})
+            if every is None:
+                log_params({"every_resolved": ",".join(map(str, resolved))})
+            (Path(folder) / "videos.json").write_text(
+                json.dumps({name: asdict(info) for name, info in reader.videos.items()}, indent=2))
+        table.to_csv(Path(folder) / "predictions.csv", index=False)
+        mlflow.log_artifacts(folder)
+        _log_figures(table, classes, reader.videos)
+        mlflow.log_metrics(_metrics(table, reader, classes, seconds))
+        if reader.skipped:
+            log.warning("skipped %d unreadable file(s) of %d", len(reader.skipped), len(sources))
+        outcome = PredictOutcome(active.info.run_id, table, reader.skipped)
+    return outcome
+
+
+def _estimate(sources: list[media.Source], every: int | None) -> int:
+    """How many photos and frames will be analysed (video lengths from their headers)."""
+    total = 0
+    for source in sources:
+        if source.kind == "photo":
+            total += 1
+            continue
+        try:
+            with media.Video(source, every) as video:
+                total += video.info.analysed
+        except DataError:
+            pass  # skipped, with its warning, when it is read
+    return total
+
+
+def _predict(model, reader: media.Reader, params: dict, folder: Path, annotated: set[str],
+             total: int) -> pd.DataFrame:
+    """The prediction table over every still of `reader`, annotating the photos named in `annotated`."""
+    parts, count = [], 0
+    stills = iter(reader)
+    with _Progress(total) as progress:
+        while chunk := list(islice(stills, CHUNK)):
+            frame = pyfunc_model.predict_photos(model, [still.rgb for still in chunk], params)
+            position = frame["image"].to_numpy()
+            frame.insert(0, "source", [chunk[p].source.name for p in position])
+            frame.insert(1, "frame", pd.array([chunk[p].frame for p in position], dtype="Int64"))
+            frame.insert(2, "time_s", [np.nan if chunk[p].time_s is None else round(chunk[p].time_s, 3)
+                                       for p in position])
+            frame["image"] = position + count
+            for p, still in enumerate(chunk):
+                if still.frame is None and still.source.name in annotated:
+                    _save_photo(annotate.draw(still.rgb, frame[position == p]), folder, still.source.name)
+            parts.append(frame)
+            count += len(chunk)
+            progress.advance(len(chunk))
+    if not parts:
+        raise DataError(f"none of the {len(reader.sources)} files could be read ({', '.join(reader.skipped[:5])}"
+                        f"{', ...' if len(reader.skipped) > 5 else ''}); see the warnings above")
+    return pd.concat(parts, ignore_index=True)
+
+
+def _annotated_path(folder: Path, name: str, suffix: str) -> Path:
+    """Where the annotated copy of input `name` goes: under annotated/ at the same relative path,
+    with `suffix` added unless it ends so already (a.png -> a.png.jpg, b.jpg -> b.jpg)."""
+    if PurePosixPath(name).suffix.lower() != suffix:
+        name += suffix
+    path = folder / "annotated" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _save_photo(rgb: np.ndarray, folder: Path, name: str) -> None:
+    Image.fromarray(rgb).save(_annotated_path(folder, name, ".jpg"), quality=90)
+
+
+def _annotate_video(source: media.Source, info: media.VideoInfo, table: pd.DataFrame, folder: Path) -> None:
+    """Write the video again with each frame showing the faces of the latest analysed frame."""
+    import cv2
+
+    rows = table[table["source"] == source.name]
+    by_frame = {int(index): group for index, group in rows.groupby("frame")}
+    path = _annotated_path(folder, source.name, ".mp4")
+    log.info("writing the annotated video %s", path.name)
+    writer = None
+    try:
+        with media.Video(source, info.every) as video:
+            current = rows.iloc[:0]
+            for index, _, rgb in video.frames(analysed_only=False):
+                current = by_frame.get(index, current)
+                if writer is None:  # sized by the decoded frames, which the header may not match
+                    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), info.fps or 30.0,
+                                             (rgb.shape[1], rgb.shape[0]))
+                writer.write(cv2.cvtColor(annotate.draw(rgb, current), cv2.COLOR_RGB2BGR))
+    finally:
+        if writer is not None:
+            writer.release()
+
+
+def _log_figures(table: pd.DataFrame, classes: list[str], videos: dict[str, media.VideoInfo]) -> None:
+    shown = [(figures.label_counts(table["label"].tolist(), classes), "figures/label_counts.png")]
+    for name in videos:
+        # The most confident face of each analysed frame (face 0), or NaN where there was none.
+        rows = table[(table["source"] == name) & (table["face"] <= 0)].sort_values("frame")
+        probabilities = rows[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
+        shown.append((figures.emotion_over_time(rows["time_s"].to_numpy(dtype=float), probabilities, classes,
+                                                f"{name}: the most confident face, every {videos[name].every} frames"),
+                      f"figures/emotion_over_time/{name}.png"))
+    for fig, path in shown:
+        mlflow.log_figure(fig, path)
+        plt.close(fig)
+
+
+def _metrics(table: pd.DataFrame, reader: media.Reader, classes: list[str], seconds: float) -> dict[str, float]:
+    images = table.drop_duplicates("image")
+    faces = table[table["face"] >= 0]
+    metrics = {
+        "photos": float(images["frame"].isna().sum()), "videos": float(len(reader.videos)),
+        "frames": float(images["frame"].notna().sum()), "faces": float(len(faces)),
+        "images_without_face": float((images["face"] < 0).sum()), "skipped_files": float(len(reader.skipped)),
+        "seconds": seconds, "images_per_second": len(images) / seconds if seconds > 0 else 0.0,
+    }
+    metrics.update({f"faces_{name}": float((faces["label"] == name).sum()) for name in classes})
+    return metrics
+
+
+class _Progress:
+    """A progress bar (rich) over photos and frames on a terminal; else a log line per 10%."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.logged = max(total, 1), 0, 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=False)
+            self.task = self.bar.add_task("predicting", total=self.total)
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(self.task, completed=min(self.done, self.total))
+            return
+        tenths = min(10, self.done * 10 // self.total)
+        if tenths > self.logged:
+            self.logged = tenths
+            log.info("predicted %d of about %d photos and frames (%d%%)", self.done, self.total, 10 * tenths)
+
+    def __exit__(self, error_type, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif error_type is None and self.logged < 10:  # the estimate counted files that were skipped
+            log.info("predicted %d photos and frames (100%%)", self.done)
