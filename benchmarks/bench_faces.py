@@ -1,8 +1,11 @@
-"""Speed of the served model on crops and on photos, per detector (issue 14, point 5).
+"""Speed of the served model on crops and on photos, per detector, and of the `predict` stage on
+a minute of 30 fps video (issue 14, point 5).
 
 A photo is 640x480 JPEG with one face: scikit-image's astronaut, her head scaled to about 130 pixels
-and pasted on a grey background. Timings are whole `predict` calls of the loaded pyfunc model (a
-tiny Keras network, so detection and decoding dominate), medians of `--repeats` calls.
+and pasted on a grey background. Timings are whole `predict` calls of the loaded pyfunc model (the
+default cnn, untrained: the same cost), medians of `--repeats` calls. The video is 60 s of such
+frames at 30 fps (mp4v), the head moving across; `predict.run` over it at the default `every` (auto)
+and detector, with the annotated video written (the default) and without (max_annotated=0).
 
     python benchmarks/bench_faces.py --repeats 3
 """
@@ -10,7 +13,9 @@ tiny Keras network, so detection and decoding dominate), medians of `--repeats` 
 import argparse
 import io
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -19,13 +24,29 @@ from PIL import Image
 from skimage import data
 
 
-def photo() -> bytes:
+def scene(left: int = 300) -> Image.Image:
     head = Image.fromarray(data.astronaut()).crop((140, 20, 310, 210)).resize((116, 130))
     canvas = Image.new("RGB", (640, 480), (118, 118, 118))
-    canvas.paste(head, (300, 140))
+    canvas.paste(head, (left, 140))
+    return canvas
+
+
+def photo() -> bytes:
+    canvas = scene()
     buffer = io.BytesIO()
     canvas.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+def video(path: Path, seconds: int = 60, fps: int = 30) -> Path:
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (640, 480))
+    for index in range(seconds * fps):
+        left = 20 + (index * 2) % 480  # the head moves 2 pixels a frame, 8 s a crossing
+        writer.write(cv2.cvtColor(np.asarray(scene(left)), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
 
 
 def median_seconds(call, repeats: int) -> float:
@@ -49,7 +70,8 @@ def main() -> None:
     mlflow.set_tracking_uri("sqlite:///bench_faces.db")
     keras_model = build_model("cnn", image_size=48)  # the default network, untrained: same cost
     with mlflow.start_run():
-        model = mlflow.pyfunc.load_model(log_model(keras_model, name="model").model_uri)
+        uri = log_model(keras_model, name="model").model_uri
+    model = mlflow.pyfunc.load_model(uri)
     crops = np.random.default_rng(0).integers(0, 255, (3589, 48, 48), dtype=np.uint8)
     seconds = median_seconds(lambda: model.predict(crops), args.repeats)
     print(f"crops (3,589 pixel arrays, default cnn): {len(crops) / seconds:,.0f} crops/s")
@@ -59,6 +81,18 @@ def main() -> None:
         seconds = median_seconds(lambda: model.predict(frame, params={"detector": detector}), args.repeats)
         print(f"{detector}: {args.photos / seconds:.1f} photos/s (640x480, faces found in one: "
               f"{int((answer['face'] >= 0).sum())})")
+    from fer_mlflow import predict
+
+    with tempfile.TemporaryDirectory() as folder:
+        clip = video(Path(folder) / "minute.mp4")
+        for annotated in (50, 0):
+            runs = []
+            seconds = median_seconds(lambda: runs.append(predict.run(uri, str(clip), max_annotated=annotated)),
+                                     args.repeats)
+            print(f"predict on 60 s of 30 fps 640x480 video (every=auto, detector auto = mtcnn, "
+                  f"annotated video {'written' if annotated else 'not written'}): {seconds:.1f} s; "
+                  f"{runs[-1].predictions['image'].nunique()} frames analysed, "
+                  f"{int((runs[-1].predictions['face'] >= 0).sum())} faces found")
 
 
 if __name__ == "__main__":
