@@ -237,10 +237,10 @@ class _Progress:
         self.total, self.done, self.logged = max(total, 1), 0, 0
         self.bar = None
         if sys.stderr.isatty():
-            from rich.progress import Progress
+            from rich.progress import MofNCompleteColumn, Progress
 
-            self.bar = Progress(transient=False)
-            self.task = self.bar.add_task("predicting", total=self.total)
+            self.bar = Progress(*Progress.get_default_columns(), MofNCompleteColumn())
+            self.task = self.bar.add_task("photos and frames", total=self.total)
 
     def __enter__(self) -> _Progress:
         if self.bar is not None:
