@@ -1,6 +1,6 @@
 """Training speed on this machine, each comparison measured side by side in one process.
 
-1. Input pipeline cost: a cnn epoch through `pipeline.train_dataset` (augmentation on) against the
+1. Input pipeline cost: a cnn epoch through `inputs.train_dataset` (augmentation on) against the
    same steps fed from prepared in-memory tensors.
 2. Frozen-backbone caching: a resnet50 head epoch on cached features against the naive epoch that
    runs the frozen backbone on every image again.
@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from fer_mlflow import models
-from fer_mlflow.pipeline import Augmentation, as_inputs, one_hot, train_dataset
+from fer_mlflow.inputs import Augmentation, as_inputs, one_hot, train_dataset
 
 
 def timed(fn, repeats: int) -> float:

@@ -243,10 +243,10 @@ def predict(model_uri, input, detector, every, max_annotated, min_face, max_face
 @click.option("--metric", default="auto", show_default=True, help="Promote's metric; auto: test_accuracy.")
 def pipeline(data, models, epochs, image_size, weights, registered_model_name, metric) -> None:
     """The whole pipeline: clean, train each model, evaluate each, promote the best."""
-    from fer_mlflow import pipeline_run
+    from fer_mlflow import main_stage
 
     as_text = lambda value: "auto" if value is None else str(value)  # noqa: E731
-    uri = pipeline_run.run(data, models, as_text(epochs), as_text(image_size), weights,
+    uri = main_stage.run(data, models, as_text(epochs), as_text(image_size), weights,
                            registered_model_name, metric)
     click.echo(f"champion: {uri}")
     click.echo("use it from Python:")

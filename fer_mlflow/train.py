@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from fer_mlflow import models, pyfunc_model
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.pipeline import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
+from fer_mlflow.inputs import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking import (
     data_context, log_params, log_split_inputs, stage_run,
 )
@@ -248,7 +248,7 @@ def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, t
     callbacks = [logger, counter]
     if minutes:
         callbacks.append(TimeBudget(minutes, learning_rate, steps, warmup_steps, config.schedule == "cosine"))
-    # Several replicas: validation is padded with zero-weight images (pipeline.eval_dataset), so
+    # Several replicas: validation is padded with zero-weight images (inputs.eval_dataset), so
     # accuracy and loss must honour sample weights there.
     replicated = tf.distribute.get_strategy().num_replicas_in_sync > 1
     model.compile(
