@@ -186,7 +186,8 @@ def run_name(config: TrainConfig, label: str) -> str:
 
 
 def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, dict, int]:
-    """Build and fit the model; returns it (best weights), the merged history and images seen."""
+    """Build and fit the model; returns it with the weights of its best validation epoch (over both
+    phases of a pretrained ResNet), the merged history and the images seen."""
     x_train, x_val = as_inputs(train.images), as_inputs(val.images)
     y_train, y_val = one_hot(train.labels, 7), one_hot(val.labels, 7)
     weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
@@ -222,6 +223,7 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
     history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger, counter,
                      *data(*features, None), minutes=config.time_budget)
     if config.fine_tune_epochs > 0:
+        head_best = model.get_weights()  # phase 1's best, restored by its early stopping
         # Phase 2: unfreeze the top of the backbone (BatchNorm stays frozen) at a lower rate.
         parts.backbone.trainable = True
         for layer in parts.backbone.layers[:-config.fine_tune_layers]:
@@ -231,6 +233,8 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
                 layer.trainable = False
         tuned = _phase(model, config, config.fine_tune_learning_rate, config.fine_tune_epochs,
                        len(history["loss"]), logger, counter, *data(x_train, x_val, config.augmentation))
+        if max(tuned["val_accuracy"]) <= max(history["val_accuracy"]):
+            model.set_weights(head_best)  # phase 1 peaked higher: keep the best of both phases
         history = {k: history[k] + tuned[k] for k in history}
     return model, history, counter.seen
 

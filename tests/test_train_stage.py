@@ -14,6 +14,7 @@ import pytest
 from conftest import mlflow_run
 from mlflow import MlflowClient
 
+from fer_mlflow import dataset as ds
 from fer_mlflow import models, train
 from fer_mlflow.cli import main
 from fer_mlflow.pyfunc_model import predict_pixels
@@ -174,18 +175,28 @@ def test_a_raw_source_is_cleaned_in_a_nested_run(tmp_path):
 
 
 @pytest.mark.slow  # over 10 s: keeps -m 'not slow' under 3 minutes
-def test_resnet_with_a_local_weights_file_trains_head_then_fine_tunes(tiny_npz, tmp_path):
+def test_resnet_with_a_local_weights_file_trains_head_then_fine_tunes_and_keeps_the_best_of_both(
+        tiny_npz, tmp_path):
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
                                            pooling="avg")
     path = tmp_path / "resnet50_notop.weights.h5"
     backbone.save_weights(path)
-    config = train.TrainConfig(model="resnet50", data=tiny_npz, epochs=2, fine_tune_epochs=1,
-                               image_size=32, weights=str(path), batch_size=32)
+    # A fine-tuning rate far too high wrecks phase 2, so phase 1's best must be the model logged.
+    config = train.TrainConfig(model="resnet50", data=tiny_npz, epochs=10, fine_tune_epochs=1, image_size=32,
+                               learning_rate=0.01,
+                               weights=str(path), batch_size=32, fine_tune_learning_rate=1e4)
     outcome = train.run(config)
     run = MlflowClient().get_run(outcome.run_id)
     assert str(path) in run.data.params["weights_used"]
-    steps = sorted(m.step for m in MlflowClient().get_metric_history(outcome.run_id, "val_accuracy"))
-    assert steps == [0, 1, 2]  # two head epochs, then one fine-tuning epoch, counted on
+    history = {m.step: m.value for m in MlflowClient().get_metric_history(outcome.run_id, "val_accuracy")}
+    assert sorted(history) == list(range(11))  # ten head epochs, then one fine-tuning epoch, counted on
+    assert history[10] < max(history.values()) == run.data.metrics["best_val_accuracy"]
+    assert run.data.metrics["best_epoch"] < 10
+    dataset = ds.load(tiny_npz).split("val")
+    logged = mlflow.pyfunc.load_model(outcome.model_uri)
+    labels = predict_pixels(logged, dataset.images)["label"].to_numpy()
+    accuracy = np.mean(labels == np.asarray(dataset.class_names)[dataset.labels])
+    assert accuracy == pytest.approx(run.data.metrics["best_val_accuracy"], abs=1e-6)
 
 
 def test_imagenet_offline_is_one_clear_line(tiny_npz, capsys):
@@ -225,7 +236,8 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_npz, tracking):
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from fer_mlflow import models, train
+        from fer_mlflow import dataset as ds
+from fer_mlflow import models, train
         train.run(train.TrainConfig(model="cnn", data={tiny_npz!r}, epochs=1, batch_size=32,
                                     strategy="mirrored"))
     """)
