@@ -114,7 +114,7 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
                 model.unwrap_python_model().keras_model, name="served_model",
                 class_names=model.unwrap_python_model().class_names, example_image=part.images[0],
                 settings=settings).model_uri
-            model = mlflow.pyfunc.load_model(served_uri)
+            model = load_model(served_uri)
         mlflow.set_tag("fer.served_model_uri", served_uri)
         # No params, so the served model's own settings: batch size changes memory, not the answer.
         probabilities = _probabilities(model, part.images,
@@ -125,9 +125,14 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
 
 
 def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
-    """`mlflow.pyfunc.load_model(model_uri)`, or a ConfigError in one line saying what to pass."""
+    """`mlflow.pyfunc.load_model(model_uri)`, or a ConfigError in one line saying what to pass.
+
+    The model is downloaded to a temporary folder removed once it is loaded (the Keras model is
+    then in memory): MLflow's own download folder would stay in /tmp for every load from a remote
+    artifact store."""
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        with tempfile.TemporaryDirectory(prefix="fer-model-") as folder:
+            return mlflow.pyfunc.load_model(model_uri, dst_path=folder)
     except (MlflowException, OSError) as error:
         raise ConfigError(f"model {model_uri} could not be loaded ({str(error).splitlines()[0]}); pass the "
                           "id of a training run, or a models:/<name>/<version> or runs:/<id>/model URI") from error
@@ -148,7 +153,7 @@ def predict_probabilities(model_uri: str, images: np.ndarray, settings: Settings
     if settings is not None:
         params.update(tta=settings.tta, tta_shift=settings.tta_shift, tta_rotation=settings.tta_rotation,
                       tta_zoom=settings.tta_zoom)
-    return _probabilities(mlflow.pyfunc.load_model(model_uri), images, params)
+    return _probabilities(load_model(model_uri), images, params)
 
 
 def _resolve(run_id, model_uri, data) -> _Target:

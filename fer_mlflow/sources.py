@@ -20,6 +20,7 @@ import csv
 import io
 import logging
 import os
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -99,19 +100,21 @@ def _read_artifact(uri: str) -> Dataset:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except (MlflowException, OSError) as error:
-        raise DataError(
-            f"cannot download dataset artifact {uri}: {str(error).splitlines()[0]}; "
-            "check the run id and the artifact path (e.g. runs:/<run_id>/dataset/dataset.npz)"
-        ) from error
-    if Path(local).is_dir():
-        found = sorted(Path(local).rglob("*.npz"))
-        if len(found) != 1:
-            raise DataError(f"{uri} holds {len(found)} .npz files; point at the dataset file itself")
-        local = found[0]
-    return ds.load(local)
+    # Into a folder removed once the arrays are in memory: MLflow's own would stay in /tmp.
+    with tempfile.TemporaryDirectory(prefix="fer-dataset-") as folder:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
+        except (MlflowException, OSError) as error:
+            raise DataError(
+                f"cannot download dataset artifact {uri}: {str(error).splitlines()[0]}; "
+                "check the run id and the artifact path (e.g. runs:/<run_id>/dataset/dataset.npz)"
+            ) from error
+        if Path(local).is_dir():
+            found = sorted(Path(local).rglob("*.npz"))
+            if len(found) != 1:
+                raise DataError(f"{uri} holds {len(found)} .npz files; point at the dataset file itself")
+            local = found[0]
+        return ds.load(local)
 
 
 def _take_val_from_train(dataset: Dataset, fraction: float, seed: int) -> Dataset:

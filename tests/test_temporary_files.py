@@ -1,0 +1,30 @@
+"""Stages that read datasets and models from a remote artifact store leave nothing in /tmp."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import mlflow
+import pytest
+from conftest import tiny_keras_model
+
+from fer_mlflow import evaluate
+from fer_mlflow.pyfunc_model import log_model
+from fer_mlflow.sources import read_source
+
+
+@pytest.mark.slow
+def test_reading_a_dataset_and_evaluating_a_model_through_a_server_leaves_no_temporary_files(
+        tracking_server, tiny_npz, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    mlflow.set_tracking_uri(tracking_server)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(tiny_npz, "dataset")
+        model_uri = log_model(tiny_keras_model()).model_uri
+    data = f"runs:/{run.info.run_id}/dataset/{os.path.basename(tiny_npz)}"
+    before = set(os.listdir(tempfile.gettempdir()))
+    dataset, _ = read_source(data)
+    outcome = evaluate.run(model_uri=model_uri, data=data)
+    assert len(dataset) > 0 and outcome.metrics["test_accuracy"] >= 0
+    assert set(os.listdir(tempfile.gettempdir())) - before == set()
