@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from fer_mlflow import interrupts
 from fer_mlflow.errors import ConfigError, FerError, check_widths
 from fer_mlflow.faces import CHOICES, MAX_FACES, MIN_FACE
 from fer_mlflow.media import FRAMES_PER_SECOND
@@ -257,11 +258,16 @@ def pipeline(data, models, epochs, image_size, weights, registered_model_name, m
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user errors into one line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    interrupts.install()
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
-    except click.Abort:
+    except click.Abort as abort:  # click wraps KeyboardInterrupt, so also `interrupts.Interrupted`
+        cause = abort.__cause__
+        if isinstance(cause, interrupts.Interrupted):
+            click.echo(f"stopped by {cause.signal_name}; the run ended KILLED", err=True)
+            sys.exit(cause.exit_status)
         sys.exit(130)
     except click.UsageError as error:
         click.echo(f"error: {error.format_message()}", err=True)

@@ -7,6 +7,7 @@ Each step is an `mlflow.run` of this project's own entry point, in a child run o
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlflow
@@ -15,6 +16,8 @@ from mlflow.exceptions import ExecutionException, MlflowException
 
 from fer_mlflow.errors import FerError
 from fer_mlflow.tracking import data_context, log_params, stage_run
+
+log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -58,8 +61,25 @@ class _Steps:
         try:
             submitted = mlflow.run(str(PROJECT_DIR), entry_point, parameters=parameters,
                                    env_manager="local", run_id=child.info.run_id,
-                                   experiment_id=self.experiment_id, synchronous=True)
+                                   experiment_id=self.experiment_id, synchronous=False)
         except (ExecutionException, MlflowException) as error:
-            raise FerError(f"the {entry_point} step failed (run {child.info.run_id}): "
-                           f"{str(error).splitlines()[0]}; its error is printed above") from error
+            raise FerError(f"the {entry_point} step could not start (run {child.info.run_id}): "
+                           f"{str(error).splitlines()[0]}") from error
+        try:
+            succeeded = submitted.wait()
+        except KeyboardInterrupt:
+            # The step runs in its own process group, which a Ctrl-C on the terminal does not
+            # reach: pass the stop on (SIGTERM; it logs what it has and ends KILLED) and wait.
+            log.warning("stopping the %s step (run %s)", entry_point, child.info.run_id)
+            submitted.cancel()
+            self._end(child.info.run_id, "KILLED")
+            raise
+        if not succeeded:
+            self._end(child.info.run_id, "FAILED")
+            raise FerError(f"the {entry_point} step failed (run {child.info.run_id}); its error is printed above")
         return submitted.run_id
+
+    def _end(self, run_id: str, status: str) -> None:
+        """End the step's run with `status` unless it ended itself (a step killed outright cannot)."""
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_terminated(run_id, status)

@@ -82,7 +82,8 @@ def stage_run(stage: str, run_name: str, tags: dict[str, str] | None = None, nes
     where it goes when the user chose no experiment (see the module docstring). A nested run goes
     to its parent's experiment.
 
-    Leaving the block by an exception ends the run FAILED, so no run is ever left RUNNING.
+    Leaving the block by an exception ends the run FAILED, or KILLED for SIGINT and SIGTERM
+    (`interrupts`), so no run is left RUNNING.
     """
     if nested:
         target = {"nested": True, "experiment_id": mlflow.active_run().info.experiment_id}
@@ -91,7 +92,11 @@ def stage_run(stage: str, run_name: str, tags: dict[str, str] | None = None, nes
     with mlflow.start_run(**target) as run:
         mlflow.set_tags({"mlflow.runName": run_name, "fer.stage": stage, **(tags or {})})
         _mark_kind(run.info.experiment_id)
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:  # SIGINT, or SIGTERM (`interrupts`): stopped, not failed
+            mlflow.end_run("KILLED")
+            raise
 
 
 def user_chose_experiment() -> bool:

@@ -24,14 +24,14 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from fer_mlflow import models, pyfunc_model
+from fer_mlflow import interrupts, models, pyfunc_model
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.inputs import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking import (
     data_context, log_params, log_split_inputs, stage_run,
 )
 from fer_mlflow.training import (
-    EpochLogger, ImageCounter, TimeBudget, class_weights, curves_figure, load_training_data, make_strategy,
+    EpochLogger, ImageCounter, StopOnSignal, TimeBudget, class_weights, curves_figure, load_training_data, make_strategy,
     optimizer,
 )
 
@@ -151,9 +151,15 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False) -> TrainOutco
             raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
                               f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")
         mlflow.log_param("replicas", strategy.num_replicas_in_sync)
-        with strategy.scope():
+        # SIGINT / SIGTERM end the fit after the current batch: the best model so far is logged
+        # below as usual, and the run then ends KILLED.
+        with strategy.scope(), interrupts.deferred():
             model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync)
         seconds = time.perf_counter() - started
+        if interrupts.pending():
+            log.warning("%s: logging the best model so far, then ending the run KILLED",
+                        interrupts.pending().signal_name)
+            mlflow.set_tag("fer.interrupted", interrupts.pending().signal_name)
 
         best = int(np.argmax(history["val_accuracy"]))
         mlflow.log_metrics({
@@ -169,6 +175,7 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False) -> TrainOutco
                                       example_image=val.images[0])
         mlflow.set_tag("fer.model_uri", info.model_uri)
         run_id = active.info.run_id
+        interrupts.raise_pending()
     return TrainOutcome(run_id, f"runs:/{run_id}/model", history["val_accuracy"][best],
                         len(history["val_accuracy"]), data_uri)
 
@@ -222,7 +229,7 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
     features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0) for x in (x_train, x_val)]
     history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger, counter,
                      *data(*features, None), minutes=config.time_budget)
-    if config.fine_tune_epochs > 0:
+    if config.fine_tune_epochs > 0 and not interrupts.pending():
         head_best = model.get_weights()  # phase 1's best, restored by its early stopping
         # Phase 2: unfreeze the top of the backbone (BatchNorm stays frozen) at a lower rate.
         parts.backbone.trainable = True
@@ -249,7 +256,7 @@ def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, t
     """
     steps = int(train.cardinality()) * epochs
     warmup_steps = min(steps // 10, int(train.cardinality()))
-    callbacks = [logger, counter]
+    callbacks = [logger, counter, StopOnSignal()]
     if minutes:
         callbacks.append(TimeBudget(minutes, learning_rate, steps, warmup_steps, config.schedule == "cosine"))
     # Several replicas: validation is padded with zero-weight images (inputs.eval_dataset), so

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fer_mlflow import interrupts  # noqa: E402
 from fer_mlflow.dataset import Dataset  # noqa: E402
 from fer_mlflow.errors import ConfigError  # noqa: E402
 from fer_mlflow.sources import is_artifact, read_source  # noqa: E402
@@ -95,6 +96,15 @@ class TimeBudget(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
         if time.perf_counter() - self.started >= self.seconds:
+            self.model.stop_training = True
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Ends the fit after the current batch once SIGINT or SIGTERM has come (`interrupts.deferred`);
+    Keras then validates that epoch and early stopping restores the best weights, as at a normal end."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if interrupts.pending():
             self.model.stop_training = True
 
 
