@@ -144,6 +144,10 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 0.5))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--strategy", default="default", show_default=True, type=click.Choice(["default", "mirrored"]))
+@click.option("--checkpoint-minutes", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Log the whole training state to the run at most this often (0: after every epoch).")
+@click.option("--resume", default="", help="The id of a stopped (KILLED or FAILED) training run: go on from its "
+                                           "last checkpoint in that same run, with the same parameters.")
 def train(**options) -> None:
     """Train one model on DATA and log parameters, per-epoch metrics, figures and the model."""
     from fer_mlflow import train as stage

@@ -77,16 +77,21 @@ def source_label(data: str) -> str:
 
 @contextmanager
 def stage_run(stage: str, run_name: str, tags: dict[str, str] | None = None, nested: bool = False,
-              experiment: str = DATA_EXPERIMENT):
+              experiment: str = DATA_EXPERIMENT, resume: str | None = None):
     """Start (or, under `mlflow run`, resume) the stage's run, named and tagged; `experiment` is
     where it goes when the user chose no experiment (see the module docstring). A nested run goes
     to its parent's experiment.
+
+    `resume`: log to that (ended) run instead, which becomes RUNNING again; a run `mlflow run`
+    made for this stage is then deleted once it ends, as a moved one is.
 
     Leaving the block by an exception ends the run FAILED, or KILLED for SIGINT and SIGTERM
     (`interrupts`), so no run is left RUNNING.
     """
     if nested:
         target = {"nested": True, "experiment_id": mlflow.active_run().info.experiment_id}
+    elif resume:
+        target = {"run_id": _resumed(resume)}
     else:
         target = _target(experiment)
     with mlflow.start_run(**target) as run:
@@ -150,6 +155,16 @@ def _target(experiment: str) -> dict:
     if user_chose_experiment():
         return {}
     return {"experiment_id": experiment_id(experiment)}
+
+
+def _resumed(run_id: str) -> str:
+    """`run_id`, after marking the run `mlflow run` made for this stage, if any, for deletion."""
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    if launched and launched != run_id:
+        MlflowClient().set_tag(launched, "fer.moved_to", run_id)
+        _delete_when_ended(launched)
+        log.info("resuming: this stage logs to run %s, not to run %s", run_id, launched)
+    return run_id
 
 
 def _moved(run, target_experiment: str) -> str:
@@ -236,7 +251,7 @@ def log_params(params: dict) -> None:
     existing = mlflow.get_run(run.info.run_id).data.params
     fresh = {}
     for key, value in params.items():
-        text = _param_text(value)
+        text = param_text(value)
         if key not in existing:
             fresh[key] = text
         elif existing[key].strip().lower() == "auto" and text.lower() not in ("auto", "none"):
@@ -245,7 +260,7 @@ def log_params(params: dict) -> None:
         mlflow.log_params(fresh)
 
 
-def _param_text(value) -> str:
+def param_text(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):  # as typed on the command line: 16,32,128,256

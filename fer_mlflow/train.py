@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,16 +25,19 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import tensorflow as tf
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from fer_mlflow import interrupts, models, pyfunc_model
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.inputs import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking import (
-    data_context, log_params, log_split_inputs, stage_run,
+    param_text, data_context, log_params, log_split_inputs, stage_run,
 )
 from fer_mlflow.training import (
-    EpochLogger, ImageCounter, StopOnSignal, TimeBudget, class_weights, curves_figure, load_training_data, make_strategy,
-    optimizer,
+    CHECKPOINT, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget,
+    TrainingState, save_arrays, class_weights, curves_figure, load_arrays, load_training_data, make_strategy,
+    optimizer, restore_model,
 )
 
 log = logging.getLogger(__name__)
@@ -82,6 +87,8 @@ class TrainConfig:
     val_fraction: float = 0.1  # raw sources without a validation split
     seed: int = 0
     strategy: str = "default"  # default | mirrored
+    checkpoint_minutes: float = 5.0  # log the training state at most this often (0: every epoch)
+    resume: str = ""  # a stopped training run's id: go on from its last checkpoint, in that run
 
     @property
     def augmentation(self) -> Augmentation:
@@ -124,60 +131,124 @@ class TrainOutcome:
 
 
 def run(config: TrainConfig = TrainConfig(), nested: bool = False) -> TrainOutcome:
-    """Train `config.model` on `config.data` and log the run (see the module docstring)."""
+    """Train `config.model` on `config.data` and log the run (see the module docstring); with
+    `config.resume`, go on with that stopped run from its last checkpoint, in the same run."""
     config = config.resolved()
     family = "resnet" if config.model in models.RESNET_NAMES else "cnn"
     tags, experiment = data_context(config.data)
     label = tags["fer.data"]
     tags.update({"fer.model": config.model, "fer.model_family": family})
-    with stage_run("train", run_name(config, label), tags, nested=nested,
-                   experiment=experiment) as active:
-        log_params({k: v for k, v in asdict(config).items()})
-        keras.utils.set_random_seed(config.seed)
-        dataset, data_uri = load_training_data(config.data, config.val_fraction, config.seed)
-        train, val = dataset.split("train"), dataset.split("val")
-        if len(train) == 0 or len(val) == 0:
-            raise ConfigError(f"data {config.data} has {len(train)} train and {len(val)} val images; "
-                              "training needs both")
-        digests = log_split_inputs(dataset, data_uri, label, splits=("train", "val"))
-        mlflow.set_tags({"fer.data_digest": dataset.digest(), "fer.data_uri": data_uri})
-        mlflow.log_params({"data_uri": data_uri, "data_digest": dataset.digest(),
-                           "train_images": len(train), "val_images": len(val),
-                           "train_digest": digests["train"], "val_digest": digests["val"]})
+    with tempfile.TemporaryDirectory(prefix="fer-checkpoint-") as folder:
+        plan = _Checkpoints(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
+        previous = _resumable(config, plan) if config.resume else None
+        with stage_run("train", run_name(config, label), tags, nested=nested, experiment=experiment,
+                       resume=config.resume or None) as active:
+            if previous is not None:
+                _record_resume(previous, plan.resumed)
+            log_params({k: v for k, v in asdict(config).items()})
+            keras.utils.set_random_seed(config.seed)
+            data = previous.data.params["data_uri"] if previous is not None else config.data
+            dataset, data_uri = load_training_data(data, config.val_fraction, config.seed)
+            train, val = dataset.split("train"), dataset.split("val")
+            if len(train) == 0 or len(val) == 0:
+                raise ConfigError(f"data {config.data} has {len(train)} train and {len(val)} val images; "
+                                  "training needs both")
+            if previous is None:
+                digests = log_split_inputs(dataset, data_uri, label, splits=("train", "val"))
+                mlflow.set_tags({"fer.data_digest": dataset.digest(), "fer.data_uri": data_uri})
+                mlflow.log_params({"data_uri": data_uri, "data_digest": dataset.digest(),
+                                   "train_images": len(train), "val_images": len(val),
+                                   "train_digest": digests["train"], "val_digest": digests["val"]})
 
-        started = time.perf_counter()
-        strategy = make_strategy(config.strategy)
-        if config.batch_size % strategy.num_replicas_in_sync:
-            raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
-                              f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")
-        mlflow.log_param("replicas", strategy.num_replicas_in_sync)
-        # SIGINT / SIGTERM end the fit after the current batch: the best model so far is logged
-        # below as usual, and the run then ends KILLED.
-        with strategy.scope(), interrupts.deferred():
-            model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync)
-        seconds = time.perf_counter() - started
-        if interrupts.pending():
-            log.warning("%s: logging the best model so far, then ending the run KILLED",
-                        interrupts.pending().signal_name)
-            mlflow.set_tag("fer.interrupted", interrupts.pending().signal_name)
+            strategy = make_strategy(config.strategy)
+            if config.batch_size % strategy.num_replicas_in_sync:
+                raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
+                                  f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")
+            mlflow.log_param("replicas", strategy.num_replicas_in_sync)
+            plan.started = time.perf_counter() - (plan.resumed.train_seconds if plan.resumed else 0.0)
+            # SIGINT / SIGTERM end the fit after the current batch: the best model so far is logged
+            # below as usual, and the run then ends KILLED.
+            try:
+                with strategy.scope(), interrupts.deferred():
+                    model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan)
+            finally:
+                plan.flush()  # the last state, also when training fails or is stopped
+            seconds = time.perf_counter() - plan.started
+            if interrupts.pending():
+                log.warning("%s: logging the best model so far, then ending the run KILLED; go on with "
+                            "-P resume=%s", interrupts.pending().signal_name, active.info.run_id)
+                mlflow.set_tag("fer.interrupted", interrupts.pending().signal_name)
 
-        best = int(np.argmax(history["val_accuracy"]))
-        mlflow.log_metrics({
-            "best_val_accuracy": history["val_accuracy"][best], "best_epoch": best,
-            "epochs_trained": len(history["val_accuracy"]), "train_seconds": seconds,
-            "train_images_per_second": seen / seconds,
-        })
-        figure = curves_figure(history, config.model)
-        mlflow.log_figure(figure, "figures/training_curves.png")
-        plt.close(figure)
-        mlflow.log_text(_summary_text(model), "model_summary.txt")
-        info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
-                                      example_image=val.images[0])
-        mlflow.set_tag("fer.model_uri", info.model_uri)
-        run_id = active.info.run_id
-        interrupts.raise_pending()
+            best = int(np.argmax(history["val_accuracy"]))
+            mlflow.log_metrics({
+                "best_val_accuracy": history["val_accuracy"][best], "best_epoch": best,
+                "epochs_trained": len(history["val_accuracy"]), "train_seconds": seconds,
+                "train_images_per_second": seen / seconds,
+            })
+            figure = curves_figure(history, config.model)
+            mlflow.log_figure(figure, "figures/training_curves.png")
+            plt.close(figure)
+            mlflow.log_text(_summary_text(model), "model_summary.txt")
+            info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
+                                          example_image=val.images[0])
+            mlflow.set_tag("fer.model_uri", info.model_uri)
+            run_id = active.info.run_id
+            interrupts.raise_pending()
     return TrainOutcome(run_id, f"runs:/{run_id}/model", history["val_accuracy"][best],
                         len(history["val_accuracy"]), data_uri)
+
+
+# Params that may differ between a run and its resumption.
+_RESUME_FREE = ("resume", "checkpoint_minutes")
+
+
+def _resumable(config: TrainConfig, plan: _Checkpoints):
+    """The stopped training run `config.resume`, its checkpoint downloaded into `plan.folder` and
+    read into `plan.resumed`; ConfigError when it finished, was trained otherwise, or has none."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(config.resume)
+    except MlflowException as error:
+        raise ConfigError(f"resume={config.resume}: no such run in {mlflow.get_tracking_uri()}; "
+                          "pass the id of a stopped training run") from error
+    if run.data.tags.get("fer.stage") != "train":
+        raise ConfigError(f"resume={config.resume} is not a training run; pass the id of a stopped training run")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {config.resume} finished; there is nothing to resume (evaluate its model, "
+                          "or start a new run)")
+    if run.info.status == "RUNNING":
+        log.warning("run %s is still marked RUNNING (a process killed outright cannot end it); make sure "
+                    "nothing trains it any more", config.resume)
+    logged = run.data.params
+    for key, value in asdict(config).items():
+        theirs = logged.get(f"{key}_resolved", logged.get(key))
+        if key not in _RESUME_FREE and theirs is not None and not _same(theirs, param_text(value)):
+            raise ConfigError(f"run {config.resume} was trained with {key}={theirs}, not {param_text(value)}; "
+                              "resume it with the parameters it was started with")
+    try:
+        mlflow.artifacts.download_artifacts(run_id=config.resume, artifact_path=CHECKPOINT,
+                                            dst_path=str(plan.folder.parent))
+        plan.resumed = TrainingState.load(plan.folder)
+    except (MlflowException, OSError) as error:
+        raise ConfigError(f"run {config.resume} has no checkpoint to resume from (it stopped before one was "
+                          "logged); start it again as a new run") from error
+    return run
+
+
+def _same(logged: str, given: str) -> bool:
+    """Whether a logged param and a value given now say the same (0.10 and 0.1, True and true)."""
+    try:
+        return float(logged) == float(given)
+    except ValueError:
+        return logged.strip().lower() == given.strip().lower()
+
+
+def _record_resume(run, state: TrainingState) -> None:
+    count = int(run.data.tags.get("fer.resumes", "0")) + 1
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    mlflow.set_tags({"fer.resumes": str(count),
+                     f"fer.resume_{count}": f"from epoch {state.epoch} of phase {state.phase} at {when}"})
+    log.info("resuming run %s from epoch %d (phase %d)", run.info.run_id, state.epoch, state.phase)
 
 
 def run_name(config: TrainConfig, label: str) -> str:
@@ -192,9 +263,26 @@ def run_name(config: TrainConfig, label: str) -> str:
     return f"{config.model}-{label} " + " ".join(extras)
 
 
-def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, dict, int]:
-    """Build and fit the model; returns it with the weights of its best validation epoch (over both
-    phases of a pretrained ResNet), the merged history and the images seen."""
+@dataclass
+class _Checkpoints:
+    """Where this run keeps its training state (`training.Checkpointer`): a local `folder`, logged
+    every `minutes`; the state it resumes from, if any; the callback of the phase now training."""
+
+    folder: Path
+    minutes: float
+    started: float  # perf_counter() at this session's start, less earlier sessions' training time
+    resumed: TrainingState | None = None
+    current: Checkpointer | None = None
+
+    def flush(self) -> None:
+        if self.current is not None:
+            self.current.flush()
+
+
+def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints) -> tuple[keras.Model, dict, int]:
+    """Build and fit the model (from `plan.resumed` on, if given); returns it with the weights of its
+    best validation epoch (over both phases of a pretrained ResNet), the merged history and the
+    images seen."""
     x_train, x_val = as_inputs(train.images), as_inputs(val.images)
     y_train, y_val = one_hot(train.labels, 7), one_hot(val.labels, 7)
     weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
@@ -218,19 +306,27 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
         described = "none (trained from scratch)"
     mlflow.log_params({"weights_used": described, "num_params": model.count_params()})
     if parts is None or described.startswith("none"):
-        if parts is not None:
+        if parts is not None and plan.resumed is None:
             log.warning("training %s from scratch (weights: %s)", config.model, described)
         history = _phase(model, config, config.learning_rate, config.epochs, 0, logger, counter,
-                         *data(x_train, x_val, config.augmentation), minutes=config.time_budget)
+                         *data(x_train, x_val, config.augmentation), plan, minutes=config.time_budget)
         return model, history, counter.seen
 
-    # Phase 1: the backbone is frozen, so it runs once per image; the head trains on its features.
-    parts.backbone.trainable = False
-    features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0) for x in (x_train, x_val)]
-    history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger, counter,
-                     *data(*features, None), minutes=config.time_budget)
+    resumed_phase = plan.resumed.phase if plan.resumed else 1
+    if resumed_phase == 1:
+        # Phase 1: the backbone is frozen, so it runs once per image; the head trains on its features.
+        parts.backbone.trainable = False
+        features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0) for x in (x_train, x_val)]
+        history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger, counter,
+                         *data(*features, None), plan, minutes=config.time_budget)
+    else:
+        history = plan.resumed.phase_one
     if config.fine_tune_epochs > 0 and not interrupts.pending():
-        head_best = model.get_weights()  # phase 1's best, restored by its early stopping
+        if resumed_phase == 1:
+            head_best = model.get_weights()  # phase 1's best, restored by its early stopping
+            save_arrays(plan.folder / "phase_one_best.npz", head_best)
+        else:
+            head_best = load_arrays(plan.folder / "phase_one_best.npz")
         # Phase 2: unfreeze the top of the backbone (BatchNorm stays frozen) at a lower rate.
         parts.backbone.trainable = True
         for layer in parts.backbone.layers[:-config.fine_tune_layers]:
@@ -239,26 +335,35 @@ def _fit(config: TrainConfig, train, val, replicas: int) -> tuple[keras.Model, d
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
         tuned = _phase(model, config, config.fine_tune_learning_rate, config.fine_tune_epochs,
-                       len(history["loss"]), logger, counter, *data(x_train, x_val, config.augmentation))
+                       len(history["loss"]), logger, counter, *data(x_train, x_val, config.augmentation), plan,
+                       phase=2, phase_one=history)
         if max(tuned["val_accuracy"]) <= max(history["val_accuracy"]):
             model.set_weights(head_best)  # phase 1 peaked higher: keep the best of both phases
         history = {k: history[k] + tuned[k] for k in history}
     return model, history, counter.seen
 
 
-def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, train, val, minutes=0.0) -> dict:
+def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, train, val, plan: _Checkpoints,
+           minutes=0.0, phase: int = 1, phase_one: dict | None = None) -> dict:
     """Compile and fit `model` for `epochs`, logging from step `first_epoch`; best weights restored.
+    Returns the phase's history (its earlier sessions' epochs included when resumed).
 
-    `logger` logs the epochs to MLflow, `counter` counts the images trained on.
+    `logger` logs the epochs to MLflow, `counter` counts the images trained on. The state after each
+    epoch goes to `plan` (`training.Checkpointer`); when `plan.resumed` is this phase's, training
+    goes on from it: weights, optimizer (its step, so the schedule), epoch, early stopping, budget.
 
     With `minutes`, training also stops once that much time has passed, and the cosine schedule
     follows whichever of the time and the epochs runs out first (`training.TimeBudget`).
     """
+    resumed = plan.resumed if plan.resumed is not None and plan.resumed.phase == phase else None
+    state = resumed or TrainingState(phase=phase, phase_one=phase_one)
     steps = int(train.cardinality()) * epochs
     warmup_steps = min(steps // 10, int(train.cardinality()))
     callbacks = [logger, counter, StopOnSignal()]
+    budget = None
     if minutes:
-        callbacks.append(TimeBudget(minutes, learning_rate, steps, warmup_steps, config.schedule == "cosine"))
+        budget = TimeBudget(minutes, learning_rate, steps, warmup_steps, config.schedule == "cosine")
+        callbacks.append(budget)
     # Several replicas: validation is padded with zero-weight images (inputs.eval_dataset), so
     # accuracy and loss must honour sample weights there.
     replicated = tf.distribute.get_strategy().num_replicas_in_sync > 1
@@ -270,12 +375,20 @@ def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, t
             reduction="mean_with_sample_weight" if replicated else "sum_over_batch_size"),
         **({"weighted_metrics": ["accuracy"]} if replicated else {"metrics": ["accuracy"]}),
     )
+    best_weights = None
+    if resumed is not None:
+        restore_model(model, plan.folder)
+        best_weights = load_arrays(plan.folder / "best_weights.npz") if resumed.best is not None else None
+        counter.seen = resumed.images_seen
+        if budget is not None:
+            budget.restore(resumed)
     logger.offset = first_epoch
-    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience,
-                                         restore_best_weights=True)
+    stop = ResumableEarlyStopping(config.patience, resumed, best_weights)
+    plan.current = Checkpointer(plan.folder, plan.minutes, state, stop, counter, budget, plan.started)
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars in a terminal, a line per epoch in logs
-    fitted = model.fit(train, validation_data=val, epochs=epochs, callbacks=[*callbacks, stop], verbose=verbose)
-    return {k: [float(v) for v in fitted.history[k]] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    model.fit(train, validation_data=val, epochs=epochs, initial_epoch=state.epoch,
+              callbacks=[*callbacks, stop, plan.current], verbose=verbose)
+    return state.history
 
 
 def _sample(weights: dict | None, labels: np.ndarray) -> np.ndarray | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import keras
 import matplotlib
@@ -20,6 +23,7 @@ from fer_mlflow.errors import ConfigError  # noqa: E402
 from fer_mlflow.sources import is_artifact, read_source  # noqa: E402
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+CHECKPOINT = "checkpoint"  # the run's artifact folder of the latest training state
 
 
 def load_training_data(data: str, val_fraction: float, seed: int) -> tuple[Dataset, str]:
@@ -87,7 +91,13 @@ class TimeBudget(keras.callbacks.Callback):
         return self.peak * warmup * 0.5 * (1.0 + math.cos(math.pi * self.progress()))
 
     def on_train_begin(self, logs=None):
-        self.step, self.started = 0, time.perf_counter()
+        # A resumed run (`restore`) counts the time and steps it had used before it stopped.
+        self.step, self.started = self.used_steps, time.perf_counter() - self.used_seconds
+
+    used_seconds, used_steps = 0.0, 0
+
+    def restore(self, state: TrainingState) -> None:
+        self.used_seconds, self.used_steps = state.budget_seconds, state.budget_steps
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.cosine:
@@ -176,3 +186,101 @@ def curves_figure(history: dict[str, list[float]], title: str):
         ax.legend()
     fig.suptitle(f"{title}: training curves")
     return fig
+
+
+@dataclass
+class TrainingState:
+    """Where training stands after an epoch, besides the weights: what a checkpoint holds to go on
+    as if it had never stopped (`Checkpointer`, `ResumableEarlyStopping`, `TimeBudget.restore`)."""
+
+    phase: int = 1  # pretrained ResNets: 1 (head) or 2 (fine-tuning); else 1
+    epoch: int = 0  # epochs done in this phase: the next one's index
+    history: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in EPOCH_METRICS})
+    best: float | None = None  # early stopping: the best val_accuracy, its epoch, epochs since
+    best_epoch: int = 0
+    wait: int = 0
+    budget_seconds: float = 0.0  # of the time budget, and the steps it counted
+    budget_steps: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0  # all sessions of this run together
+    phase_one: dict[str, list[float]] | None = None  # in phase 2: phase 1's history
+
+    def save(self, folder: Path, model: keras.Model, best_weights: list | None) -> None:
+        """Write the state, the model's and optimizer's variables and the best weights to `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        save_arrays(folder / "weights.npz", model.get_weights())
+        save_arrays(folder / "optimizer.npz", [v.numpy() for v in model.optimizer.variables])
+        save_arrays(folder / "best_weights.npz", best_weights if best_weights is not None else model.get_weights())
+        (folder / "state.json").write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> TrainingState:
+        return cls(**json.loads((folder / "state.json").read_text()))
+
+
+def save_arrays(path: Path, arrays: list) -> None:
+    np.savez(path, *[np.asarray(array) for array in arrays])
+
+
+def load_arrays(path: Path) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as saved:
+        return [saved[f"arr_{index}"] for index in range(len(saved.files))]
+
+
+def restore_model(model: keras.Model, folder: Path) -> None:
+    """Put a checkpoint's model and optimizer variables back into `model` (compiled as it was)."""
+    model.set_weights(load_arrays(folder / "weights.npz"))
+    model.optimizer.build(model.trainable_variables)
+    for variable, value in zip(model.optimizer.variables, load_arrays(folder / "optimizer.npz"), strict=True):
+        variable.assign(value)
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Early stopping on val_accuracy, best weights restored, that can start from a checkpoint's
+    best, its epoch and its patience used (`state`, `best_weights`)."""
+
+    def __init__(self, patience: int, state: TrainingState | None = None, best_weights: list | None = None):
+        super().__init__(monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True)
+        self.state, self.saved_best = state, best_weights
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.state is not None and self.state.best is not None:
+            self.best, self.best_epoch, self.wait = self.state.best, self.state.best_epoch, self.state.wait
+            self.best_weights = self.saved_best
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """After every epoch, the whole training state (`TrainingState`, variables, best weights) in
+    `folder`; logged to the active run as ``checkpoint/`` when `minutes` have passed since the last
+    time (0: every epoch), and by `flush`. Runs after early stopping, whose state it reads."""
+
+    def __init__(self, folder: Path, minutes: float, state: TrainingState, stop: ResumableEarlyStopping,
+                 counter: ImageCounter, budget: TimeBudget | None, started: float):
+        super().__init__()
+        self.folder, self.seconds, self.state = folder, minutes * 60.0, state
+        self.stop, self.counter, self.budget, self.started = stop, counter, budget, started
+        self.logged_at, self.unlogged = time.monotonic(), False
+
+    def on_epoch_end(self, epoch, logs=None):
+        state = self.state
+        state.epoch = epoch + 1
+        for key in EPOCH_METRICS:
+            state.history[key].append(float((logs or {}).get(key, float("nan"))))
+        state.best = None if self.stop.best is None else float(self.stop.best)
+        state.best_epoch, state.wait = int(self.stop.best_epoch), int(self.stop.wait)
+        if self.budget is not None:
+            state.budget_seconds = time.perf_counter() - self.budget.started
+            state.budget_steps = self.budget.step
+        state.images_seen = self.counter.seen
+        state.train_seconds = time.perf_counter() - self.started
+        state.save(self.folder, self.model, self.stop.best_weights)
+        self.unlogged = True
+        if time.monotonic() - self.logged_at >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Log the latest state to the run, if it changed since it was last logged."""
+        if self.unlogged:
+            mlflow.log_artifacts(str(self.folder), CHECKPOINT)
+            self.logged_at, self.unlogged = time.monotonic(), False

@@ -1,0 +1,87 @@
+"""Training keeps its whole state as it goes, and a stopped run goes on in the same MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import mlflow
+import pytest
+from conftest import all_runs
+from mlflow import MlflowClient
+from test_interrupts import start
+
+from fer_mlflow import train
+from fer_mlflow.cli import main
+from fer_mlflow.errors import ConfigError
+
+EPOCHS = 16
+
+
+def checkpoint_epoch(run_id: str) -> int:
+    """The epoch the run's logged checkpoint has reached (0: none logged yet)."""
+    if not MlflowClient().list_artifacts(run_id, "checkpoint"):
+        return 0
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/state.json")
+    except Exception:  # being written this instant
+        return 0
+    return json.loads(open(path).read())["epoch"]
+
+
+def config(tiny_npz: str, **changes) -> train.TrainConfig:
+    return train.TrainConfig(data=tiny_npz, epochs=EPOCHS, patience=EPOCHS, checkpoint_minutes=0, **changes)
+
+
+@pytest.mark.slow
+def test_a_run_killed_outright_resumes_in_the_same_run_as_if_it_had_never_stopped(tiny_npz, tracking):
+    process = start(["train", "--data", tiny_npz, "--epochs", str(EPOCHS), "--patience", str(EPOCHS),
+                     "--checkpoint-minutes", "0"], tracking)
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
+        runs = all_runs("tags.`fer.stage` = 'train'")
+        if runs and checkpoint_epoch(runs[0].info.run_id) >= 3:
+            break
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)  # no clean-up at all: the run stays RUNNING
+    process.wait()
+    run_id = runs[0].info.run_id
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+
+    resumed = train.run(config(tiny_npz, resume=run_id))
+    assert resumed.run_id == run_id and resumed.epochs_trained == EPOCHS
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["fer.resumes"] == "1"
+    assert run.data.tags["fer.resume_1"].startswith("from epoch ")
+    assert len(all_runs("tags.`fer.stage` = 'train'")) == 1  # the UI shows one run
+    history = MlflowClient().get_metric_history(run_id, "learning_rate")
+    assert {m.step for m in history} == set(range(EPOCHS))
+    # The same schedule as a run never stopped: the optimizer's step count was restored.
+    reference = train.run(config(tiny_npz))
+    expected = {m.step: m.value for m in MlflowClient().get_metric_history(reference.run_id, "learning_rate")}
+    got = {m.step: m.value for m in history}  # a step logged twice (killed after it) keeps the resumed value
+    assert got == pytest.approx(expected, rel=1e-5)
+    mlflow.pyfunc.load_model(resumed.model_uri)
+
+    with pytest.raises(ConfigError, match=f"run {reference.run_id} finished; there is nothing to resume"):
+        train.run(config(tiny_npz, resume=reference.run_id))
+
+
+def test_resuming_with_other_parameters_or_without_a_checkpoint_is_one_line(tiny_npz, capsys):
+    with mlflow.start_run() as other:
+        mlflow.set_tag("fer.stage", "train")
+        mlflow.log_params({"epochs": 5, "batch_size": 64})
+    MlflowClient().set_terminated(other.info.run_id, "KILLED")
+    for arguments, expected in (
+        (["--epochs", "6"], f"run {other.info.run_id} was trained with epochs=5, not 6; resume it with"),
+        (["--epochs", "5"], f"run {other.info.run_id} has no checkpoint to resume from"),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            main(["train", "--data", tiny_npz, "--resume", other.info.run_id, *arguments])
+        assert exit.value.code == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert expected in line
+    assert MlflowClient().get_run(other.info.run_id).info.status == "KILLED"  # left as it was
