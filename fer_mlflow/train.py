@@ -7,7 +7,10 @@ Logged to the run: every resolved parameter; per epoch, with ``step`` = epoch (0
 across the ResNets' two phases), ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` and
 ``learning_rate``; at the end ``best_val_accuracy``, ``best_epoch``, ``train_seconds`` and
 ``train_images_per_second``; ``figures/training_curves.png``; ``model_summary.txt``; the model
-(pyfunc, under ``model``) with signature and input example; the train and val splits as inputs.
+(pyfunc, under ``model``) with signature and input example; the train and val splits as inputs;
+``checkpoint/``, the whole training state (`training.TrainingState`), at most every
+``checkpoint_minutes`` and at the end, from which ``resume`` goes on in the same run. SIGINT and
+SIGTERM stop training after the current batch; the best model so far is logged and the run ends KILLED.
 """
 
 from __future__ import annotations
@@ -337,10 +340,19 @@ def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints) -> 
         tuned = _phase(model, config, config.fine_tune_learning_rate, config.fine_tune_epochs,
                        len(history["loss"]), logger, counter, *data(x_train, x_val, config.augmentation), plan,
                        phase=2, phase_one=history)
-        if max(tuned["val_accuracy"]) <= max(history["val_accuracy"]):
-            model.set_weights(head_best)  # phase 1 peaked higher: keep the best of both phases
+        keep_best_of_phases(model, head_best, history, tuned)
         history = {k: history[k] + tuned[k] for k in history}
     return model, history, counter.seen
+
+
+def keep_best_of_phases(model: keras.Model, phase_one_best: list, phase_one: dict, phase_two: dict) -> bool:
+    """Put phase 1's best weights back into `model` (holding phase 2's best) when fine-tuning peaked
+    no higher on val_accuracy, so that the model logged is the best of both phases, as
+    ``best_val_accuracy`` and ``best_epoch`` (argmax over the merged history) say; True if it did."""
+    if max(phase_two["val_accuracy"]) <= max(phase_one["val_accuracy"]):
+        model.set_weights(phase_one_best)
+        return True
+    return False
 
 
 def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, train, val, plan: _Checkpoints,

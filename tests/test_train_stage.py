@@ -175,28 +175,38 @@ def test_a_raw_source_is_cleaned_in_a_nested_run(tmp_path):
 
 
 @pytest.mark.slow  # over 10 s: keeps -m 'not slow' under 3 minutes
-def test_resnet_with_a_local_weights_file_trains_head_then_fine_tunes_and_keeps_the_best_of_both(
-        tiny_npz, tmp_path):
+def test_resnet_with_a_local_weights_file_trains_head_then_fine_tunes_and_logs_its_best(tiny_npz, tmp_path):
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
                                            pooling="avg")
     path = tmp_path / "resnet50_notop.weights.h5"
     backbone.save_weights(path)
-    # A fine-tuning rate far too high wrecks phase 2, so phase 1's best must be the model logged.
-    config = train.TrainConfig(model="resnet50", data=tiny_npz, epochs=10, fine_tune_epochs=1, image_size=32,
-                               learning_rate=0.01,
-                               weights=str(path), batch_size=32, fine_tune_learning_rate=1e4)
+    config = train.TrainConfig(model="resnet50", data=tiny_npz, epochs=2, fine_tune_epochs=1, image_size=32,
+                               weights=str(path), batch_size=32)
     outcome = train.run(config)
     run = MlflowClient().get_run(outcome.run_id)
     assert str(path) in run.data.params["weights_used"]
     history = {m.step: m.value for m in MlflowClient().get_metric_history(outcome.run_id, "val_accuracy")}
-    assert sorted(history) == list(range(11))  # ten head epochs, then one fine-tuning epoch, counted on
-    assert history[10] < max(history.values()) == run.data.metrics["best_val_accuracy"]
-    assert run.data.metrics["best_epoch"] < 10
+    assert sorted(history) == [0, 1, 2]  # two head epochs, then one fine-tuning epoch, counted on
+    assert max(history.values()) == run.data.metrics["best_val_accuracy"]
+    # The model logged is the one best_val_accuracy describes, whichever phase it came from.
     dataset = ds.load(tiny_npz).split("val")
     logged = mlflow.pyfunc.load_model(outcome.model_uri)
     labels = predict_pixels(logged, dataset.images)["label"].to_numpy()
     accuracy = np.mean(labels == np.asarray(dataset.class_names)[dataset.labels])
     assert accuracy == pytest.approx(run.data.metrics["best_val_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("phase_two_peak, kept", [(0.55, "phase one"), (0.6, "phase one"), (0.7, "phase two")])
+def test_the_model_kept_is_the_best_of_both_phases(phase_two_peak, kept):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    phase_one_best = [np.full_like(w, 1.0) for w in model.get_weights()]
+    phase_two_best = [np.full_like(w, 2.0) for w in model.get_weights()]
+    model.set_weights(phase_two_best)  # as phase 2's early stopping leaves it
+    restored = train.keep_best_of_phases(model, phase_one_best, {"val_accuracy": [0.5, 0.6]},
+                                         {"val_accuracy": [0.4, phase_two_peak]})
+    assert restored == (kept == "phase one")
+    expected = phase_one_best if kept == "phase one" else phase_two_best
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), expected))
 
 
 def test_imagenet_offline_is_one_clear_line(tiny_npz, capsys):
