@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def load(path: str | Path) -> Dataset:
                 npz["ids"],
                 tuple(str(c) for c in npz["class_names"]),
             )
-    except (OSError, KeyError, ValueError) as error:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:  # truncated: BadZipFile
         raise DataError(
             f"{path} is not a dataset artifact of the clean entry point ({error}); "
             "pass a run's dataset URI or a raw FER2013 source"

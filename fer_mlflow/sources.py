@@ -17,13 +17,17 @@ train with a fixed seed.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import logging
 import os
+import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -32,6 +36,8 @@ from PIL import Image, UnidentifiedImageError
 from fer_mlflow import dataset as ds
 from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE, Dataset
 from fer_mlflow.errors import DataError
+from fer_mlflow.faces import whole
+from fer_mlflow.images import gray, open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ SPLIT_FOLDERS = {
     "test": "test", "testing": "test",
 }
 CSV_USAGE = {"training": "train", "publictest": "val", "privatetest": "test"}
+MAX_FILE_BYTES = 50_000_000  # a face image; larger files (and zip members) are skipped unread
+WARNINGS = 20  # files skipped are warned of one by one up to this many, then counted
 ARTIFACT_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file://", "s3://", "gs://", "dbfs:/")
 
 
@@ -130,12 +138,43 @@ Entry = tuple[PurePosixPath, Callable[[], bytes]]
 
 
 def _folder_entries(root: Path) -> Iterator[Entry]:
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+    """Every file under `root`, hidden ones left out. Symlinked folders are followed (a class folder
+    is often a link to where the images are); a link back into a folder being walked is a loop,
+    refused as a DataError. What is not a regular file (a FIFO, a device) is given as unreadable
+    rather than opened, since reading one can block for ever."""
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if any(os.path.realpath(parent) == real for parent in Path(directory).parents):
+            raise DataError(f"{directory} is a symlink loop (it leads back to a folder above it); "
+                            "remove the link or point data at a folder without it")
+        subdirs[:] = sorted(d for d in subdirs if not _junk(d))
         for name in sorted(files):
-            if not name.startswith("."):
+            if not _junk(name):
                 full = Path(directory) / name
-                yield PurePosixPath(full.relative_to(root).as_posix()), full.read_bytes
+                yield PurePosixPath(_printable(full.relative_to(root).as_posix())), partial(_read_regular, full)
+
+
+def _junk(name: str) -> bool:
+    """Files and folders operating systems leave beside images: hidden ones (.DS_Store, ._*),
+    __MACOSX, Thumbs.db, desktop.ini."""
+    return name.startswith(".") or name == "__MACOSX" or name.lower() in ("thumbs.db", "desktop.ini")
+
+
+def _printable(name: str) -> str:
+    """A file name as text that can be written anywhere: bytes that are not UTF-8 (kept by Python
+    as surrogates) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of `path` if it is a regular file (a link to one is fine) of at most
+    `MAX_FILE_BYTES`; OSError naming why not."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"not a regular file (mode {stat.filemode(info.st_mode)})")
+    if info.st_size > MAX_FILE_BYTES:
+        raise OSError(f"{info.st_size / 1e6:g} MB, over the {MAX_FILE_BYTES / 1e6:g} MB limit for a face image")
+    return path.read_bytes()
 
 
 def _read_zip(path: Path) -> tuple[Dataset, SourceReport]:
@@ -145,11 +184,23 @@ def _read_zip(path: Path) -> tuple[Dataset, SourceReport]:
         raise DataError(f"{path} is not a readable zip file ({error}); re-download it") from error
     with archive:
         entries = (
-            (PurePosixPath(info.filename), lambda info=info: archive.read(info))
+            (PurePosixPath(info.filename), partial(_read_member, archive, info))
             for info in archive.infolist()
-            if not info.is_dir() and not info.filename.startswith("__MACOSX/")
+            if not info.is_dir() and not any(_junk(part) for part in PurePosixPath(info.filename).parts)
         )
         return _read_images(entries, "zip", str(path))
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A member's bytes if it inflates to at most `MAX_FILE_BYTES` (a zip bomb declares far more);
+    OSError naming why not, a bad CRC included."""
+    if info.file_size > MAX_FILE_BYTES:
+        raise OSError(f"inflates to {info.file_size / 1e6:g} MB, over the {MAX_FILE_BYTES / 1e6:g} MB "
+                      "limit for a face image")
+    try:
+        return archive.read(info)
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as error:
+        raise OSError(f"damaged in the zip ({error})") from error
 
 
 def _layout(parts: tuple[str, ...]) -> tuple[str, str] | None:
@@ -201,14 +252,23 @@ def _read_images(entries: Iterator[Entry], kind: str, location: str) -> tuple[Da
         if where is None or ".." in parts:
             report.skipped.append(f"{member}: not in the layout")
             continue
-        pixels = _decode(read(), member, report)
+        try:
+            raw = read()
+        except OSError as error:  # vanished, unreadable, not a regular file, over the limit, damaged
+            report.skipped.append(f"{member}: {error.strerror or error}")
+            continue
+        pixels = _decode(raw, member, report)
         if pixels is not None:
             images.append(pixels)
             labels.append(lookup[where[1].lower()])
             splits.append(where[0])
             ids.append(member)
+    for skipped in report.skipped[:WARNINGS]:
+        log.warning("skipped %s (in %s)", skipped, location)
     if report.skipped:
-        log.warning("skipped %d file(s) of %s, e.g. %s", len(report.skipped), location, report.skipped[0])
+        more = len(report.skipped) - WARNINGS
+        log.warning("skipped %d file(s) of %s%s", len(report.skipped), location,
+                    f" ({more} not named above)" if more > 0 else "")
     if not images:
         raise DataError(
             f"{location} has no readable image: {len(report.skipped)} file(s) skipped "
@@ -218,24 +278,38 @@ def _read_images(entries: Iterator[Entry], kind: str, location: str) -> tuple[Da
 
 
 def _decode(raw: bytes, member: str, report: SourceReport) -> np.ndarray | None:
+    """The 48x48 grayscale face in `raw`, opened as the served model opens images (`images.open_rgb`:
+    16-bit scaled, transparency flattened onto white, size checked before decoding); None, with the
+    reason in `report.skipped`, for anything that is not a readable image."""
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()
-            converted = image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE)
-            if image.mode != "L":
-                image = image.convert("L")
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        report.skipped.append(f"{member}: {type(error).__name__}")
+        pixels = whole(gray(open_rgb(raw)))
+        with Image.open(io.BytesIO(raw)) as header:  # the header only: was it a 48x48 gray face?
+            converted = header.mode != "L" or header.size != (IMAGE_SIZE, IMAGE_SIZE)
+    except (DataError, UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = str(error).removeprefix("image 0 ") if isinstance(error, DataError) else type(error).__name__
+        report.skipped.append(f"{member}: {reason}")
         return None
     report.converted += converted
     return pixels
 
 
+def _csv_text(path: Path) -> io.StringIO:
+    """The CSV's text: UTF-8 (a byte-order mark allowed), UTF-16 with its mark, or either gzipped."""
+    try:
+        raw = _read_regular(path)
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+        return io.StringIO(raw.decode(encoding), newline="")
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path} could not be read ({error}); pass a readable fer2013.csv") from error
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 or UTF-16 text ({error.reason} at byte {error.start}); "
+                        "save it as UTF-8 CSV") from error
+
+
 def _read_csv(path: Path) -> tuple[Dataset, SourceReport]:
-    with open(path, newline="") as handle:
+    with _csv_text(path) as handle:
         reader = csv.reader(handle)
         header = [h.strip().lower() for h in next(reader, [])]
         if "emotion" not in header or "pixels" not in header:
@@ -250,7 +324,7 @@ def _read_csv(path: Path) -> tuple[Dataset, SourceReport]:
                 pixels = np.asarray(row[col_pixels].split(), dtype=np.int32)
                 label = int(row[col_emotion])
                 usage = CSV_USAGE[row[col_usage].strip().lower()] if col_usage is not None else "train"
-            except (IndexError, ValueError, KeyError):
+            except (IndexError, ValueError, KeyError, OverflowError):
                 bad.append(line)
                 continue
             if pixels.size != IMAGE_SIZE * IMAGE_SIZE or pixels.min() < 0 or pixels.max() > 255 \
