@@ -7,7 +7,9 @@ import os
 import signal
 import time
 
+import keras
 import mlflow
+import numpy as np
 import pytest
 from conftest import all_runs
 from mlflow import MlflowClient
@@ -85,3 +87,18 @@ def test_resuming_with_other_parameters_or_without_a_checkpoint_is_one_line(tiny
         (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
         assert expected in line
     assert MlflowClient().get_run(other.info.run_id).info.status == "KILLED"  # left as it was
+
+
+def test_a_resumed_time_budget_counts_the_time_and_steps_used_before():
+    from fer_mlflow.training import TimeBudget, TrainingState
+
+    budget = TimeBudget(minutes=60, peak=1.0, total_steps=1000, warmup_steps=0, cosine=True)
+    budget.restore(TrainingState(budget_seconds=45 * 60, budget_steps=100))
+    budget.on_train_begin()
+    assert budget.step == 100 and budget.progress() == pytest.approx(0.75, abs=1e-3)
+    assert budget.rate() == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.75)), abs=1e-3)  # where it was
+    budget.started -= 15 * 60  # the rest of the hour passes
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    budget.set_model(model)
+    budget.on_train_batch_end(0)
+    assert model.stop_training
