@@ -204,6 +204,7 @@ def test_unusable_csv_is_one_line_and_exit_2(tmp_path, capsys, content, message)
     assert message in line
 
 
+@pytest.mark.slow
 def test_a_truncated_dataset_artifact_is_one_line(tiny_npz, tmp_path, capsys):
     cut = tmp_path / "cut.npz"
     cut.write_bytes(Path(tiny_npz).read_bytes()[:2000])
@@ -214,6 +215,7 @@ def test_a_truncated_dataset_artifact_is_one_line(tiny_npz, tmp_path, capsys):
     assert "is not a dataset artifact of the clean entry point" in line
 
 
+@pytest.mark.slow
 def test_clean_on_the_messy_folder_counts_what_it_skipped(messy_folder):
     import mlflow
     from conftest import all_runs

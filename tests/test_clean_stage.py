@@ -120,6 +120,7 @@ def test_bad_option_values_are_one_line(args, expected, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
 
 
+@pytest.mark.slow
 def test_mlflow_run_with_bad_data_fails_the_run_with_the_message(tracking, tmp_path):
     done = mlflow_run("clean", {"data": str(tmp_path / "nowhere")}, tracking)
     assert done.returncode != 0

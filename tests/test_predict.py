@@ -100,6 +100,7 @@ def test_a_folder_gives_a_row_per_face_skips_the_unreadable_file_and_logs_annota
     assert tree_checksum(photos) == before  # the user's files are never written to
 
 
+@pytest.mark.slow
 def test_a_zip_is_read_without_extracting_and_answers_as_the_folder_does(model_path, photos, tmp_path):
     archive = tmp_path / "photos.zip"
     with zipfile.ZipFile(archive, "w") as writer:
