@@ -8,7 +8,8 @@ FER2013's 48x48 images hold the whole face with a little forehead and chin, a fr
 either detector's box. `FRAMING` says, per detector, how large that frame is and where its centre
 lies, in units of the box's width: fitted on upscaled FER2013 training images by
 ``benchmarks/fit_framing.py`` (BENCHMARKS.md). `crop` cuts that square from the grayscale photo,
-padding with the edge pixels at the border, and resizes it to 48x48.
+padding with the edge pixels at the border, turned so the eyes are level when MTCNN found them,
+and resizes it to 48x48.
 """
 
 from __future__ import annotations
@@ -119,15 +120,33 @@ def _mtcnn_detector():
 
 def crop(gray: np.ndarray, face: Face, detector: str = "mtcnn") -> np.ndarray:
     """The 48x48 uint8 face of `gray` (H x W) framed as FER2013 frames faces (`FRAMING`): a square
-    around `face`'s box, edge pixels repeated where it passes the border."""
+    around `face`'s box, edge pixels repeated where it passes the border. When the detector found
+    the eyes (MTCNN), the square is turned about its centre so that they are level first: on
+    FER2013 validation faces set in photos that scored 1.4 points higher (BENCHMARKS.md)."""
     side_ratio, offset_x, offset_y = FRAMING[detector]
     side = max(2, int(round(side_ratio * face.w)))
     cx = face.x + face.w / 2 + offset_x * face.w
     cy = face.y + face.h / 2 + offset_y * face.w
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    pad = max(0, -left, -top, left + side - gray.shape[1], top + side - gray.shape[0])
+    angle = _tilt(face)
+    # With a turn, cut a square larger by sqrt(2) first, so the turned frame stays inside it.
+    outer = side if not angle else int(np.ceil(side * 1.415)) + 2
+    left, top = int(round(cx - outer / 2)), int(round(cy - outer / 2))
+    pad = max(0, -left, -top, left + outer - gray.shape[1], top + outer - gray.shape[0])
     padded = np.pad(gray, pad, mode="edge") if pad else gray
-    return whole(np.ascontiguousarray(padded[top + pad:top + pad + side, left + pad:left + pad + side]))
+    square = np.ascontiguousarray(padded[top + pad:top + pad + outer, left + pad:left + pad + outer])
+    if angle:
+        turned = Image.fromarray(square).rotate(angle, resample=Image.Resampling.BILINEAR)
+        inner = (outer - side) // 2
+        square = np.asarray(turned)[inner:inner + side, inner:inner + side]
+    return whole(np.ascontiguousarray(square))
+
+
+def _tilt(face: Face) -> float:
+    """Degrees to turn the face anticlockwise (as seen) so its eyes are level; 0 without eyes."""
+    if face.eyes is None:
+        return 0.0
+    (left_x, left_y), (right_x, right_y) = face.eyes
+    return float(np.degrees(np.arctan2(right_y - left_y, right_x - left_x)))
 
 
 def whole(gray_image: np.ndarray) -> np.ndarray:

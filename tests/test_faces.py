@@ -101,3 +101,18 @@ def test_the_served_model_answers_a_photo_with_one_row_per_face_and_a_row_for_no
     assert list(model.predict(frame.iloc[:1], params={"min_face": 150})["face"]) == [-1]
     whole = model.predict(frame.iloc[:1], params={"detector": "none"})
     assert tuple(whole.loc[0, ["x", "y", "w", "h"]]) == (0, 0, 512, 512)
+
+
+def test_a_tilted_face_is_cut_with_its_eyes_level():
+    from fer_mlflow.images import gray
+
+    upright = data.astronaut()
+    tilted = np.asarray(Image.fromarray(upright).rotate(15, resample=Image.Resampling.BILINEAR))
+    (straight,) = faces.detect(upright, "mtcnn")
+    (turned,) = faces.detect(tilted, "mtcnn")
+    reference = faces.crop(gray(upright), straight).astype(int)
+    levelled = faces.crop(gray(tilted), turned).astype(int)
+    no_eyes = faces.Face(turned.x, turned.y, turned.w, turned.h, turned.confidence)
+    as_found = faces.crop(gray(tilted), no_eyes).astype(int)
+    # Levelled, the tilted photo's face is nearly the upright one's; cut as found, it is not.
+    assert np.abs(levelled - reference).mean() < 0.8 * np.abs(as_found - reference).mean()
