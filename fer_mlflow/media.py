@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv")
 # every=auto analyses this many frames per second of video: a minute of 30 fps video in well under
-# a minute on 2 cores (BENCHMARKS.md), and expressions rarely change faster.
-FRAMES_PER_SECOND = 3
+# a minute on 2 cores with MTCNN (3 a second took 56 s there: BENCHMARKS.md).
+FRAMES_PER_SECOND = 2
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ class Video:
 
 
 def every_for(fps: float) -> int:
-    """every=auto: analyse `FRAMES_PER_SECOND` frames per second of video (every 10th at 30 fps)."""
+    """every=auto: analyse `FRAMES_PER_SECOND` frames per second of video (every 15th at 30 fps)."""
     return max(1, round(fps / FRAMES_PER_SECOND)) if fps > 0 else 1
 
 
