@@ -10,8 +10,10 @@ labels it. Reported per detector: the share of faces found, the faces found else
 on the faces found, and the model's accuracy on the same faces given as the dataset's own crops: the
 gap between the two is what the photo path costs.
 
-``--level``: also cut each MTCNN face after rotating the photo so that its eyes are level, and report
-that accuracy beside the plain cut (whether eye-levelling helps: decide it on the val split).
+The served cut levels the eyes of MTCNN's faces (`faces.crop`). ``--level``: also cut each of them
+as found, not levelled, and report that accuracy beside the served one (whether eye-levelling helps:
+decided on the val split, BENCHMARKS.md; before commit 87c88f9 the served cut was the unlevelled one
+and this option turned the photo instead).
 
     python benchmarks/photo_path.py --model-uri runs:/<id>/model --data ../shared/data/fer2013-public.zip
     python benchmarks/photo_path.py --model-uri runs:/<id>/model --data runs:/<clean>/dataset/dataset.npz \
@@ -71,14 +73,9 @@ def match(found: list[faces.Face], square: tuple) -> tuple[faces.Face | None, in
     return (inside[0] if inside else None), len(found) - min(1, len(inside))
 
 
-def levelled_crop(photo_gray: np.ndarray, face: faces.Face) -> np.ndarray:
-    """The MTCNN crop of `face` after rotating the photo about the box centre so the eyes are level."""
-    (lx, ly), (rx, ry) = face.eyes
-    angle = math.degrees(math.atan2(ry - ly, rx - lx))  # PIL turns anticlockwise (on screen) by this
-    centre = (face.x + face.w / 2, face.y + face.h / 2)
-    turned = Image.fromarray(photo_gray).rotate(angle, resample=Image.Resampling.BILINEAR, center=centre,
-                                                fillcolor=int(np.median(photo_gray)))
-    return faces.crop(np.asarray(turned), face, "mtcnn")
+def unlevelled(face: faces.Face) -> faces.Face:
+    """The face without its eyes: `faces.crop` then cuts it as found, not levelled."""
+    return faces.Face(face.x, face.y, face.w, face.h, face.confidence)
 
 
 def labels_of(model, crops: np.ndarray, class_names: list[str]) -> np.ndarray:
@@ -111,7 +108,7 @@ def main() -> None:
     scenes = [composite(face, background, rng) for face, background in zip(images, backgrounds(len(images), rng))]
     for detector in args.detectors.split(","):
         started = time.perf_counter()
-        found_at, crops, levelled, elsewhere = [], [], [], 0
+        found_at, crops, as_found, elsewhere = [], [], [], 0
         for index, (photo, square) in enumerate(scenes):
             face, others = match(faces.detect(photo, detector), square)
             elsewhere += others
@@ -121,7 +118,7 @@ def main() -> None:
             found_at.append(index)
             crops.append(faces.crop(luma, face, detector))
             if args.level and face.eyes is not None:
-                levelled.append(levelled_crop(luma, face))
+                as_found.append(faces.crop(luma, unlevelled(face), detector))
         seconds = time.perf_counter() - started
         found_at = np.array(found_at, int)
         correct = labels_of(model, crops, class_names) == truth[found_at]
@@ -129,9 +126,10 @@ def main() -> None:
         print(f"{detector}: found {len(found_at)} of {len(images)} ({len(found_at) / len(images):.1%}), "
               f"{elsewhere} faces elsewhere; accuracy on those found {correct.mean():.4f} vs their plain crops "
               f"{same.mean():.4f} (gap {100 * (same.mean() - correct.mean()):+.1f} points); {seconds:.0f} s")
-        if levelled and len(levelled) == len(crops):
-            right = labels_of(model, levelled, class_names) == truth[found_at]
-            print(f"{detector} eyes levelled: accuracy {right.mean():.4f} vs {correct.mean():.4f} not levelled")
+        if as_found and len(as_found) == len(crops):
+            right = labels_of(model, as_found, class_names) == truth[found_at]
+            print(f"{detector} cut as found, eyes not levelled: accuracy {right.mean():.4f} "
+                  f"vs {correct.mean():.4f} as served (levelled)")
 
 
 if __name__ == "__main__":

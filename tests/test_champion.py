@@ -139,7 +139,9 @@ def test_promote_scores_a_champion_from_another_experiment_before_replacing_it(t
 # --- 3. scored equals served -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("settings", [[False], [True], [False, True]], ids=["plain", "tta", "both"])
+@pytest.mark.parametrize("settings", [[False], pytest.param([True], marks=pytest.mark.slow),
+                                      pytest.param([False, True], marks=pytest.mark.slow)],
+                         ids=["plain", "tta", "both"])
 def test_the_registered_version_predicts_what_its_metric_says_with_no_params(settings, tmp_path):
     data = labelled(tmp_path, "faces", {label: 4 for label in range(7)})
     source = logged(tiny_keras_model(), name="cnn")

@@ -27,6 +27,7 @@ def only_run(client: MlflowClient):
     return runs[0]
 
 
+@pytest.mark.slow
 def test_mlflow_run_clean_on_demo_logs_counts_figures_inputs_and_dataset(tracking):
     done = mlflow_run("clean", {"data": "demo"}, tracking)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -76,6 +76,7 @@ def test_rules_can_be_switched_off():
     assert len(clean(make(rows), off).dataset) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 @pytest.mark.skipif(not SHARED_ZIP.exists(), reason="the shared FER2013 zip is not here")
 def test_counts_on_the_shared_fer2013():

@@ -72,6 +72,7 @@ def test_train_and_evaluate_agree_on_the_same_images(trained, tmp_path):
     assert outcome.metrics["test_accuracy"] == pytest.approx(trained.best_val_accuracy, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_tta_with_every_kind_off_averages_with_the_mirrored_image(trained):
     test = ds.load(trained.data_uri).split("test")
     plain = evaluate.predict_probabilities(trained.model_uri, test.images)
@@ -88,6 +89,7 @@ def _mean_over_views(trained, images, views):
     return sum(predict(v) + predict(v[:, :, ::-1]) for v in views) / (2 * len(views))
 
 
+@pytest.mark.slow
 def test_tta_averages_ten_views_the_face_rotated_and_zoomed_and_each_mirrored(trained):
     test = ds.load(trained.data_uri).split("test")
     images = test.images.astype(np.float32)[..., None]
@@ -101,6 +103,7 @@ def test_tta_averages_ten_views_the_face_rotated_and_zoomed_and_each_mirrored(tr
     assert (params["tta_views"], params["tta_rotation"], params["tta_zoom"]) == ("10", str(r), str(z))
 
 
+@pytest.mark.slow
 def test_tta_shift_adds_the_face_shifted_four_ways(trained):
     test = ds.load(trained.data_uri).split("test")
     images = test.images.astype(np.float32)[..., None]

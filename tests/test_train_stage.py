@@ -62,6 +62,7 @@ def test_each_model_trains_through_mlflow_run(model, extra, tiny_npz, tracking):
     assert len(predicted) == 2 and np.allclose(predicted.filter(like="prob_").sum(axis=1), 1, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_metric_history_has_one_point_per_epoch(tiny_npz):
     outcome = train.run(train.TrainConfig(model="cnn", data=tiny_npz, epochs=3, batch_size=32))
     client = MlflowClient()
@@ -165,6 +166,7 @@ def test_auto_parameters_get_their_resolved_value_logged_beside_them(tracking):
     assert params == {"epochs": "auto", "epochs_resolved": "30", "batch_size": "64", "seed": "0"}
 
 
+@pytest.mark.slow
 def test_a_raw_source_is_cleaned_in_a_nested_run(tmp_path):
     outcome = train.run(train.TrainConfig(model="cnn_shallow", data="demo", epochs=1))
     client = MlflowClient()
