@@ -37,7 +37,7 @@ from fer_mlflow import dataset as ds
 from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE, Dataset
 from fer_mlflow.errors import DataError
 from fer_mlflow.faces import whole
-from fer_mlflow.images import gray, open_rgb
+from fer_mlflow.images import FORMATS, gray, open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ SPLIT_FOLDERS = {
 }
 CSV_USAGE = {"training": "train", "publictest": "val", "privatetest": "test"}
 MAX_FILE_BYTES = 50_000_000  # a face image; larger files (and zip members) are skipped unread
+_ORIENTATION = 0x0112  # the EXIF tag of a photo stored sideways
 WARNINGS = 20  # files skipped are warned of one by one up to this many, then counted
 ARTIFACT_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file://", "s3://", "gs://", "dbfs:/")
 
@@ -282,9 +283,12 @@ def _decode(raw: bytes, member: str, report: SourceReport) -> np.ndarray | None:
     16-bit scaled, transparency flattened onto white, size checked before decoding); None, with the
     reason in `report.skipped`, for anything that is not a readable image."""
     try:
+        with Image.open(io.BytesIO(raw), formats=FORMATS) as image:
+            # FER2013's own files, 48x48 8-bit gray and upright, are taken as they are (the fast path).
+            if image.mode == "L" and image.size == (IMAGE_SIZE, IMAGE_SIZE) and not image.getexif().get(_ORIENTATION):
+                return np.asarray(image, dtype=np.uint8)
         pixels = whole(gray(open_rgb(raw)))
-        with Image.open(io.BytesIO(raw)) as header:  # the header only: was it a 48x48 gray face?
-            converted = header.mode != "L" or header.size != (IMAGE_SIZE, IMAGE_SIZE)
+        converted = True
     except (DataError, UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         reason = str(error).removeprefix("image 0 ") if isinstance(error, DataError) else type(error).__name__
         report.skipped.append(f"{member}: {reason}")
