@@ -167,13 +167,13 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _read_regular(path: Path) -> bytes:
-    """The bytes of `path` if it is a regular file (a link to one is fine) of at most
-    `MAX_FILE_BYTES`; OSError naming why not."""
+def _read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of `path` if it is a regular file (a link to one is fine) of at most `limit` bytes
+    (default `MAX_FILE_BYTES`, a face image's); OSError naming why not."""
     info = path.stat()
     if not stat.S_ISREG(info.st_mode):
         raise OSError(f"not a regular file (mode {stat.filemode(info.st_mode)})")
-    if info.st_size > MAX_FILE_BYTES:
+    if info.st_size > (limit or MAX_FILE_BYTES):
         raise OSError(f"{info.st_size / 1e6:g} MB, over the {MAX_FILE_BYTES / 1e6:g} MB limit for a face image")
     return path.read_bytes()
 
@@ -300,7 +300,7 @@ def _decode(raw: bytes, member: str, report: SourceReport) -> np.ndarray | None:
 def _csv_text(path: Path) -> io.StringIO:
     """The CSV's text: UTF-8 (a byte-order mark allowed), UTF-16 with its mark, or either gzipped."""
     try:
-        raw = _read_regular(path)
+        raw = _read_regular(path, limit=2**62)  # the whole dataset: no image's limit
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
         encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"

@@ -27,4 +27,6 @@ def test_reading_a_dataset_and_evaluating_a_model_through_a_server_leaves_no_tem
     dataset, _ = read_source(data)
     outcome = evaluate.run(model_uri=model_uri, data=data)
     assert len(dataset) > 0 and outcome.metrics["test_accuracy"] >= 0
-    assert set(os.listdir(tempfile.gettempdir())) - before == set()
+    left = set(os.listdir(tempfile.gettempdir())) - before
+    # MLflow's own lock for initialising a SQLite store (one per database, kept by design) is no copy.
+    assert {name for name in left if not name.startswith("db_init_lock-")} == set()

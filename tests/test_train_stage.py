@@ -248,8 +248,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_npz, tracking):
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from fer_mlflow import dataset as ds
-from fer_mlflow import models, train
+        from fer_mlflow import train
         train.run(train.TrainConfig(model="cnn", data={tiny_npz!r}, epochs=1, batch_size=32,
                                     strategy="mirrored"))
     """)
