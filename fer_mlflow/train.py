@@ -229,10 +229,15 @@ def _resumable(config: TrainConfig, plan: _Checkpoints):
             raise ConfigError(f"run {config.resume} was trained with {key}={theirs}, not {param_text(value)}; "
                               "resume it with the parameters it was started with")
     try:
-        mlflow.artifacts.download_artifacts(run_id=config.resume, artifact_path=CHECKPOINT,
-                                            dst_path=str(plan.folder.parent))
-        plan.resumed = TrainingState.load(plan.folder)
-    except (MlflowException, OSError) as error:
+        state = mlflow.artifacts.load_dict(f"runs:/{config.resume}/{CHECKPOINT}/state.json")
+        staging = plan.folder.parent / "download"
+        arrays = mlflow.artifacts.download_artifacts(run_id=config.resume, dst_path=str(staging),
+                                                     artifact_path=f"{CHECKPOINT}/{state['slot']}")
+        plan.folder.mkdir(parents=True, exist_ok=True)
+        for path in Path(arrays).glob("*.npz"):
+            path.replace(plan.folder / path.name)
+        plan.resumed = TrainingState(**state)
+    except (MlflowException, OSError, KeyError) as error:
         raise ConfigError(f"run {config.resume} has no checkpoint to resume from (it stopped before one was "
                           "logged); start it again as a new run") from error
     return run

@@ -204,6 +204,7 @@ class TrainingState:
     images_seen: int = 0
     train_seconds: float = 0.0  # all sessions of this run together
     phase_one: dict[str, list[float]] | None = None  # in phase 2: phase 1's history
+    slot: str = ""  # which of checkpoint/a/ and checkpoint/b/ holds the arrays of the logged state
 
     def save(self, folder: Path, model: keras.Model, best_weights: list | None) -> None:
         """Write the state, the model's and optimizer's variables and the best weights to `folder`."""
@@ -212,10 +213,6 @@ class TrainingState:
         save_arrays(folder / "optimizer.npz", [v.numpy() for v in model.optimizer.variables])
         save_arrays(folder / "best_weights.npz", best_weights if best_weights is not None else model.get_weights())
         (folder / "state.json").write_text(json.dumps(asdict(self), indent=1))
-
-    @classmethod
-    def load(cls, folder: Path) -> TrainingState:
-        return cls(**json.loads((folder / "state.json").read_text()))
 
 
 def save_arrays(path: Path, arrays: list) -> None:
@@ -252,8 +249,8 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
 class Checkpointer(keras.callbacks.Callback):
     """After every epoch, the whole training state (`TrainingState`, variables, best weights) in
-    `folder`; logged to the active run as ``checkpoint/`` when `minutes` have passed since the last
-    time (0: every epoch), and by `flush`. Runs after early stopping, whose state it reads."""
+    `folder`; logged to the active run under ``checkpoint/`` when `minutes` have passed since the
+    last time (0: every epoch), and by `flush`. Runs after early stopping, whose state it reads."""
 
     def __init__(self, folder: Path, minutes: float, state: TrainingState, stop: ResumableEarlyStopping,
                  counter: ImageCounter, budget: TimeBudget | None, started: float):
@@ -280,7 +277,14 @@ class Checkpointer(keras.callbacks.Callback):
             self.flush()
 
     def flush(self) -> None:
-        """Log the latest state to the run, if it changed since it was last logged."""
+        """Log the latest state to the run, if it changed since it was last logged.
+
+        The arrays go to the slot (checkpoint/a/ or b/) not named by the logged state.json, and
+        state.json, naming the new slot, goes last: a process killed while logging leaves the last
+        complete checkpoint in place, never new state beside old arrays."""
         if self.unlogged:
-            mlflow.log_artifacts(str(self.folder), CHECKPOINT)
+            self.state.slot = "b" if self.state.slot == "a" else "a"
+            for path in sorted(self.folder.glob("*.npz")):
+                mlflow.log_artifact(str(path), f"{CHECKPOINT}/{self.state.slot}")
+            mlflow.log_dict(asdict(self.state), f"{CHECKPOINT}/state.json")
             self.logged_at, self.unlogged = time.monotonic(), False

@@ -102,3 +102,35 @@ def test_a_resumed_time_budget_counts_the_time_and_steps_used_before():
     budget.set_model(model)
     budget.on_train_batch_end(0)
     assert model.stop_training
+
+
+@pytest.mark.slow
+def test_a_pretrained_resnet_killed_while_fine_tuning_resumes_in_phase_two(tiny_npz, tracking, tmp_path):
+    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
+                                           pooling="avg")
+    weights = tmp_path / "resnet50_notop.weights.h5"
+    backbone.save_weights(weights)
+    arguments = ["--model", "resnet50", "--image-size", "32", "--weights", str(weights), "--epochs", "2",
+                 "--fine-tune-epochs", "6", "--batch-size", "32", "--patience", "20"]
+    process = start(["train", "--data", tiny_npz, "--checkpoint-minutes", "0", *arguments], tracking)
+    deadline = time.monotonic() + 600
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
+        runs = all_runs("tags.`fer.stage` = 'train'")
+        if runs and MlflowClient().list_artifacts(runs[0].info.run_id, "checkpoint"):
+            path = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id,
+                                                       artifact_path="checkpoint/state.json")
+            state = json.loads(open(path).read())
+            if state["phase"] == 2 and state["epoch"] >= 1:
+                break
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed = train.run(train.TrainConfig(model="resnet50", data=tiny_npz, image_size=32, weights=str(weights),
+                                          epochs=2, fine_tune_epochs=6, batch_size=32, patience=20,
+                                          checkpoint_minutes=0, resume=runs[0].info.run_id))
+    assert resumed.run_id == runs[0].info.run_id and resumed.epochs_trained == 8
+    run = MlflowClient().get_run(resumed.run_id)
+    assert run.info.status == "FINISHED" and "of phase 2" in run.data.tags["fer.resume_1"]
+    steps = {m.step for m in MlflowClient().get_metric_history(resumed.run_id, "val_accuracy")}
+    assert steps == set(range(8))
