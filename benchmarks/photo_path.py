@@ -21,7 +21,6 @@ and this option turned the photo instead).
 """
 
 import argparse
-import math
 import time
 
 import mlflow

@@ -288,12 +288,11 @@ def _decode(raw: bytes, member: str, report: SourceReport) -> np.ndarray | None:
             if image.mode == "L" and image.size == (IMAGE_SIZE, IMAGE_SIZE) and not image.getexif().get(_ORIENTATION):
                 return np.asarray(image, dtype=np.uint8)
         pixels = whole(gray(open_rgb(raw)))
-        converted = True
     except (DataError, UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         reason = str(error).removeprefix("image 0 ") if isinstance(error, DataError) else type(error).__name__
         report.skipped.append(f"{member}: {reason}")
         return None
-    report.converted += converted
+    report.converted += 1  # past the fast path: decoded and converted
     return pixels
 
 

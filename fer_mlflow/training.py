@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -80,6 +79,7 @@ class TimeBudget(keras.callbacks.Callback):
         self.seconds, self.peak, self.cosine = minutes * 60.0, peak, cosine
         self.total_steps, self.warmup_steps = max(total_steps, 1), warmup_steps
         self.step, self.started = 0, 0.0
+        self.used_seconds, self.used_steps = 0.0, 0  # before a resume (`restore`)
 
     def progress(self) -> float:
         """How much of the budget is spent, 0..1: the larger of the time and the step fractions."""
@@ -93,8 +93,6 @@ class TimeBudget(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         # A resumed run (`restore`) counts the time and steps it had used before it stopped.
         self.step, self.started = self.used_steps, time.perf_counter() - self.used_seconds
-
-    used_seconds, used_steps = 0.0, 0
 
     def restore(self, state: TrainingState) -> None:
         self.used_seconds, self.used_steps = state.budget_seconds, state.budget_steps
@@ -207,12 +205,12 @@ class TrainingState:
     slot: str = ""  # which of checkpoint/a/ and checkpoint/b/ holds the arrays of the logged state
 
     def save(self, folder: Path, model: keras.Model, best_weights: list | None) -> None:
-        """Write the state, the model's and optimizer's variables and the best weights to `folder`."""
+        """Write the model's and optimizer's variables and the best weights to `folder`; the state
+        itself is logged by `Checkpointer.flush`."""
         folder.mkdir(parents=True, exist_ok=True)
         save_arrays(folder / "weights.npz", model.get_weights())
         save_arrays(folder / "optimizer.npz", [v.numpy() for v in model.optimizer.variables])
         save_arrays(folder / "best_weights.npz", best_weights if best_weights is not None else model.get_weights())
-        (folder / "state.json").write_text(json.dumps(asdict(self), indent=1))
 
 
 def save_arrays(path: Path, arrays: list) -> None:
