@@ -157,6 +157,81 @@ def train(**options) -> None:
     click.echo(f"model: {outcome.model_uri}")
 
 
+def check_train_value(name: str, value):
+    """`value` of train parameter `name` parsed and checked as `train`'s option does (widths
+    "16,32,128,256" becomes a tuple); a ConfigError naming the parameter when it is refused."""
+    option = next((p for p in train.params if p.name == name), None)
+    if option is None:
+        raise ConfigError(f"{name} is not a train parameter")
+    try:
+        return option.type.convert(value, option, None)
+    except click.BadParameter as error:
+        raise ConfigError(f"{name}={value!r}: {error.message}") from None
+
+
+def train_options(args: list[str]) -> dict:
+    """Train options given on a command line (``--learning_rate 0.1`` as `mlflow run` passes an extra
+    ``-P learning_rate=0.1``, or ``--learning-rate 0.1``), parsed and checked by `train`'s own options:
+    {TrainConfig field: value} for those given."""
+    from click.core import ParameterSource
+
+    args = [arg.replace("_", "-") if arg.startswith("--") else arg for arg in args]
+    try:
+        context = train.make_context("train", list(args))
+    except click.UsageError as error:
+        raise click.UsageError(f"{error.format_message()} (the sweep passes the options of train through "
+                               "to every trial: see fer-mlflow train --help)") from None
+    return {name: value for name, value in context.params.items()
+            if context.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--model", default="cnn", show_default=True,
+              type=click.Choice(["cnn", "cnn_shallow", "cnn_deep", "resnet50", "resnet101", "resnet152"]))
+@click.option("--data", default="demo", show_default=True, help=DATA_HELP + "; raw sources are cleaned once")
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Trials in the study, over all its workers.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Trials at once on this machine: this process and N-1 more, on one study.")
+@click.option("--storage", default="", help="Optuna storage shared by workers: postgresql://..., sqlite:///... "
+                                            "or a journal file's path; empty: in memory (a journal in a "
+                                            "temporary folder with workers > 1).")
+@click.option("--study", default="", help="Study name; workers with the same storage and study share it. "
+                                          "Empty: a new study named after the model, data and time.")
+@click.option("--space", default="", help="A YAML file replacing the model's search space: "
+                                          "{parameter: {low, high, log, step} or {choices: [...]}}.")
+@click.option("--time-budget", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Minutes for the whole sweep: no trial starts that could not end in it; 0: none.")
+@click.option("--trial-time-budget", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Minutes of training per trial (train's time_budget); 0: the model's epochs.")
+@click.option("--prune-warmup", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Epochs a trial trains before the median pruner may stop it.")
+@click.option("--sampler-seed", default="auto", show_default=True, type=Auto(click.INT),
+              help="TPE's seed (worker i adds i); auto: 0, or fresh for each worker of a shared storage.")
+@click.option("--baseline", default=True, show_default=True, type=bool,
+              help="Make a new study's first trial the default recipe.")
+@click.option("--evaluate", default=True, show_default=True, type=bool,
+              help="Score the best trial's model on the test split, ready for promote.")
+@click.option("--worker-index", default=0, hidden=True, type=click.IntRange(min=0))
+@click.pass_context
+def sweep(context, **options) -> None:
+    """Search train's parameters with Optuna (TPE, median pruning): a parent run, a nested train run
+    per trial. Any other train option (e.g. --epochs 10) is fixed for every trial."""
+    from fer_mlflow import sweep as stage
+
+    fixed = train_options(context.args)
+    outcome = stage.run(stage.SweepConfig(**options), fixed, tuple(context.args))
+    counts = ", ".join(f"{count} {state}" for state, count in outcome.counts.items() if count)
+    click.echo(f"study {outcome.study} ({outcome.storage}): {counts}")
+    if outcome.best_run_id:
+        click.echo(f"best val_accuracy {outcome.best_value:.4f}: run {outcome.best_run_id} "
+                   f"with {outcome.best_params}")
+    if outcome.test_metrics:
+        click.echo(f"its test_accuracy {outcome.test_metrics.get('test_accuracy', float('nan')):.4f} "
+                   f"(evaluation run {outcome.evaluation_run_id})")
+    click.echo(f"sweep run: {outcome.run_id}")
+
+
 @cli.command()
 @click.option("--run-id", default="", help="A training run whose model to evaluate.")
 @click.option("--model-uri", default="", help="Or any model URI, e.g. models:/fer-emotion@champion.")

@@ -75,6 +75,10 @@ def source_label(data: str) -> str:
     return Path(data.rstrip("/")).name or data
 
 
+class Stopped(Exception):
+    """Raised inside `stage_run` to end its run KILLED rather than FAILED: stopped on purpose."""
+
+
 @contextmanager
 def stage_run(stage: str, run_name: str, tags: dict[str, str] | None = None, nested: bool = False,
               experiment: str = DATA_EXPERIMENT, resume: str | None = None):
@@ -86,7 +90,8 @@ def stage_run(stage: str, run_name: str, tags: dict[str, str] | None = None, nes
     made for this stage is then deleted once it ends, as a moved one is.
 
     Leaving the block by an exception ends the run FAILED, or KILLED for SIGINT and SIGTERM
-    (`interrupts`), so no run is left RUNNING.
+    (`interrupts`) and for `Stopped` (a run ended on purpose, e.g. a pruned sweep trial), so no run
+    is left RUNNING.
     """
     if nested:
         target = {"nested": True, "experiment_id": mlflow.active_run().info.experiment_id}
@@ -99,7 +104,7 @@ def stage_run(stage: str, run_name: str, tags: dict[str, str] | None = None, nes
         _mark_kind(run.info.experiment_id)
         try:
             yield run
-        except KeyboardInterrupt:  # SIGINT, or SIGTERM (`interrupts`): stopped, not failed
+        except (KeyboardInterrupt, Stopped):  # SIGINT, SIGTERM (`interrupts`), or on purpose: not failed
             mlflow.end_run("KILLED")
             raise
 

@@ -133,16 +133,21 @@ class TrainOutcome:
     data_uri: str
 
 
-def run(config: TrainConfig = TrainConfig(), nested: bool = False) -> TrainOutcome:
+def run(config: TrainConfig = TrainConfig(), nested: bool = False, tags: dict[str, str] | None = None,
+        callbacks: tuple[keras.callbacks.Callback, ...] = ()) -> TrainOutcome:
     """Train `config.model` on `config.data` and log the run (see the module docstring); with
-    `config.resume`, go on with that stopped run from its last checkpoint, in the same run."""
+    `config.resume`, go on with that stopped run from its last checkpoint, in the same run.
+
+    `tags` are added to the run's; `callbacks` join every phase's fit (a sweep's pruning: one that
+    raises `tracking.Stopped` ends the run KILLED, no model logged)."""
     config = config.resolved()
     family = "resnet" if config.model in models.RESNET_NAMES else "cnn"
+    extra_tags = tags or {}
     tags, experiment = data_context(config.data)
     label = tags["fer.data"]
-    tags.update({"fer.model": config.model, "fer.model_family": family})
+    tags.update({"fer.model": config.model, "fer.model_family": family, **extra_tags})
     with tempfile.TemporaryDirectory(prefix="fer-checkpoint-") as folder:
-        plan = _Checkpoints(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
+        plan = _Checkpoints(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0, callbacks=tuple(callbacks))
         previous = _resumable(config, plan) if config.resume else None
         with stage_run("train", run_name(config, label), tags, nested=nested, experiment=experiment,
                        resume=config.resume or None) as active:
@@ -281,6 +286,7 @@ class _Checkpoints:
     started: float  # perf_counter() at this session's start, less earlier sessions' training time
     resumed: TrainingState | None = None
     current: Checkpointer | None = None
+    callbacks: tuple = ()  # the caller's, added to every phase's
 
     def flush(self) -> None:
         if self.current is not None:
@@ -376,7 +382,7 @@ def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, t
     state = resumed or TrainingState(phase=phase, phase_one=phase_one)
     steps = int(train.cardinality()) * epochs
     warmup_steps = min(steps // 10, int(train.cardinality()))
-    callbacks = [logger, counter, StopOnSignal()]
+    callbacks = [logger, counter, StopOnSignal(), *plan.callbacks]
     budget = None
     if minutes:
         budget = TimeBudget(minutes, learning_rate, steps, warmup_steps, config.schedule == "cosine")

@@ -23,7 +23,7 @@ def as_text(value) -> str:
 def test_entry_point_parameters_match_the_cli_options(name):
     entry = ENTRY_POINTS[name]
     command = cli.commands[name]
-    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    options = {p.name: p for p in command.params if isinstance(p, click.Option) and not p.hidden}
     assert set(entry["parameters"]) == set(options), f"{name}: MLproject and CLI parameters differ"
     for param, spec in entry["parameters"].items():
         option = options[param]
@@ -50,11 +50,15 @@ def test_cli_defaults_are_the_stage_defaults():
     import dataclasses
     import inspect
 
-    from fer_mlflow import evaluate, predict, promote, train
+    from fer_mlflow import evaluate, predict, promote, sweep, train
 
     context = click.Context(cli.commands["train"])
     for field in dataclasses.fields(train.TrainConfig):
         option = next(p for p in cli.commands["train"].params if p.name == field.name)
+        assert option.type_cast_value(context, option.default) == field.default, field.name
+    context = click.Context(cli.commands["sweep"])
+    for field in dataclasses.fields(sweep.SweepConfig):
+        option = next(p for p in cli.commands["sweep"].params if p.name == field.name)
         assert option.type_cast_value(context, option.default) == field.default, field.name
     for command, stage in (("evaluate", evaluate.run), ("promote", promote.run), ("predict", predict.run)):
         signature = inspect.signature(stage)
