@@ -166,7 +166,7 @@ def check_train_value(name: str, value):
     try:
         return option.type.convert(value, option, None)
     except click.BadParameter as error:
-        raise ConfigError(f"{name}={value!r}: {error.message}") from None
+        raise ConfigError(f"{name}={value!r}: {error.message.replace(' (or ' + repr('auto') + ')', '')}") from None
 
 
 def train_options(args: list[str]) -> dict:

@@ -47,6 +47,7 @@ from optuna.trial import TrialState
 
 from fer_mlflow import evaluate, models, train
 from fer_mlflow.errors import ConfigError
+from fer_mlflow.sources import is_artifact
 from fer_mlflow.tracking import Stopped, data_context, log_params, param_text, stage_run
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ def distributions(space: dict) -> dict[str, BaseDistribution]:
                                                 step=spec.get("step"))
         except (ValueError, TypeError) as error:
             raise ConfigError(f"space: {name} {spec!r} is not a valid range ({error})") from None
+        except ConfigError as error:
+            raise ConfigError(f"space: {error}") from None
     return found
 
 
@@ -240,7 +243,7 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
                     "fixed": " ".join(f"{k}={param_text(v)}" for k, v in sorted(fixed.items())) or "none"})
         mlflow.log_text(yaml.safe_dump(space, sort_keys=False), "space.yaml")
         data = base.data
-        if not data.startswith("runs:/"):
+        if not is_artifact(data):
             data = _cleaned(data, base)  # once, not per trial
             base = replace(base, data=data)
         study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
@@ -417,10 +420,16 @@ def open_storage(url: str):
         if scheme not in RDB_SCHEMES:
             raise ConfigError(f"storage {_masked(url)}: use postgresql://user@host:port/database, "
                               "sqlite:///path/to/file.db or a journal file's path")
+        if url.startswith("postgresql://"):  # SQLAlchemy 2.1 reads it as psycopg 3; psycopg2 is what ships
+            url = "postgresql+psycopg2://" + url.split("://", 1)[1]
         try:
             return optuna.storages.RDBStorage(url)
         except Exception as error:  # SQLAlchemy's and the driver's errors differ by database
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if "no longer compatible with the table schema" in first:  # another program's Alembic table
+                raise ConfigError(f"storage {_masked(url)} holds another program's tables (MLflow's?): both keep "
+                                  "Alembic's alembic_version table, so give the study a database of its own "
+                                  "(e.g. createdb optuna)") from None
             raise ConfigError(f"storage {_masked(url)} cannot be opened ({first}); "
                               "check that the database server runs and the URL names it") from None
     folder = Path(url).expanduser().resolve().parent

@@ -141,13 +141,108 @@ def tiny_keras_model():
     return keras.Model(inputs, outputs)
 
 
+def postgres_binary(name: str) -> str | None:
+    """A PostgreSQL server program: on PATH, or where Debian's postgresql package puts it."""
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                      key=lambda path: int(Path(path).parts[-3]) if Path(path).parts[-3].isdigit() else 0)
+    return versions[-1] if versions else None
+
+
+class Postgres:
+    """A throw-away PostgreSQL server on a loopback port; `database()` makes a fresh database."""
+
+    def __init__(self):
+        import shutil
+        import tempfile
+
+        initdb, server = postgres_binary("initdb"), postgres_binary("postgres")
+        if not (initdb and server):
+            pytest.fail("PostgreSQL is not installed: apt-get install postgresql (.ci/run does)")
+        # The server refuses to run as root: as root, run it as the postgres user, in a folder it owns.
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.folder = Path(tempfile.mkdtemp(prefix="fer-postgres-"))
+        if as_user:
+            shutil.chown(self.folder, "postgres", "postgres")
+        data = self.folder / "data"
+        subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                        "--no-sync"], check=True, capture_output=True)
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [*as_user, server, "-D", str(data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+             "-c", "unix_socket_directories=", "-c", "fsync=off", "-c", "max_connections=200"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.count = 0
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self._execute("SELECT 1")
+                break
+            except Exception:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"PostgreSQL did not start: {self.process.stderr.read().decode()[-2000:]}")
+                time.sleep(0.2)
+
+    def _execute(self, statement: str) -> None:
+        import psycopg2
+
+        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(statement)
+        finally:
+            connection.close()
+
+    def database(self) -> str:
+        """The URL of a new, empty database."""
+        self.count += 1
+        name = f"test_{self.count}"
+        self._execute(f"CREATE DATABASE {name}")
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; this project ships psycopg2.
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # a smart shutdown: clients are told
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throw-away PostgreSQL server for the session, removed at its end."""
+    server = Postgres()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def tracking_server(tmp_path):
-    """A real `mlflow server` on loopback: sqlite backend, artifacts served through the server."""
+def postgres(postgres_server) -> str:
+    """A fresh database on the session's PostgreSQL: its URL."""
+    return postgres_server.database()
+
+
+@pytest.fixture
+def tracking_server(tmp_path, postgres):
+    """A team's `mlflow server` on loopback: a PostgreSQL backend store, artifacts served through
+    the server (``--artifacts-destination``), as the README's team section runs it."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--backend-store-uri", postgres,
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )
@@ -166,8 +261,9 @@ def tracking_server(tmp_path):
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)

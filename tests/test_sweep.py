@@ -1,0 +1,228 @@
+"""The sweep entry point: an Optuna search over train's parameters, a nested train run per trial."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import click
+import keras
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from conftest import PROJECT, all_runs, mlflow_run
+from fer_mlflow import models, sweep, train
+from fer_mlflow.cli import main as cli_main, train_options
+from fer_mlflow.errors import ConfigError
+
+
+@pytest.mark.parametrize("model", models.MODEL_NAMES)
+def test_the_default_space_holds_the_default_recipe(model):
+    """So a new study's first trial (the baseline) is the default recipe, within the space."""
+    base = train.TrainConfig(model=model, weights="imagenet").resolved()
+    space = sweep.default_space(model, base.optimizer, base.weights)
+    searched = sweep.distributions(space)
+    assert {"learning_rate", "weight_decay", "dropout", "erase", "label_smoothing", "batch_size"} <= set(space)
+    assert ("widths" in space) == (model == "cnn")
+    assert set(sweep.FINE_TUNING) <= set(space) if model.startswith("resnet") else not set(sweep.FINE_TUNING) & set(space)
+    for name, distribution in searched.items():
+        default = getattr(base, name)
+        assert sweep._holds(distribution, ",".join(map(str, default)) if name == "widths" else default), name
+    if model.startswith("resnet"):  # from scratch there is no fine-tuning phase to search
+        assert not set(sweep.FINE_TUNING) & set(sweep.default_space(model, "adamw", "none"))
+
+
+def test_a_space_file_is_checked_like_train_options(tmp_path):
+    good = tmp_path / "space.yaml"
+    good.write_text("learning_rate: {low: 0.01, high: 0.1, log: true}\nbatch_size: {choices: [32, 64]}\n"
+                    "fine_tune_layers: {low: 10, high: 40, step: 10}\nwidths: {choices: ['16,32', '8,16,32']}\n")
+    searched = sweep.distributions(sweep.load_space(str(good)))
+    assert isinstance(searched["learning_rate"], optuna.distributions.FloatDistribution) and searched["learning_rate"].log
+    assert isinstance(searched["fine_tune_layers"], optuna.distributions.IntDistribution)
+    assert searched["widths"].choices == ("16,32", "8,16,32")
+    for text, says in [("dropout: {low: 0.1, high: 1.5}", "dropout"),
+                       ("seed: {low: 0, high: 9}", "seed is not a train parameter a sweep searches"),
+                       ("learning_rate: [0.1, 0.2]", "needs {low"),
+                       ("erase: {low: 0.5, high: 0.1}", "not a valid range"),
+                       ("widths: {choices: ['16,x']}", "widths"),
+                       ("erase: {low: 0, hgh: 0.1}", "needs {low"),
+                       ("learning_rate: {low: 0.1", "not valid YAML"),
+                       ("- 1", "must map train parameters")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=says.replace("{", r"\{").replace("[", r"\[")):
+            sweep.load_space(str(bad))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        sweep.load_space(str(tmp_path / "missing.yaml"))
+
+
+def test_bad_sweep_input_is_one_line_and_leaves_no_run(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dropout: {low: 0.1, high: 1.5}")
+    for args, says in [(["--space", str(bad)], "space: dropout"),
+                       (["--learning-rate", "-1"], "learning-rate"),
+                       (["--no-such-option", "1"], "No such option"),
+                       (["--storage", "mysql://x@localhost/db"], "storage mysql://x@localhost/db: use postgresql"),
+                       (["--storage", str(tmp_path / "missing" / "study.journal")], "does not exist"),
+                       (["--learning-rate", "0.1", "--space", str(_space(tmp_path, "learning_rate"))],
+                        "nothing left to search")]:
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(["sweep", "--trials", "1", *args])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and says in error, error
+    assert all_runs() == []
+
+
+def _space(tmp_path, name):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"{name}: {{low: 0.01, high: 0.1}}\n")
+    return path
+
+
+def test_train_options_pass_through_as_mlflow_run_hands_them_over():
+    assert train_options(["--learning_rate", "0.1", "--widths", "16,32", "--flip", "false"]) == \
+        {"learning_rate": 0.1, "widths": (16, 32), "flip": False}
+    with pytest.raises(click.UsageError, match="passes the options of train through"):
+        train_options(["--erase", "2"])
+
+
+def test_the_pruner_stops_a_trial_below_the_median_at_the_same_epoch():
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1))
+    done = study.ask()
+    for epoch, value in enumerate([0.3, 0.5, 0.6]):
+        done.report(value, epoch)
+    study.tell(done, 0.6)
+    report = sweep._Report(study.ask())
+    report.on_epoch_end(0, {"val_accuracy": 0.1})  # epoch 0 is the warm-up: never pruned
+    report.on_epoch_end(1, {"val_accuracy": 0.55})  # above the median (0.5): goes on
+    # Its best so far (0.55) is compared with the median at the same epoch (0.6).
+    with pytest.raises(sweep.Pruned, match="pruned after 3 epochs: val_accuracy 0.4000"):
+        report.on_epoch_end(2, {"val_accuracy": 0.4})
+
+
+class _Sabotage(keras.callbacks.Callback):
+    """Makes one trial fail mid-training, and another look hopeless to the pruner."""
+
+    def __init__(self, trial: str):
+        super().__init__()
+        self.trial = trial
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.trial == "1":
+            raise RuntimeError("out of memory (a test's failure)")
+        if self.trial == "3":
+            logs["val_accuracy"] = 0.0
+
+
+@pytest.mark.slow
+def test_a_sweep_logs_a_parent_with_its_trials_and_goes_on_past_a_failed_one(tiny_npz, monkeypatch):
+    real_run = train.run
+
+    def run(config, nested=False, tags=None, callbacks=()):
+        return real_run(config, nested, tags, (_Sabotage(tags["fer.trial"]), *callbacks))
+
+    monkeypatch.setattr(train, "run", run)
+    monkeypatch.setattr(sweep, "PRUNER_STARTUP_TRIALS", 2)  # so trials 0 and 2 finish, 3 may be pruned
+    config = sweep.SweepConfig(data=tiny_npz, trials=4, prune_warmup=0)
+    outcome = sweep.run(config, {"epochs": 2, "erase": 0.25}, ("--epochs", "2", "--erase", "0.25"))
+
+    client = MlflowClient()
+    parent = client.get_run(outcome.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["fer.stage"] == "sweep"
+    assert parent.data.params["fixed"] == "epochs=2 erase=0.25" and parent.data.params["trials"] == "4"
+    assert "erase" not in parent.data.params["space"] and "learning_rate" in parent.data.params["space"]
+    assert parent.data.params["sampler"].startswith("TPESampler") and "MedianPruner" in parent.data.params["pruner"]
+    trials = sorted(all_runs(f"tags.`mlflow.parentRunId` = '{outcome.run_id}' and tags.`fer.stage` = 'train'"),
+                    key=lambda r: int(r.data.tags["fer.trial"]))
+    assert [(r.data.tags["fer.trial"], r.info.status, r.data.tags["fer.trial_state"]) for r in trials] == [
+        ("0", "FINISHED", "complete"), ("1", "FAILED", "failed"), ("2", "FINISHED", "complete"),
+        ("3", "KILLED", "pruned")]
+    assert all(r.data.params["erase"] == "0.25" and r.data.params["epochs"] == "2" for r in trials)
+    baseline = trials[0].data.params  # the default recipe first
+    assert (baseline["learning_rate"], baseline["weight_decay"], baseline["batch_size"], baseline["widths"]) == \
+        ("0.05", "0.005", "64", "20,40,80,160")
+    assert [a.path for a in client.list_artifacts(trials[3].info.run_id) if a.path == "model"] == []
+    metrics = parent.data.metrics
+    assert (metrics["trials_complete"], metrics["trials_pruned"], metrics["trials_failed"]) == (2, 1, 1)
+    best = max((r for r in trials if r.info.status == "FINISHED"), key=lambda r: r.data.metrics["best_val_accuracy"])
+    assert metrics["best_value"] == pytest.approx(best.data.metrics["best_val_accuracy"])
+    assert parent.data.tags["fer.best_run"] == best.info.run_id == outcome.best_run_id
+
+    table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{outcome.run_id}/trials.csv")))
+    assert list(table["state"]) == ["COMPLETE", "FAIL", "COMPLETE", "PRUNED"]
+    assert list(table["user_attrs_run_id"]) == [r.info.run_id for r in trials]
+    assert "params_learning_rate" in table and "params_erase" not in table
+    figures = {a.path for a in client.list_artifacts(outcome.run_id, "figures")}
+    assert figures == {f"figures/{name}.png" for name in sweep.FIGURES}
+    evaluation = client.get_run(outcome.evaluation_run_id)
+    assert evaluation.data.tags["mlflow.parentRunId"] == outcome.run_id
+    assert evaluation.data.tags["fer.source_run"] == best.info.run_id
+    assert metrics["best_test_accuracy"] == evaluation.data.metrics["test_accuracy"]
+
+
+def _worker(data: str, storage: str, tracking: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fer_mlflow", "sweep", "--data", data, "--storage", storage, "--study", "shared",
+         "--trials", "6", "--evaluate", "false", "--epochs", "2"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking}, cwd=PROJECT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _check_one_study(tracking: str, storage, workers: int, trials: int) -> None:
+    """`trials` trials, each run once, each run FINISHED (KILLED if pruned), a parent per worker."""
+    study = optuna.load_study(study_name="shared", storage=storage)
+    numbers = sorted(t.number for t in study.trials)
+    assert numbers == list(range(trials))
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
+    mlflow.set_tracking_uri(tracking)
+    runs = all_runs("tags.`fer.study` = 'shared'")
+    parents = [r for r in runs if r.data.tags["fer.stage"] == "sweep"]
+    assert len(parents) == workers and all(r.info.status == "FINISHED" for r in parents)
+    trained = [r for r in runs if r.data.tags["fer.stage"] == "train"]
+    assert sorted(int(r.data.tags["fer.trial"]) for r in trained) == numbers  # no trial run twice
+    assert {r.data.tags["mlflow.parentRunId"] for r in trained} <= {r.info.run_id for r in parents}
+    for run in trained:
+        assert (run.info.status, run.data.tags["fer.trial_state"]) in (("FINISHED", "complete"), ("KILLED", "pruned"))
+    by_number = {t.number: t.user_attrs["run_id"] for t in study.trials}
+    assert by_number == {int(r.data.tags["fer.trial"]): r.info.run_id for r in trained}
+
+
+@pytest.mark.slow
+def test_two_workers_started_together_share_one_study_without_running_a_trial_twice(tiny_npz, tmp_path, tracking):
+    journal = str(tmp_path / "study.journal")
+    mlflow.search_experiments()  # creates the store's tables: two processes doing it at once collide
+    workers = [_worker(tiny_npz, journal, tracking) for _ in range(2)]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+    _check_one_study(tracking, storage, workers=2, trials=6)
+
+
+@pytest.mark.slow
+def test_a_two_worker_sweep_on_a_team_server_backed_by_postgresql(tracking_server, postgres, postgres_server,
+                                                                  tiny_npz, monkeypatch, capsys):
+    """`workers=2` through `mlflow run`, the study in the team's PostgreSQL (its own database there:
+    Optuna and MLflow each keep an Alembic version table by the same name)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    mlflow.set_tracking_uri(tracking_server)
+    with pytest.raises(SystemExit):  # `postgres` is the server's own database
+        cli_main(["sweep", "--storage", postgres.replace("+psycopg2", ""), "--data", tiny_npz])
+    assert "give the study a database of its own" in capsys.readouterr().err
+    storage = postgres_server.database()
+    done = mlflow_run("sweep", {"data": tiny_npz, "workers": 2, "storage": storage, "study": "shared",
+                                "trials": 4, "epochs": 1}, tracking_server)
+    assert done.returncode == 0, done.stderr[-4000:]
+    _check_one_study(tracking_server, storage, workers=2, trials=4)
+    parents = all_runs("tags.`fer.stage` = 'sweep'")
+    launcher = next(r for r in parents if r.data.tags["fer.sweep_worker"] == "0")
+    assert launcher.data.metrics["trials_complete"] + launcher.data.metrics["trials_pruned"] == 4
+    assert "***" not in storage and launcher.data.params["storage"] == storage  # no password to hide here
+    evaluation = MlflowClient().get_run(launcher.data.tags["fer.best_evaluation"])
+    assert evaluation.data.tags["fer.source_run"] == launcher.data.tags["fer.best_run"]
