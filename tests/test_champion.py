@@ -243,7 +243,7 @@ def test_two_promotes_at_once_on_sqlite_leave_one_version_per_run_and_the_best_c
 
 
 @pytest.mark.slow
-def test_two_promotes_at_once_on_a_tracking_server_agree_too(tracking_server, tmp_path, monkeypatch):
+def test_two_promotes_at_once_on_a_postgresql_backed_server_agree_too(tracking_server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "base")
     mlflow.set_tracking_uri(tracking_server)

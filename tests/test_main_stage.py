@@ -96,7 +96,7 @@ def test_the_quick_start_leaves_a_demo_champion_and_never_touches_one_trained_on
 
 
 @pytest.mark.slow
-def test_the_pipeline_works_against_a_tracking_server(tracking_server, monkeypatch, tmp_path):
+def test_the_pipeline_works_against_a_postgresql_backed_tracking_server(tracking_server, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
     mlflow.set_tracking_uri(tracking_server)
     done = mlflow_run("main", {**SMALL, "models": "cnn"}, tracking_server, timeout=1500)
