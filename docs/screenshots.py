@@ -10,6 +10,13 @@ with ``MlflowClient``, and drives headless Debian Chromium with Playwright to sa
   compare_charts.png  the experiment's chart view comparing the training runs
   model_version.png   the champion version's page (its description shows the confusion matrix)
 
+With ``--sweep``, instead, of the experiment's newest sweep (its parent run and trials):
+
+  sweep_runs.png      the runs table, the sweep's parent expanded over its trials, with the searched
+                      params, each trial's state and best_val_accuracy as columns
+  sweep_parallel.png  the trials compared (Compare): the parallel-coordinates plot of the searched
+                      params against best_val_accuracy
+
 Needs ``apt-get install chromium`` and ``pip install playwright`` (never ``playwright install``:
 Debian's Chromium is used)::
 
@@ -137,12 +144,50 @@ def take_screenshots(base: str, exp, runs, train, version, out: Path, size: str)
         browser.close()
 
 
+def sweep_state(exp, parent, searched: list[str]) -> str:
+    """localStorage for the sweep's runs table: its parent expanded, trial columns."""
+    columns = ["tags.`fer.trial`", "tags.`fer.trial_state`", "metrics.`best_val_accuracy`",
+               "metrics.`epochs_trained`", *(f"params.`{name}`" for name in searched)]
+    table = {"selectedColumns": columns, "runsExpanded": {parent.info.run_id: True}}
+    items = {"mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true",
+             "mlflow.workflowType_v1": json.dumps("machine_learning"),
+             f'MLflowLocalStorage-1.1-ExperimentPage-["{exp.experiment_id}"]-ReactComponentState': json.dumps(table)}
+    script = "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in items.items())
+    return script
+
+
+def sweep_screenshots(base: str, client: MlflowClient, experiment: str, out: Path, size: str) -> None:
+    """The newest sweep of `experiment`: its runs table and its trials' parallel coordinates."""
+    exp = client.get_experiment_by_name(experiment)
+    sweeps = client.search_runs([exp.experiment_id], "tags.`fer.stage` = 'sweep' and tags.`fer.sweep_worker` = '0'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    if not sweeps:
+        raise SystemExit(f"experiment {experiment!r} has no sweep")
+    parent = sweeps[0]
+    trials = client.search_runs([exp.experiment_id], f"tags.`fer.study` = '{parent.data.tags['fer.study']}' "
+                                                     "and tags.`fer.stage` = 'train'")
+    searched = list(json.loads(parent.data.params["space"]))
+    width, height = (int(n) for n in size.split("x"))
+    ui = f"{base}/#/experiments/{exp.experiment_id}/runs"
+    finished = [r.info.run_id for r in trials if r.info.status == "FINISHED"]
+    compare = f"{base}/#/compare-runs?runs={json.dumps(finished)}&experiments={json.dumps([exp.experiment_id])}"
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        browser = pw.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, args=CHROMIUM_FLAGS, viewport={"width": width, "height": height})
+        browser.add_init_script(sweep_state(exp, parent, searched))
+        page = browser.new_page()
+        shoot(page, ui, out / "sweep_runs.png", parent.info.run_name)
+        shoot(page, compare, out / "sweep_parallel.png", "Parallel Coordinates Plot")
+        browser.close()
+
+
 def main(argv=None) -> None:
     """Parse the arguments, start the server, take the screenshots, always stop the server."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", required=True, help="e.g. sqlite:///path/mlflow.db")
     parser.add_argument("--experiment", required=True, help="experiment name")
-    parser.add_argument("--model", required=True, help="registered model with a 'champion' alias")
+    parser.add_argument("--model", help="registered model with a 'champion' alias")
+    parser.add_argument("--sweep", action="store_true", help="the newest sweep's runs table and parallel coordinates")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the PNGs")
     parser.add_argument("--cwd", help="folder to run the server in (default: the sqlite file's)")
     parser.add_argument("--size", default="1600x1000", help="browser viewport, WIDTHxHEIGHT")
@@ -152,12 +197,18 @@ def main(argv=None) -> None:
     if uri.startswith("sqlite:///"):  # made absolute, so the server finds it from any folder
         db = Path(uri.removeprefix("sqlite:///")).resolve()
         uri, cwd = f"sqlite:///{db}", args.cwd or str(db.parent)
-    exp, runs, train, version = find_targets(MlflowClient(uri), args.experiment, args.model)
     args.out.mkdir(parents=True, exist_ok=True)
+    if not args.sweep:
+        if not args.model:
+            parser.error("--model is needed (or --sweep)")
+        exp, runs, train, version = find_targets(MlflowClient(uri), args.experiment, args.model)
     with tempfile.NamedTemporaryFile("w", prefix="mlflow-server-", suffix=".log", delete=False) as log:
         server, base = start_server(uri, cwd, log)
         try:
-            take_screenshots(base, exp, runs, train, version, args.out, args.size)
+            if args.sweep:
+                sweep_screenshots(base, MlflowClient(uri), args.experiment, args.out, args.size)
+            else:
+                take_screenshots(base, exp, runs, train, version, args.out, args.size)
         finally:
             stop_server(server)
 

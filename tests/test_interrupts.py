@@ -72,3 +72,33 @@ def test_a_signal_to_main_stops_its_running_step_and_leaves_no_process_or_runnin
     assert not [run for run in runs if run.info.status == "RUNNING"]
     statuses = {run.data.tags["fer.stage"]: run.info.status for run in runs if "fer.stage" in run.data.tags}
     assert statuses["main"] == "KILLED" and statuses["train"] == "KILLED" and statuses["clean"] == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_signal_to_a_two_worker_sweep_stops_both_workers_and_leaves_no_trial_or_run_running(tiny_npz, tracking,
+                                                                                             tmp_path):
+    journal = str(tmp_path / "study.journal")
+    process = start(["sweep", "--data", tiny_npz, "--workers", "2", "--trials", "6", "--storage", journal,
+                     "--study", "stopped", "--epochs", "500", "--patience", "500"], tracking)
+    deadline = time.monotonic() + 300
+    while len(all_runs("tags.`fer.stage` = 'train' and attributes.status = 'RUNNING'")) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-3000:]
+        time.sleep(1)
+    family = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    status = process.wait(timeout=180)
+    assert status == 143, process.stderr.read()[-3000:]
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert alive == []
+    runs = all_runs()
+    assert not [run for run in runs if run.info.status == "RUNNING"]
+    sweeps = [run for run in runs if run.data.tags.get("fer.stage") == "sweep"]
+    trained = [run for run in runs if run.data.tags.get("fer.stage") == "train"]
+    assert len(sweeps) == 2 and {run.info.status for run in sweeps} == {"KILLED"}
+    assert len(trained) == 2 and {run.info.status for run in trained} == {"KILLED"}
+    import optuna
+
+    study = optuna.load_study(study_name="stopped", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(journal)))
+    assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert {trial.user_attrs["error"] for trial in study.trials} == {"stopped"}
