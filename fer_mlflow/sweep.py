@@ -1,7 +1,7 @@
 """The `sweep` stage: search train's parameters with Optuna, a nested `train` run per trial.
 
 One sweep is one parent run (a `worker`) and its trials. The search space is written once, below,
-per model family (`default_space`), and a YAML file (`load_space`) replaces it; train parameters
+per model family (`search_space`), and a YAML file replaces it; train parameters
 given as fixed values pass through to every trial and leave the space. Optuna's TPE sampler picks
 each trial's values; a median pruner, fed each epoch's ``val_accuracy``, stops trials that trail
 the median of earlier trials at the same epoch (their runs end KILLED, no model logged). A trial
@@ -10,7 +10,7 @@ the default recipe (`baseline`), so that the sweep says what it found against th
 
 `trials` is the study's total. Workers share a study through its `storage`: Optuna's RDB storage
 (``postgresql://...``, ``sqlite:///...``) or a journal file (a plain path); taking a trial happens
-under a lock (`_TrialLock`), so that any number of workers, on any machines, make exactly `trials`
+under a lock (`studies.TrialLock`), so that any number of workers, on any machines, make exactly `trials`
 trials. ``workers=N`` starts N-1 more worker processes on this machine, on the same study (a journal
 file in a temporary folder unless `storage` is given); each worker has its own parent run.
 
@@ -21,7 +21,6 @@ scores the best trial's model in a nested `evaluate` run, ready for `promote`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,49 +40,20 @@ import mlflow
 import optuna
 import yaml
 from mlflow import MlflowClient
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
-from fer_mlflow import evaluate, models, train
+from fer_mlflow import evaluate, search_space, studies, train
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.sources import is_artifact
 from fer_mlflow.tracking import Stopped, data_context, log_params, param_text, stage_run
 
 log = logging.getLogger(__name__)
 
-# The search space, written once. Learning rate and weight decay by optimizer (each default inside
-# its range), the rest by model family; `default_space` puts them together.
-LEARNING_SPACE = {
-    "sgd": {"learning_rate": {"low": 0.01, "high": 0.2, "log": True},
-            "weight_decay": {"low": 0.001, "high": 0.02, "log": True}},
-    "adamw": {"learning_rate": {"low": 1e-4, "high": 5e-3, "log": True},
-              "weight_decay": {"low": 1e-5, "high": 1e-2, "log": True}},
-}
-COMMON_SPACE = {
-    "dropout": {"low": 0.0, "high": 0.5},
-    "erase": {"low": 0.0, "high": 0.5},
-    "label_smoothing": {"low": 0.0, "high": 0.2},
-    "batch_size": {"choices": [32, 64, 128]},
-}
-FAMILY_SPACE = {
-    "cnn": {"widths": {"choices": ["20,40,80,160", "16,32,128,256", "24,48,96,192", "32,64,128,256"]}},
-    "cnn_shallow": {},
-    "cnn_deep": {},
-    # Fine-tuning (phase 2) runs only from pretrained weights.
-    "resnet": {"fine_tune_epochs": {"low": 0, "high": 8},
-               "fine_tune_layers": {"low": 10, "high": 60, "step": 10},
-               "fine_tune_learning_rate": {"low": 1e-6, "high": 1e-4, "log": True}},
-}
-FINE_TUNING = ("fine_tune_epochs", "fine_tune_layers", "fine_tune_learning_rate")
-# Train parameters a space may not search: what the sweep sets itself, or what changes no result.
-NOT_SEARCHED = ("model", "data", "time_budget", "val_fraction", "seed", "strategy", "checkpoint_minutes", "resume")
-SEARCHABLE = tuple(name for name in train.TrainConfig.__dataclass_fields__ if name not in NOT_SEARCHED)
-INTEGERS = ("epochs", "batch_size", "patience", "image_size", "fine_tune_epochs", "fine_tune_layers")
 # The median pruner: trials to finish before it prunes, and epochs each trains before it may be pruned.
 PRUNER_STARTUP_TRIALS = 5
 # TPE's random trials before it models the results (Optuna's default, 10, is most of a 12-trial sweep).
 SAMPLER_STARTUP_TRIALS = 5
-RDB_SCHEMES = ("sqlite", "postgresql")
 # How trial states read in tags (fer.trial_state) and metrics (trials_<state>).
 STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
                TrialState.RUNNING: "running"}
@@ -127,74 +96,6 @@ class SweepConfig:
     worker_index: int = 0  # 0: this process; 1..N-1: the workers it starts
 
 
-def default_space(model: str, optimizer: str, weights: str = "auto") -> dict[str, dict]:
-    """The space searched for `model` trained with `optimizer` (see `LEARNING_SPACE`)."""
-    family = "resnet" if model in models.RESNET_NAMES else model
-    space = {**LEARNING_SPACE[optimizer], **COMMON_SPACE, **FAMILY_SPACE[family]}
-    if weights == "none":
-        space = {name: spec for name, spec in space.items() if name not in FINE_TUNING}
-    return space
-
-
-def load_space(path: str) -> dict[str, dict]:
-    """The space in YAML file `path`, checked (`distributions`); a ConfigError saying what is wrong."""
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise ConfigError(f"space file {path} cannot be read ({error.strerror}); give a YAML file of "
-                          "parameter: {low: ..., high: ...} or {choices: [...]}") from None
-    try:
-        space = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"space file {path} is not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(space, dict) or not space:
-        raise ConfigError(f"space file {path} must map train parameters to ranges, e.g. "
-                          "learning_rate: {low: 0.01, high: 0.2, log: true}")
-    distributions(space)
-    return space
-
-
-def distributions(space: dict) -> dict[str, BaseDistribution]:
-    """Optuna distributions for `space`, each bound checked as train's command line checks it."""
-    from fer_mlflow.cli import check_train_value
-
-    found = {}
-    for name, spec in space.items():
-        if name not in SEARCHABLE:
-            raise ConfigError(f"space: {name} is not a train parameter a sweep searches; "
-                              f"use some of {', '.join(SEARCHABLE)}")
-        if not isinstance(spec, dict) or not ("choices" in spec or {"low", "high"} <= spec.keys()):
-            raise ConfigError(f"space: {name} needs {{low: ..., high: ...}} (optionally log: true, step: ...) "
-                              f"or {{choices: [...]}}; got {spec!r}")
-        unknown = set(spec) - {"choices", "low", "high", "log", "step"}
-        if unknown:
-            raise ConfigError(f"space: {name} has unknown keys {', '.join(sorted(unknown))}; "
-                              "use low, high, log, step or choices")
-        try:
-            if "choices" in spec:
-                choices = spec["choices"]
-                if not isinstance(choices, list) or not choices:
-                    raise ValueError("choices must be a non-empty list")
-                for choice in choices:
-                    check_train_value(name, choice)
-                found[name] = CategoricalDistribution(choices)
-                continue
-            low, high = spec["low"], spec["high"]
-            check_train_value(name, low)
-            check_train_value(name, high)
-            if name in INTEGERS:
-                found[name] = IntDistribution(int(low), int(high), log=bool(spec.get("log")),
-                                              step=int(spec.get("step", 1)))
-            else:
-                found[name] = FloatDistribution(float(low), float(high), log=bool(spec.get("log")),
-                                                step=spec.get("step"))
-        except (ValueError, TypeError) as error:
-            raise ConfigError(f"space: {name} {spec!r} is not a valid range ({error})") from None
-        except ConfigError as error:
-            raise ConfigError(f"space: {error}") from None
-    return found
-
-
 def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, ...] = ()) -> SweepOutcome:
     """Run one sweep worker (and, with ``workers`` > 1, start the others); see the module docstring.
 
@@ -208,17 +109,17 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
     base = train.TrainConfig(model=config.model, data=config.data, time_budget=config.trial_time_budget,
                              **fixed).resolved()
     if config.space:
-        space = load_space(config.space)
+        space = search_space.load_space(config.space)
     else:
-        space = default_space(config.model, base.optimizer, base.weights)
+        space = search_space.default_space(config.model, base.optimizer, base.weights)
     space = {name: spec for name, spec in space.items() if name not in fixed}
     if not space:
         raise ConfigError("nothing left to search: every parameter of the space is given a fixed value")
-    searched = distributions(space)
+    searched = search_space.distributions(space)
     if config.workers > 1 and not config.storage:
         with tempfile.TemporaryDirectory(prefix="fer-sweep-") as folder:
             return run(replace(config, storage=str(Path(folder) / "study.journal")), fixed, fixed_args)
-    storage = open_storage(config.storage)
+    storage = studies.open_storage(config.storage)
     study_name = config.study or _study_name(config)
 
     tags, experiment = data_context(config.data)
@@ -236,7 +137,7 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
                                              n_warmup_steps=config.prune_warmup)
         log_params({**{k: v for k, v in asdict(config).items() if k not in ("storage", "worker_index", "sampler_seed")},
                     "sampler_seed": "auto" if config.sampler_seed is None else config.sampler_seed,
-                    "storage": _masked(config.storage) or "in memory", "study": study_name,
+                    "storage": studies.masked(config.storage) or "in memory", "study": study_name,
                     "space": json.dumps(space, separators=(",", ":")), "sampler": f"TPESampler(n_startup_trials={SAMPLER_STARTUP_TRIALS}, seed={seed})",
                     "pruner": f"MedianPruner(n_startup_trials={PRUNER_STARTUP_TRIALS}, "
                               f"n_warmup_steps={config.prune_warmup})",
@@ -251,7 +152,7 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
         others = _start_workers(config, study_name, data, fixed_args, parent.info.experiment_id)
         worker = _Worker(study, config, base, searched, parent.info.run_id, label, started)
         try:
-            worker.work(_TrialLock(config.storage, study_name))
+            worker.work(studies.TrialLock(config.storage, study_name))
         except BaseException:
             _stop(others)
             raise
@@ -274,7 +175,7 @@ class _Worker:
     fit_seconds: float = 0.0  # the trials' own training time
     ran: list[int] = field(default_factory=list)  # numbers of the trials this worker ran
 
-    def work(self, lock: _TrialLock) -> None:
+    def work(self, lock: studies.TrialLock) -> None:
         while True:
             with lock:
                 trials = self.study.get_trials(deepcopy=False)
@@ -303,11 +204,11 @@ class _Worker:
         """The default recipe's value of each searched parameter that its range holds."""
         defaults = {name: getattr(self.base, name) for name in self.searched}
         defaults = {name: param_text(value) if name == "widths" else value for name, value in defaults.items()}
-        return {name: value for name, value in defaults.items() if _holds(self.searched[name], value)}
+        return {name: value for name, value in defaults.items() if search_space.holds(self.searched[name], value)}
 
     def _trial(self, trial: optuna.Trial, minutes: float | None) -> None:
-        values = {name: _suggest(trial, name, distribution) for name, distribution in self.searched.items()}
-        config = replace(self.base, **_as_config(values))
+        values = {name: search_space.suggest(trial, name, distribution) for name, distribution in self.searched.items()}
+        config = replace(self.base, **search_space.as_config(values))
         if minutes is not None and (not config.time_budget or minutes < config.time_budget):
             config = replace(config, time_budget=minutes)  # the sweep's budget ends it
         tags = {"fer.sweep_run": self.parent_id, "fer.study": self.study.study_name, "fer.trial": str(trial.number),
@@ -372,83 +273,6 @@ class _Report(keras.callbacks.Callback):
                          f"val_accuracy {float(value):.4f} is below the median of earlier trials")
 
 
-class _TrialLock:
-    """Makes 'count the study's trials, then ask for one' one step across all workers of a study:
-    a file lock beside a journal or SQLite file, a PostgreSQL advisory lock, nothing in memory."""
-
-    def __init__(self, storage: str, study: str):
-        self.storage, self.study = storage, study
-        self._release = None
-
-    def __enter__(self):
-        if not self.storage:
-            return self
-        if self.storage.startswith("postgresql"):
-            import sqlalchemy
-
-            engine = sqlalchemy.create_engine(self.storage, poolclass=sqlalchemy.pool.NullPool)
-            connection = engine.connect()
-            key = int.from_bytes(hashlib.sha256(self.study.encode()).digest()[:8], "big", signed=True)
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-
-            def release():
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-                connection.close()
-                engine.dispose()
-        else:
-            from optuna.storages.journal import JournalFileOpenLock
-
-            path = self.storage.split("sqlite:///", 1)[1] if self.storage.startswith("sqlite:///") else self.storage
-            lock = JournalFileOpenLock(f"{path}.{self.study}.trials")
-            lock.acquire()
-            release = lock.release
-        self._release = release
-        return self
-
-    def __exit__(self, *exc):
-        if self._release is not None:
-            self._release()
-            self._release = None
-
-
-def open_storage(url: str):
-    """Optuna storage for `url`: None (in memory) for "", RDB storage for a URL, else a journal file."""
-    if not url:
-        return None
-    if "://" in url:
-        scheme = url.split("://", 1)[0].split("+", 1)[0]
-        if scheme not in RDB_SCHEMES:
-            raise ConfigError(f"storage {_masked(url)}: use postgresql://user@host:port/database, "
-                              "sqlite:///path/to/file.db or a journal file's path")
-        if url.startswith("postgresql://"):  # SQLAlchemy 2.1 reads it as psycopg 3; psycopg2 is what ships
-            url = "postgresql+psycopg2://" + url.split("://", 1)[1]
-        try:
-            return optuna.storages.RDBStorage(url)
-        except Exception as error:  # SQLAlchemy's and the driver's errors differ by database
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if "no longer compatible with the table schema" in first:  # another program's Alembic table
-                raise ConfigError(f"storage {_masked(url)} holds another program's tables (MLflow's?): both keep "
-                                  "Alembic's alembic_version table, so give the study a database of its own "
-                                  "(e.g. createdb optuna)") from None
-            raise ConfigError(f"storage {_masked(url)} cannot be opened ({first}); "
-                              "check that the database server runs and the URL names it") from None
-    folder = Path(url).expanduser().resolve().parent
-    if not folder.is_dir():
-        raise ConfigError(f"storage {url}: folder {folder} does not exist; create it or give another path")
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    return JournalStorage(JournalFileBackend(url))
-
-
-def _masked(url: str) -> str:
-    """`url` without its password."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else url
-
-
 def _study_name(config: SweepConfig) -> str:
     label = Path(config.data.rstrip("/")).name if not config.data.startswith("runs:/") else config.data.split("/")[1][:8]
     return f"{config.model}-{label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
@@ -460,29 +284,6 @@ def _cleaned(data: str, base: train.TrainConfig) -> str:
     from fer_mlflow.cleaning import CleanConfig
 
     return clean.run(data, CleanConfig(), val_fraction=base.val_fraction, seed=base.seed, nested=True).dataset_uri
-
-
-def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution):
-    if isinstance(distribution, CategoricalDistribution):
-        return trial.suggest_categorical(name, distribution.choices)
-    if isinstance(distribution, IntDistribution):
-        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
-                                 log=distribution.log)
-    return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step,
-                               log=distribution.log)
-
-
-def _holds(distribution: BaseDistribution, value) -> bool:
-    if isinstance(distribution, CategoricalDistribution):
-        return value in distribution.choices
-    return distribution.low <= value <= distribution.high
-
-
-def _as_config(values: dict) -> dict:
-    """Trial values as TrainConfig fields (widths "16,32,128,256" as a tuple)."""
-    from fer_mlflow.cli import check_train_value
-
-    return {name: check_train_value(name, value) for name, value in values.items()}
 
 
 def _trial_run(parent_id: str, number: int) -> str | None:
@@ -546,7 +347,7 @@ def _summarise(study: optuna.Study, config: SweepConfig, worker: _Worker, parent
     frame = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration", "user_attrs"))
     mlflow.log_text(frame.to_csv(index=False), "trials.csv")
     _log_figures(study)
-    outcome = SweepOutcome(parent_id, study.study_name, _masked(config.storage) or "in memory", counts)
+    outcome = SweepOutcome(parent_id, study.study_name, studies.masked(config.storage) or "in memory", counts)
     if not counts["complete"]:
         log.warning("no trial of study %s completed; nothing to evaluate", study.study_name)
         return outcome

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import PROJECT, all_runs, mlflow_run
-from fer_mlflow import models, sweep, train
+from fer_mlflow import models, promote, search_space, studies, sweep, train
 from fer_mlflow.cli import main as cli_main, train_options
 from fer_mlflow.errors import ConfigError
 
@@ -25,23 +25,23 @@ from fer_mlflow.errors import ConfigError
 def test_the_default_space_holds_the_default_recipe(model):
     """So a new study's first trial (the baseline) is the default recipe, within the space."""
     base = train.TrainConfig(model=model, weights="imagenet").resolved()
-    space = sweep.default_space(model, base.optimizer, base.weights)
-    searched = sweep.distributions(space)
+    space = search_space.default_space(model, base.optimizer, base.weights)
+    searched = search_space.distributions(space)
     assert {"learning_rate", "weight_decay", "dropout", "erase", "label_smoothing", "batch_size"} <= set(space)
     assert ("widths" in space) == (model == "cnn")
-    assert set(sweep.FINE_TUNING) <= set(space) if model.startswith("resnet") else not set(sweep.FINE_TUNING) & set(space)
+    assert set(search_space.FINE_TUNING) <= set(space) if model.startswith("resnet") else not set(search_space.FINE_TUNING) & set(space)
     for name, distribution in searched.items():
         default = getattr(base, name)
-        assert sweep._holds(distribution, ",".join(map(str, default)) if name == "widths" else default), name
+        assert search_space.holds(distribution, ",".join(map(str, default)) if name == "widths" else default), name
     if model.startswith("resnet"):  # from scratch there is no fine-tuning phase to search
-        assert not set(sweep.FINE_TUNING) & set(sweep.default_space(model, "adamw", "none"))
+        assert not set(search_space.FINE_TUNING) & set(search_space.default_space(model, "adamw", "none"))
 
 
 def test_a_space_file_is_checked_like_train_options(tmp_path):
     good = tmp_path / "space.yaml"
     good.write_text("learning_rate: {low: 0.01, high: 0.1, log: true}\nbatch_size: {choices: [32, 64]}\n"
                     "fine_tune_layers: {low: 10, high: 40, step: 10}\nwidths: {choices: ['16,32', '8,16,32']}\n")
-    searched = sweep.distributions(sweep.load_space(str(good)))
+    searched = search_space.distributions(search_space.load_space(str(good)))
     assert isinstance(searched["learning_rate"], optuna.distributions.FloatDistribution) and searched["learning_rate"].log
     assert isinstance(searched["fine_tune_layers"], optuna.distributions.IntDistribution)
     assert searched["widths"].choices == ("16,32", "8,16,32")
@@ -56,9 +56,9 @@ def test_a_space_file_is_checked_like_train_options(tmp_path):
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(ConfigError, match=says.replace("{", r"\{").replace("[", r"\[")):
-            sweep.load_space(str(bad))
+            search_space.load_space(str(bad))
     with pytest.raises(ConfigError, match="cannot be read"):
-        sweep.load_space(str(tmp_path / "missing.yaml"))
+        search_space.load_space(str(tmp_path / "missing.yaml"))
 
 
 def test_bad_sweep_input_is_one_line_and_leaves_no_run(tmp_path, capsys):
@@ -165,6 +165,22 @@ def test_a_sweep_logs_a_parent_with_its_trials_and_goes_on_past_a_failed_one(tin
     assert evaluation.data.tags["mlflow.parentRunId"] == outcome.run_id
     assert evaluation.data.tags["fer.source_run"] == best.info.run_id
     assert metrics["best_test_accuracy"] == evaluation.data.metrics["test_accuracy"]
+    promote.run()  # ready for promote: the best trial's model becomes the champion
+    champion = client.get_model_version_by_alias("fer-emotion-demo", "champion")
+    assert champion.run_id == best.info.run_id
+
+
+@pytest.mark.slow
+def test_no_trial_starts_that_the_sweep_budget_cannot_finish(tiny_npz):
+    """A 0.3-minute sweep of 0.2-minute trials runs one; without a per-trial budget, the sweep's
+    remaining time becomes the trial's."""
+    first = sweep.run(sweep.SweepConfig(data=tiny_npz, trials=5, time_budget=0.3, trial_time_budget=0.2,
+                                        evaluate=False))
+    assert sum(first.counts.values()) == 1
+    second = sweep.run(sweep.SweepConfig(data=tiny_npz, trials=5, time_budget=0.3, evaluate=False), {"epochs": 1000})
+    trials = all_runs(f"tags.`mlflow.parentRunId` = '{second.run_id}' and tags.`fer.stage` = 'train'")
+    assert len(trials) == 1 and 0 < float(trials[0].data.params["time_budget"]) <= 0.3
+    assert MlflowClient().get_run(second.run_id).data.metrics["sweep_seconds"] < 0.3 * 60 + 30
 
 
 def _worker(data: str, storage: str, tracking: str) -> subprocess.Popen:
@@ -177,7 +193,8 @@ def _worker(data: str, storage: str, tracking: str) -> subprocess.Popen:
 
 def _check_one_study(tracking: str, storage, workers: int, trials: int) -> None:
     """`trials` trials, each run once, each run FINISHED (KILLED if pruned), a parent per worker."""
-    study = optuna.load_study(study_name="shared", storage=storage)
+    study = optuna.load_study(study_name="shared",
+                              storage=studies.open_storage(storage) if isinstance(storage, str) else storage)
     numbers = sorted(t.number for t in study.trials)
     assert numbers == list(range(trials))
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
@@ -215,7 +232,7 @@ def test_a_two_worker_sweep_on_a_team_server_backed_by_postgresql(tracking_serve
     with pytest.raises(SystemExit):  # `postgres` is the server's own database
         cli_main(["sweep", "--storage", postgres.replace("+psycopg2", ""), "--data", tiny_npz])
     assert "give the study a database of its own" in capsys.readouterr().err
-    storage = postgres_server.database()
+    storage = postgres_server.database().replace("+psycopg2", "")  # a bare postgresql:// means psycopg2
     done = mlflow_run("sweep", {"data": tiny_npz, "workers": 2, "storage": storage, "study": "shared",
                                 "trials": 4, "epochs": 1}, tracking_server)
     assert done.returncode == 0, done.stderr[-4000:]
