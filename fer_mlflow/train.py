@@ -35,7 +35,7 @@ from fer_mlflow import interrupts, models, pyfunc_model
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.inputs import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking import (
-    param_text, data_context, log_params, log_split_inputs, stage_run,
+    Stopped, param_text, data_context, log_params, log_split_inputs, stage_run,
 )
 from fer_mlflow.training import (
     CHECKPOINT, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget,
@@ -176,11 +176,19 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False, tags: dict[st
             plan.started = time.perf_counter() - (plan.resumed.train_seconds if plan.resumed else 0.0)
             # SIGINT / SIGTERM end the fit after the current batch: the best model so far is logged
             # below as usual, and the run then ends KILLED.
+            # The last state is logged for a run that can be resumed: one stopped or failed. A run
+            # that ends FINISHED cannot be, so its final state (several copies of every weight) is not
+            # logged; nor is a pruned sweep trial's, which is never resumed.
             try:
                 with strategy.scope(), interrupts.deferred():
                     model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan)
-            finally:
-                plan.flush()  # the last state, also when training fails or is stopped
+            except Stopped:
+                raise
+            except BaseException:
+                plan.flush()
+                raise
+            if interrupts.pending():
+                plan.flush()
             seconds = time.perf_counter() - plan.started
             if interrupts.pending():
                 log.warning("%s: logging the best model so far, then ending the run KILLED; go on with "
