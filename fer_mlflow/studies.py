@@ -53,7 +53,8 @@ class TrialLock:
             from optuna.storages.journal import JournalFileOpenLock
 
             path = self.storage.split("sqlite:///", 1)[1] if self.storage.startswith("sqlite:///") else self.storage
-            lock = JournalFileOpenLock(f"{path}.{self.study}.trials")
+            study = hashlib.sha256(self.study.encode()).hexdigest()[:16]  # any study name, a safe file name
+            lock = JournalFileOpenLock(f"{path}.{study}.trials")
             lock.acquire()
             release = lock.release
         self._release = release

@@ -153,10 +153,10 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
         worker = _Worker(study, config, base, searched, parent.info.run_id, label, started)
         try:
             worker.work(studies.TrialLock(config.storage, study_name))
-        except BaseException:
+            _wait(others)
+        except BaseException:  # stopped or failed: the workers it started stop too
             _stop(others)
             raise
-        _wait(others)
         outcome = _summarise(study, config, worker, parent.info.run_id, started)
     return outcome
 
@@ -215,6 +215,7 @@ class _Worker:
                 "mlflow.runName": f"trial {trial.number} " + train.run_name(config, self.label)}
         report = _Report(trial)
         state, value, error = TrialState.COMPLETE, None, None
+        keras.backend.clear_session()  # the last trial's model and graphs go: memory stays flat
         try:
             value = train.run(config, nested=True, tags=tags, callbacks=(report,)).best_val_accuracy
         except Pruned as pruned:
@@ -224,17 +225,17 @@ class _Worker:
             log.warning("trial %d failed: %s", trial.number, failure)
             state, error = TrialState.FAIL, f"{type(failure).__name__}: {failure}"
         except BaseException:  # stopped (SIGINT, SIGTERM): the trial fails, the sweep stops
-            self._tell(trial, report, TrialState.FAIL, None, "stopped")
+            self._tell(trial, report, TrialState.FAIL, None, "stopped", tag="stopped")
             raise
         finally:
             self.fit_seconds += report.fit_seconds
         self._tell(trial, report, state, value, error)
 
-    def _tell(self, trial, report, state, value, error) -> None:
+    def _tell(self, trial, report, state, value, error, tag: str = "") -> None:
         run_id = report.run_id or _trial_run(self.parent_id, trial.number)
         if run_id:
             trial.set_user_attr("run_id", run_id)
-            MlflowClient().set_tag(run_id, "fer.trial_state", STATE_NAMES[state])
+            MlflowClient().set_tag(run_id, "fer.trial_state", tag or STATE_NAMES[state])
         if error:
             trial.set_user_attr("error", error[:1000])
         self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)

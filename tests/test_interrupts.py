@@ -96,6 +96,7 @@ def test_a_signal_to_a_two_worker_sweep_stops_both_workers_and_leaves_no_trial_o
     trained = [run for run in runs if run.data.tags.get("fer.stage") == "train"]
     assert len(sweeps) == 2 and {run.info.status for run in sweeps} == {"KILLED"}
     assert len(trained) == 2 and {run.info.status for run in trained} == {"KILLED"}
+    assert {run.data.tags["fer.trial_state"] for run in trained} == {"stopped"}
     import optuna
 
     study = optuna.load_study(study_name="stopped", storage=optuna.storages.JournalStorage(
