@@ -38,6 +38,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import yaml
 from mlflow import MlflowClient
 from playwright.sync_api import sync_playwright
 
@@ -166,7 +167,9 @@ def sweep_screenshots(base: str, client: MlflowClient, experiment: str, out: Pat
     parent = sweeps[0]
     trials = client.search_runs([exp.experiment_id], f"tags.`fer.study` = '{parent.data.tags['fer.study']}' "
                                                      "and tags.`fer.stage` = 'train'")
-    searched = list(json.loads(parent.data.params["space"]))
+    with tempfile.TemporaryDirectory() as folder:
+        space = Path(client.download_artifacts(parent.info.run_id, "space.yaml", folder)).read_text()
+    searched = list(yaml.safe_load(space))
     width, height = (int(n) for n in size.split("x"))
     ui = f"{base}/#/experiments/{exp.experiment_id}/runs"
     finished = [r.info.run_id for r in trials if r.info.status == "FINISHED"]
@@ -177,7 +180,19 @@ def sweep_screenshots(base: str, client: MlflowClient, experiment: str, out: Pat
         browser.add_init_script(sweep_state(exp, parent, searched))
         page = browser.new_page()
         shoot(page, ui, out / "sweep_runs.png", parent.info.run_name)
-        shoot(page, compare, out / "sweep_parallel.png", "Parallel Coordinates Plot")
+        page.goto(compare)
+        page.get_by_text("Parallel Coordinates Plot").first.wait_for(timeout=60_000)
+        page.get_by_role("button", name="Clear All").click()
+        boxes = page.get_by_role("combobox")
+        for box, names in ((boxes.nth(0), searched), (boxes.nth(1), ["best_val_accuracy"])):
+            for name in names:
+                box.click()
+                box.fill(name)
+                page.keyboard.press("Enter")
+            page.keyboard.press("Escape")
+        page.wait_for_timeout(3_000)
+        page.screenshot(path=str(out / "sweep_parallel.png"))
+        print(out / "sweep_parallel.png")
         browser.close()
 
 

@@ -138,7 +138,7 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
         log_params({**{k: v for k, v in asdict(config).items() if k not in ("storage", "worker_index", "sampler_seed")},
                     "sampler_seed": "auto" if config.sampler_seed is None else config.sampler_seed,
                     "storage": studies.masked(config.storage) or "in memory", "study": study_name,
-                    "space": json.dumps(space, separators=(",", ":")), "sampler": f"TPESampler(n_startup_trials={SAMPLER_STARTUP_TRIALS}, seed={seed})",
+                    "search_space": json.dumps(space, separators=(",", ":")), "sampler": f"TPESampler(n_startup_trials={SAMPLER_STARTUP_TRIALS}, seed={seed})",
                     "pruner": f"MedianPruner(n_startup_trials={PRUNER_STARTUP_TRIALS}, "
                               f"n_warmup_steps={config.prune_warmup})",
                     "fixed": " ".join(f"{k}={param_text(v)}" for k, v in sorted(fixed.items())) or "none"})

@@ -137,7 +137,8 @@ def test_a_sweep_logs_a_parent_with_its_trials_and_goes_on_past_a_failed_one(tin
     parent = client.get_run(outcome.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["fer.stage"] == "sweep"
     assert parent.data.params["fixed"] == "epochs=2 erase=0.25" and parent.data.params["trials"] == "4"
-    assert "erase" not in parent.data.params["space"] and "learning_rate" in parent.data.params["space"]
+    searched = parent.data.params["search_space"]
+    assert "erase" not in searched and "learning_rate" in searched
     assert parent.data.params["sampler"].startswith("TPESampler") and "MedianPruner" in parent.data.params["pruner"]
     trials = sorted(all_runs(f"tags.`mlflow.parentRunId` = '{outcome.run_id}' and tags.`fer.stage` = 'train'"),
                     key=lambda r: int(r.data.tags["fer.trial"]))
