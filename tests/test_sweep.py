@@ -166,8 +166,8 @@ def test_a_sweep_logs_a_parent_with_its_trials_and_goes_on_past_a_failed_one(tin
     assert evaluation.data.tags["mlflow.parentRunId"] == outcome.run_id
     assert evaluation.data.tags["fer.source_run"] == best.info.run_id
     assert metrics["best_test_accuracy"] == evaluation.data.metrics["test_accuracy"]
-    promote.run()  # ready for promote: the best trial's model becomes the champion
-    champion = client.get_model_version_by_alias("fer-emotion-demo", "champion")
+    promoted = promote.run()  # ready for promote: the best trial's model becomes the champion
+    champion = client.get_model_version_by_alias(promoted.registered_model_name, "champion")
     assert champion.run_id == best.info.run_id
 
 

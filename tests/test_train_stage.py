@@ -37,9 +37,9 @@ def the_run(name_tag: str = "train"):
     ("cnn", {}),
     ("cnn_shallow", {}),
     ("cnn_deep", {"image_size": 48}),
+    # resnet101 and resnet152 take the same path as resnet50 (models.build_resnet(name)) and cost
+    # over 6 minutes more here; test_models.py builds, runs and saves both.
     ("resnet50", {"image_size": 32, "weights": "none"}),
-    ("resnet101", {"image_size": 32, "weights": "none"}),
-    ("resnet152", {"image_size": 32, "weights": "none"}),
 ])
 def test_each_model_trains_through_mlflow_run(model, extra, tiny_npz, tracking):
     done = mlflow_run("train", {"model": model, "data": tiny_npz, "epochs": 1, "batch_size": 32, **extra},
