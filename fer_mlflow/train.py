@@ -142,12 +142,11 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False, tags: dict[st
     raises `tracking.Stopped` ends the run KILLED, no model logged)."""
     config = config.resolved()
     family = "resnet" if config.model in models.RESNET_NAMES else "cnn"
-    extra_tags = tags or {}
-    tags, experiment = data_context(config.data)
-    label = tags["fer.data"]
-    tags.update({"fer.model": config.model, "fer.model_family": family, **extra_tags})
+    data_tags, experiment = data_context(config.data)
+    label = data_tags["fer.data"]
+    tags = {**data_tags, "fer.model": config.model, "fer.model_family": family, **(tags or {})}
     with tempfile.TemporaryDirectory(prefix="fer-checkpoint-") as folder:
-        plan = _Checkpoints(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0, callbacks=tuple(callbacks))
+        plan = _Checkpoints(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
         previous = _resumable(config, plan) if config.resume else None
         with stage_run("train", run_name(config, label), tags, nested=nested, experiment=experiment,
                        resume=config.resume or None) as active:
@@ -181,7 +180,8 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False, tags: dict[st
             # logged; nor is a pruned sweep trial's, which is never resumed.
             try:
                 with strategy.scope(), interrupts.deferred():
-                    model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan)
+                    model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan,
+                                                tuple(callbacks))
             except Stopped:
                 raise
             except BaseException:
@@ -294,17 +294,17 @@ class _Checkpoints:
     started: float  # perf_counter() at this session's start, less earlier sessions' training time
     resumed: TrainingState | None = None
     current: Checkpointer | None = None
-    callbacks: tuple = ()  # the caller's, added to every phase's
 
     def flush(self) -> None:
         if self.current is not None:
             self.current.flush()
 
 
-def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints) -> tuple[keras.Model, dict, int]:
-    """Build and fit the model (from `plan.resumed` on, if given); returns it with the weights of its
-    best validation epoch (over both phases of a pretrained ResNet), the merged history and the
-    images seen."""
+def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints,
+         extra: tuple = ()) -> tuple[keras.Model, dict, int]:
+    """Build and fit the model (from `plan.resumed` on, if given), with the caller's `extra`
+    callbacks in every phase; returns it with the weights of its best validation epoch (over both
+    phases of a pretrained ResNet), the merged history and the images seen."""
     x_train, x_val = as_inputs(train.images), as_inputs(val.images)
     y_train, y_val = one_hot(train.labels, 7), one_hot(val.labels, 7)
     weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
@@ -331,7 +331,7 @@ def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints) -> 
         if parts is not None and plan.resumed is None:
             log.warning("training %s from scratch (weights: %s)", config.model, described)
         history = _phase(model, config, config.learning_rate, config.epochs, 0, logger, counter,
-                         *data(x_train, x_val, config.augmentation), plan, minutes=config.time_budget)
+                         *data(x_train, x_val, config.augmentation), plan, extra, minutes=config.time_budget)
         return model, history, counter.seen
 
     resumed_phase = plan.resumed.phase if plan.resumed else 1
@@ -340,7 +340,7 @@ def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints) -> 
         parts.backbone.trainable = False
         features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0) for x in (x_train, x_val)]
         history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger, counter,
-                         *data(*features, None), plan, minutes=config.time_budget)
+                         *data(*features, None), plan, extra, minutes=config.time_budget)
     else:
         history = plan.resumed.phase_one
     if config.fine_tune_epochs > 0 and not interrupts.pending():
@@ -358,7 +358,7 @@ def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints) -> 
                 layer.trainable = False
         tuned = _phase(model, config, config.fine_tune_learning_rate, config.fine_tune_epochs,
                        len(history["loss"]), logger, counter, *data(x_train, x_val, config.augmentation), plan,
-                       phase=2, phase_one=history)
+                       extra, phase=2, phase_one=history)
         keep_best_of_phases(model, head_best, history, tuned)
         history = {k: history[k] + tuned[k] for k in history}
     return model, history, counter.seen
@@ -375,6 +375,7 @@ def keep_best_of_phases(model: keras.Model, phase_one_best: list, phase_one: dic
 
 
 def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, train, val, plan: _Checkpoints,
+           extra: tuple = (),
            minutes=0.0, phase: int = 1, phase_one: dict | None = None) -> dict:
     """Compile and fit `model` for `epochs`, logging from step `first_epoch`; best weights restored.
     Returns the phase's history (its earlier sessions' epochs included when resumed).
@@ -390,7 +391,7 @@ def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, t
     state = resumed or TrainingState(phase=phase, phase_one=phase_one)
     steps = int(train.cardinality()) * epochs
     warmup_steps = min(steps // 10, int(train.cardinality()))
-    callbacks = [logger, counter, StopOnSignal(), *plan.callbacks]
+    callbacks = [logger, counter, StopOnSignal(), *extra]
     budget = None
     if minutes:
         budget = TimeBudget(minutes, learning_rate, steps, warmup_steps, config.schedule == "cosine")
