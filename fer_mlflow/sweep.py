@@ -47,6 +47,7 @@ from fer_mlflow import evaluate, search_space, studies, train
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.sources import is_artifact
 from fer_mlflow.tracking import Stopped, data_context, log_params, param_text, stage_run
+from fer_mlflow.training import load_training_data
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,9 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
         with tempfile.TemporaryDirectory(prefix="fer-sweep-") as folder:
             return run(replace(config, storage=str(Path(folder) / "study.journal")), fixed, fixed_args)
     storage = studies.open_storage(config.storage)
-    study_name = config.study or _study_name(config)
-
     tags, experiment = data_context(config.data)
     label = tags["fer.data"]
+    study_name = config.study or f"{config.model}-{label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     tags.update({"fer.model": config.model, "fer.study": study_name, "fer.sweep_worker": str(config.worker_index)})
     name = f"sweep {config.model}-{label} {study_name}" + (f" worker {config.worker_index}" if config.worker_index else "")
     started = time.perf_counter()
@@ -144,8 +144,8 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
                     "fixed": " ".join(f"{k}={param_text(v)}" for k, v in sorted(fixed.items())) or "none"})
         mlflow.log_text(yaml.safe_dump(space, sort_keys=False), "space.yaml")
         data = base.data
-        if not is_artifact(data):
-            data = _cleaned(data, base)  # once, not per trial
+        if not is_artifact(data):  # cleaned once, in a nested clean run, not once per trial
+            data = load_training_data(data, base.val_fraction, base.seed)[1]
             base = replace(base, data=data)
         study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=True)
@@ -272,19 +272,6 @@ class _Report(keras.callbacks.Callback):
             self._stopped()
             raise Pruned(f"trial {self.trial.number} pruned after {self.step} epochs: "
                          f"val_accuracy {float(value):.4f} is below the median of earlier trials")
-
-
-def _study_name(config: SweepConfig) -> str:
-    label = Path(config.data.rstrip("/")).name if not config.data.startswith("runs:/") else config.data.split("/")[1][:8]
-    return f"{config.model}-{label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-
-
-def _cleaned(data: str, base: train.TrainConfig) -> str:
-    """Clean raw `data` once, in a nested clean run; the cleaned dataset's URI, for every trial."""
-    from fer_mlflow import clean
-    from fer_mlflow.cleaning import CleanConfig
-
-    return clean.run(data, CleanConfig(), val_fraction=base.val_fraction, seed=base.seed, nested=True).dataset_uri
 
 
 def _trial_run(parent_id: str, number: int) -> str | None:
