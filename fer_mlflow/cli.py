@@ -22,6 +22,8 @@ DATA_HELP = (
     "or a clean run's dataset (runs:/<run_id>/dataset/dataset.npz)"
 )
 Probability = click.FloatRange(0.0, 1.0)
+# models.MODEL_NAMES, written out so that the command line answers without importing Keras.
+MODELS = click.Choice(["cnn", "cnn_shallow", "cnn_deep", "resnet50", "resnet101", "resnet152"])
 
 
 class Auto(click.ParamType):
@@ -101,7 +103,7 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 
 @cli.command()
 @click.option("--model", default="cnn", show_default=True,
-              type=click.Choice(["cnn", "cnn_shallow", "cnn_deep", "resnet50", "resnet101", "resnet152"]))
+              type=MODELS)
 @click.option("--data", default="demo", show_default=True, help=DATA_HELP + "; raw sources are cleaned first")
 @click.option("--epochs", default="auto", show_default=True, type=Auto(click.IntRange(min=1)),
               help="Epochs (of phase 1 for pretrained ResNets); auto: the model's default.")
@@ -166,7 +168,8 @@ def check_train_value(name: str, value):
     try:
         return option.type.convert(value, option, None)
     except click.BadParameter as error:
-        raise ConfigError(f"{name}={value!r}: {error.message.replace(' (or ' + repr('auto') + ')', '')}") from None
+        message = error.message.removesuffix(" (or 'auto')")  # Auto's hint: a space bound is never auto
+        raise ConfigError(f"{name}={value!r}: {message}") from None
 
 
 def train_options(args: list[str]) -> dict:
@@ -187,7 +190,7 @@ def train_options(args: list[str]) -> dict:
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--model", default="cnn", show_default=True,
-              type=click.Choice(["cnn", "cnn_shallow", "cnn_deep", "resnet50", "resnet101", "resnet152"]))
+              type=MODELS)
 @click.option("--data", default="demo", show_default=True, help=DATA_HELP + "; raw sources are cleaned once")
 @click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1),
               help="Trials in the study, over all its workers.")

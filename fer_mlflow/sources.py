@@ -170,11 +170,12 @@ def _printable(name: str) -> str:
 def _read_regular(path: Path, limit: int | None = None) -> bytes:
     """The bytes of `path` if it is a regular file (a link to one is fine) of at most `limit` bytes
     (default `MAX_FILE_BYTES`, a face image's); OSError naming why not."""
+    limit = limit or MAX_FILE_BYTES
     info = path.stat()
     if not stat.S_ISREG(info.st_mode):
         raise OSError(f"not a regular file (mode {stat.filemode(info.st_mode)})")
-    if info.st_size > (limit or MAX_FILE_BYTES):
-        raise OSError(f"{info.st_size / 1e6:g} MB, over the {MAX_FILE_BYTES / 1e6:g} MB limit for a face image")
+    if info.st_size > limit:
+        raise OSError(f"{info.st_size / 1e6:g} MB, over the {limit / 1e6:g} MB limit for a face image")
     return path.read_bytes()
 
 
