@@ -141,6 +141,18 @@ def tiny_keras_model():
     return keras.Model(inputs, outputs)
 
 
+def stop_group(process: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM a server started in its own process group (it and the workers it started), SIGKILL
+    what outlives `timeout` seconds."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=timeout)
+
+
 def postgres_binary(name: str) -> str | None:
     """A PostgreSQL server program: on PATH, or where Debian's postgresql package puts it."""
     import glob
@@ -211,13 +223,7 @@ class Postgres:
     def stop(self) -> None:
         import shutil
 
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # a smart shutdown: clients are told
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process, timeout=30)  # SIGTERM: a smart shutdown, clients are told
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -261,9 +267,4 @@ def tracking_server(tmp_path, postgres):
             time.sleep(0.5)
         yield url
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server)

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from PIL import Image
 
 from fer_mlflow.dataset import CLASS_NAMES
 from fer_mlflow.faces import BOX_COLUMNS
-from conftest import tiny_keras_model
+from conftest import tiny_keras_model, stop_group
 
 from fer_mlflow.pyfunc_model import log_model
 
@@ -111,7 +110,7 @@ def server(tmp_path_factory) -> Served:
         wait_until_ready(f"http://127.0.0.1:{port}/ping", process, log_path)
         yield Served(f"http://127.0.0.1:{port}/invocations", local_model, serving_example)
     finally:
-        stop(process)
+        stop_group(process)
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, log_path) -> None:
@@ -129,14 +128,6 @@ def wait_until_ready(url: str, process: subprocess.Popen, log_path) -> None:
     pytest.fail(f"no /ping answer within {STARTUP_SECONDS} s:\n{log_path.read_text()[-5000:]}")
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
 
 
 def check_predictions(text: str, expected: pd.DataFrame) -> None:
