@@ -284,6 +284,26 @@ def promote(registered_model_name, metric, split, test_digest, rollback, include
 
 
 @cli.command()
+@click.option("--runs", default="", help="Comma-separated ids of the training runs to combine.")
+@click.option("--top", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Or the best N finished training runs of the experiment on one data digest.")
+@click.option("--metric", default="val_accuracy", show_default=True,
+              help="With --top: the training-run metric to rank by, higher is better "
+                   "(val_accuracy: each run's best_val_accuracy).")
+@click.option("--data-digest", default="", help="With --top: only runs on this data; empty: the newest run's.")
+@click.option("--weights", default="equal", show_default=True,
+              help="equal, fitted (minimise the validation log-loss), or one number per member, e.g. 2,1,1.")
+def ensemble(runs, top, metric, data_digest, weights) -> None:
+    """Combine trained models into one served model that averages their probabilities."""
+    from fer_mlflow import ensemble as stage
+
+    outcome = stage.run(runs, top, metric, data_digest, weights)
+    click.echo(f"ensemble of {len(outcome.members)}: val_accuracy={outcome.val_accuracy:.4f}, weights "
+               + ", ".join(f"{w:.3f}" for w in outcome.weights))
+    click.echo(f"ensemble run: {outcome.run_id}; evaluate it with -e evaluate -P run_id={outcome.run_id}")
+
+
+@cli.command()
 @click.option("--model-uri", default="models:/fer-emotion@champion", show_default=True,
               help="The model: a models:/<name>@<alias> or /<version> URI, or runs:/<run_id>/model.")
 @click.option("--input", default="", help="A photo, a folder of photos and videos (searched recursively), "

@@ -298,6 +298,11 @@ def detector_of(model: mlflow.pyfunc.PyFuncModel) -> str:
     return _fer_model(model).detector
 
 
+def keras_model_of(model: mlflow.pyfunc.PyFuncModel):
+    """The Keras model (pixels in, probabilities out) inside a loaded model."""
+    return _fer_model(model).keras_model
+
+
 def class_names_of(model: mlflow.pyfunc.PyFuncModel) -> tuple[str, ...]:
     """The class names of a loaded model, in the order of its ``prob_<class>`` columns."""
     return _fer_model(model).class_names

@@ -125,11 +125,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def tiny_keras_model():
-    """The smallest model with the training contract: raw pixels (N, 48, 48, 1) in, 7 softmax out."""
+def tiny_keras_model(seed: int = 0):
+    """The smallest model with the training contract: raw pixels (N, 48, 48, 1) in, 7 softmax out;
+    another `seed`, other weights."""
     import keras  # here, not at the top: fer_mlflow must configure TensorFlow before it loads
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input((48, 48, 1))
     x = keras.layers.Rescaling(1 / 255)(inputs)
     x = keras.layers.Conv2D(4, 3)(x)
@@ -137,7 +138,7 @@ def tiny_keras_model():
     dense = keras.layers.Dense(7, activation="softmax")
     outputs = dense(x)
     # Large output weights make the classes well separated, so a wrong image shows as a wrong answer.
-    dense.set_weights([np.random.default_rng(0).normal(0, 8, (4, 7)), np.zeros(7)])
+    dense.set_weights([np.random.default_rng(seed).normal(0, 8, (4, 7)), np.zeros(7)])
     return keras.Model(inputs, outputs)
 
 

@@ -1,0 +1,300 @@
+"""The `ensemble` stage: one served model that averages the probabilities of trained models.
+
+Members are training runs, named by id (`runs`) or the `top` N finished training runs of the
+experiment by a metric (``val_accuracy``: each run's best), all on one data digest. Members must
+share that digest (the same cleaned dataset, so the same train and validation split: train them on
+one clean run's dataset, ``-P data=runs:/<clean run>/dataset/dataset.npz``, with different seeds or
+models) and their class names; else the stage refuses in one line before anything is logged.
+
+The ensemble is a single Keras model: the members side by side on the same pixels, each member's
+probabilities scaled by its weight and summed. So it is logged by `pyfunc_model.log_model` as a
+trained model is, and it loads, predicts (crops, photos, params such as ``tta``, each view through
+every member), serves, evaluates (``evaluate -P run_id=<ensemble run>``) and is promoted exactly as
+one is. Weights are ``equal``, ``fitted`` (the weights on the simplex that minimise the log-loss of
+the validation split; its accuracy is then slightly optimistic, having been fitted there), or given
+numbers, normalised to sum to 1.
+
+Logged to the run (tagged ``fer.stage=ensemble``, ``fer.model=ensemble``, ``fer.members``, and the
+members' data digest as ``fer.data_digest``): params ``members``, ``weights`` and per member
+``member_<i>_run``, ``_model`` (its architecture), ``_model_uri``, ``_data_digest``, ``_weight``;
+metrics ``val_accuracy`` and ``best_val_accuracy`` (the same figure, so ensembles rank beside
+training runs), ``val_log_loss``, and each member's ``member_<i>_val_accuracy`` and
+``_val_log_loss``, all on the validation split, one view; the model under ``model``; the
+validation split as an input; a description linking the members' runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+
+from fer_mlflow.errors import ConfigError, DataError
+from fer_mlflow.tracking import DATA_EXPERIMENT, data_context, log_params, log_split_inputs, stage_run
+
+METRICS = {"val_accuracy": "best_val_accuracy"}  # a training run's figure for each ranking name
+WEIGHTINGS = ("equal", "fitted")
+MODEL_NAME = "ensemble"
+
+
+@dataclass
+class EnsembleOutcome:
+    """The ensemble's run, its model and its figures on the validation split."""
+
+    run_id: str
+    model_uri: str
+    members: list[str]
+    weights: list[float]
+    val_accuracy: float
+
+
+@dataclass
+class Member:
+    """A training run taking part, and its model once loaded."""
+
+    run: Run
+    keras_model: object = None
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def digest(self) -> str:
+        return self.run.data.tags.get("fer.data_digest", "")
+
+
+def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest: str = "",
+        weights: str = "equal") -> EnsembleOutcome:
+    """Build, check and log the ensemble of `runs` (comma-separated training run ids) or of the
+    `top` training runs by `metric` (see the module docstring)."""
+    ids = [part.strip() for part in runs.split(",") if part.strip()]
+    if bool(ids) == bool(top):
+        raise ConfigError("name the members with -P runs=<id,id,...> or -P top=N (N >= 2), not both")
+    if top == 1:
+        raise ConfigError("top=1 is one model, not an ensemble; use -P top=2 or more")
+    weighting = _weighting(weights, len(ids) if ids else top)
+    client = MlflowClient()
+    experiment, tags = DATA_EXPERIMENT, {}
+    if ids:  # named members are checked before any run starts
+        members = _loaded([Member(_training_run(client, run_id)) for run_id in _unique(ids)])
+        experiment = client.get_experiment(members[0].run.info.experiment_id).name
+        tags, _ = data_context(_data_uri(members[0]))
+    with stage_run("ensemble", "ensemble", {**tags, "fer.model": MODEL_NAME, "fer.model_family": MODEL_NAME},
+                   experiment=experiment) as active:
+        log_params({"runs": runs, "top": top, "metric": metric, "data_digest": data_digest, "weights": weights})
+        if not ids:
+            members = _loaded(_top(client, active.info.experiment_id, top, metric, data_digest))
+        data_uri = _data_uri(members[0])
+        tags, _ = data_context(data_uri)
+        names = [member.run_id for member in members]
+        mlflow.set_tags({**tags, "fer.data_digest": members[0].digest, "fer.data_uri": data_uri,
+                         "fer.members": ",".join(names),
+                         "mlflow.runName": f"ensemble {'+'.join(map(_model, members))}-{tags['fer.data']}"})
+        val = _validation(data_uri, members[0].digest)
+        log_split_inputs(val, data_uri, tags["fer.data"], splits=("val",))
+        probabilities = _member_probabilities(members, val.images)
+        chosen = fit_weights(probabilities, val.labels) if isinstance(weighting, str) else weighting
+        combined = np.tensordot(chosen, np.stack(probabilities), axes=1)
+        metrics = {"val_accuracy": accuracy(combined, val.labels), "val_log_loss": log_loss(combined, val.labels)}
+        metrics["best_val_accuracy"] = metrics["val_accuracy"]
+        params = {"data_uri": data_uri, "members": ",".join(names),
+                  "weights_resolved": ",".join(f"{w:.6f}" for w in chosen)}
+        for index, (member, found) in enumerate(zip(members, probabilities)):
+            metrics[f"member_{index}_val_accuracy"] = accuracy(found, val.labels)
+            metrics[f"member_{index}_val_log_loss"] = log_loss(found, val.labels)
+            params.update({f"member_{index}_run": member.run_id, f"member_{index}_model": _model(member),
+                           f"member_{index}_model_uri": f"runs:/{member.run_id}/model",
+                           f"member_{index}_data_digest": member.digest,
+                           f"member_{index}_weight": f"{chosen[index]:.6f}"})
+        log_params(params)
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag("mlflow.note.content", _description(members, chosen, metrics))
+        from fer_mlflow import pyfunc_model
+
+        info = pyfunc_model.log_model(combine([m.keras_model for m in members], chosen), name="model",
+                                      class_names=members[0].class_names, example_image=val.images[0])
+        mlflow.set_tag("fer.model_uri", info.model_uri)
+        return EnsembleOutcome(active.info.run_id, f"runs:/{active.info.run_id}/model", names,
+                               [float(w) for w in chosen], metrics["val_accuracy"])
+
+
+def combine(keras_models: list, weights) -> object:
+    """One Keras model: pixels (N, 48, 48, 1) in, the `weights`-weighted sum of `keras_models`'
+    probabilities out. The members are renamed ``member_<i>_<name>`` (nested models must differ in
+    name); their weights are untouched."""
+    import keras
+
+    inputs = keras.Input(keras_models[0].input_shape[1:], name="pixels")
+    scaled = []
+    for index, (model, weight) in enumerate(zip(keras_models, weights)):
+        model.name = f"member_{index}_{model.name}"
+        scaled.append(keras.layers.Rescaling(float(weight), name=f"weight_{index}")(model(inputs)))
+    return keras.Model(inputs, keras.layers.Add(name="probabilities")(scaled), name=MODEL_NAME)
+
+
+def fit_weights(probabilities: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """Weights on the simplex (non-negative, summing to 1) minimising the log-loss of the weighted
+    mean of the members' `probabilities` (each N x classes) for `labels`: a softmax over free
+    parameters, minimised by L-BFGS from equal weights."""
+    from scipy.optimize import minimize
+    from scipy.special import softmax
+
+    picked = np.stack([p[np.arange(len(labels)), labels] for p in probabilities])  # members x N
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        weights = softmax(theta)
+        mixed = np.clip(weights @ picked, 1e-12, None)
+        gradient_w = -(picked / mixed).mean(axis=1)
+        return float(-np.log(mixed).mean()), weights * (gradient_w - weights @ gradient_w)
+
+    found = minimize(loss, np.zeros(len(probabilities)), jac=True, method="L-BFGS-B")
+    return softmax(found.x)
+
+
+def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(probabilities.argmax(axis=1) == labels))
+
+
+def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (clipped at 1e-12)."""
+    return float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def _weighting(weights: str, count: int) -> str | np.ndarray:
+    """"equal" as numbers, "fitted", or the given numbers normalised; ConfigError otherwise."""
+    text = weights.strip().lower()
+    if text == "fitted":
+        return text
+    if text == "equal":
+        return np.full(count, 1.0 / count)
+    try:
+        given = np.array([float(part) for part in text.split(",")])
+    except ValueError:
+        given = np.array([])
+    if len(given) != count or not np.isfinite(given).all() or (given < 0).any() or given.sum() <= 0:
+        raise ConfigError(f"weights={weights} is not {', '.join(WEIGHTINGS)} or {count} non-negative numbers "
+                          "separated by commas (one per member, not all 0)")
+    return given / given.sum()
+
+
+def _unique(ids: list[str]) -> list[str]:
+    twice = sorted({run_id for run_id in ids if ids.count(run_id) > 1})
+    if twice:
+        raise ConfigError(f"run {twice[0]} is named twice in runs; name each member once")
+    if len(ids) < 2:
+        raise ConfigError(f"an ensemble needs 2 or more members, got {len(ids)}; name more runs")
+    return ids
+
+
+def _training_run(client: MlflowClient, run_id: str) -> Run:
+    """The finished training run `run_id` whose model was logged; ConfigError otherwise."""
+    try:
+        found = client.get_run(run_id)
+    except MlflowException as error:
+        raise ConfigError(f"run {run_id} not found in {mlflow.get_tracking_uri()}; "
+                          "name training runs of this tracking store") from error
+    stage = found.data.tags.get("fer.stage", "?")
+    if stage != "train" or found.info.status != "FINISHED" or "fer.model_uri" not in found.data.tags:
+        raise ConfigError(f"run {run_id} is not a finished training run with a model (stage {stage}, "
+                          f"status {found.info.status}); name finished training runs")
+    return found
+
+
+def _top(client: MlflowClient, experiment_id: str, top: int, metric: str, data_digest: str) -> list[Member]:
+    """The `top` finished training runs of the experiment by `metric`, on `data_digest` (default:
+    that of the newest such run)."""
+    key = METRICS.get(metric, metric)
+    found = client.search_runs([experiment_id], "tags.`fer.stage` = 'train' and attributes.status = 'FINISHED'",
+                               order_by=["attributes.start_time DESC"], max_results=5000)
+    found = [r for r in found if key in r.data.metrics and "fer.model_uri" in r.data.tags
+             and "fer.data_digest" in r.data.tags]
+    where = client.get_experiment(experiment_id).name
+    if not found:
+        raise ConfigError(f"experiment {where} has no finished training run with metric {key}; train models "
+                          "first, choose the experiment with --experiment-name, or check -P metric=...")
+    digest = data_digest or found[0].data.tags["fer.data_digest"]
+    pool = sorted((r for r in found if r.data.tags["fer.data_digest"] == digest),
+                  key=lambda r: r.data.metrics[key], reverse=True)
+    if len(pool) < top:
+        raise ConfigError(f"experiment {where} has {len(pool)} finished training run(s) on data {digest}, "
+                          f"fewer than top={top}; train more on that data or ask for fewer")
+    return [Member(r) for r in pool[:top]]
+
+
+def _check_data(members: list[Member]) -> None:
+    """Refuse members trained on different data, in one line."""
+    digests = {m.digest for m in members}
+    if len(digests) > 1:
+        first, other = members[0], next(m for m in members if m.digest != members[0].digest)
+        raise ConfigError(f"members were trained on different data: run {first.run_id} on {first.digest}, "
+                          f"run {other.run_id} on {other.digest}; train every member on one clean run's "
+                          "dataset (-P data=runs:/<clean run>/dataset/dataset.npz)")
+
+
+def _loaded(members: list[Member]) -> list[Member]:
+    """`members` with their models loaded, once their data and class names are checked to agree."""
+    from fer_mlflow import pyfunc_model
+    from fer_mlflow.evaluate import load_model
+
+    _check_data(members)
+    for member in members:
+        loaded = load_model(f"runs:/{member.run_id}/model")
+        member.keras_model = pyfunc_model.keras_model_of(loaded)
+        member.class_names = pyfunc_model.class_names_of(loaded)
+    first = members[0]
+    for member in members[1:]:
+        if member.class_names != first.class_names:
+            raise ConfigError(f"members predict different classes: run {first.run_id} "
+                              f"({', '.join(first.class_names)}), run {member.run_id} "
+                              f"({', '.join(member.class_names)}); ensemble models of the same classes")
+    return members
+
+
+def _data_uri(member: Member) -> str:
+    data_uri = member.run.data.params.get("data_uri", "")
+    if not data_uri:
+        raise ConfigError(f"run {member.run_id} records no data_uri; ensemble training runs of this project")
+    return data_uri
+
+
+def _validation(data_uri: str, digest: str):
+    from fer_mlflow.sources import read_source
+
+    dataset, _ = read_source(data_uri)
+    if dataset.digest() != digest:
+        raise DataError(f"{data_uri} now reads as data {dataset.digest()}, not the members' {digest}; "
+                        "it changed since they trained")
+    val = dataset.split("val")
+    if len(val) == 0:
+        raise DataError(f"{data_uri} has no validation split to weigh and score the members on")
+    return val
+
+
+def _member_probabilities(members: list[Member], images: np.ndarray) -> list[np.ndarray]:
+    """Each member's probabilities for uint8 `images` (N x 48 x 48), one view, as it predicts."""
+    from fer_mlflow.views import Settings, probabilities
+
+    pixels = images.astype(np.float32)[..., np.newaxis]
+    return [probabilities(m.keras_model, pixels, Settings()) for m in members]
+
+
+def _model(member: Member) -> str:
+    return member.run.data.tags.get("fer.model", "model")
+
+
+def _description(members: list[Member], weights, metrics: dict) -> str:
+    """The run's description in the UI: each member's run (linked), model, weight and val accuracy."""
+    lines = [f"Ensemble of {len(members)} models: **val_accuracy = {metrics['val_accuracy']:.4f}** "
+             "(validation split, one view), the weighted mean of their probabilities.", "",
+             "| member | run | model | weight | val_accuracy |", "|---|---|---|---|---|"]
+    for index, member in enumerate(members):
+        link = f"#/experiments/{member.run.info.experiment_id}/runs/{member.run_id}"
+        lines.append(f"| {index} | [{member.run_id}]({link}) | {_model(member)} | {weights[index]:.4f} | "
+                     f"{metrics[f'member_{index}_val_accuracy']:.4f} |")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""The ensemble stage: one served model averaging trained models, and its refusals."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import all_runs, mlflow_run, tiny_keras_model
+from mlflow import MlflowClient
+from skimage import data as photos
+
+from fer_mlflow import dataset as ds
+from fer_mlflow import ensemble, evaluate, promote, train
+from fer_mlflow.cli import main
+from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.errors import ConfigError
+from fer_mlflow.pyfunc_model import log_model
+from fer_mlflow.tracking import DEMO_EXPERIMENT, experiment_id
+
+PROBABILITIES = [f"prob_{name}" for name in CLASS_NAMES]
+
+
+def probabilities(frame: pd.DataFrame) -> np.ndarray:
+    return frame[PROBABILITIES].to_numpy()
+
+
+def logged_training_run(data_uri: str, seed: int = 0, class_names=CLASS_NAMES, score: float = 0.5) -> str:
+    """A finished run that looks to the stage like a training run on `data_uri`: the tiny model of
+    `seed` logged as the project logs a trained one, and the tags and params train writes."""
+    with mlflow.start_run(experiment_id=experiment_id(DEMO_EXPERIMENT)) as run:
+        info = log_model(tiny_keras_model(seed), class_names=class_names)
+        mlflow.set_tags({"fer.stage": "train", "fer.model": "tiny", "fer.model_uri": info.model_uri,
+                         "fer.data_digest": ds.load(data_uri).digest(), "fer.data": "demo"})
+        mlflow.log_params({"data_uri": data_uri})
+        mlflow.log_metric("best_val_accuracy", score)
+    return run.info.run_id
+
+
+def member_model(run_id: str) -> mlflow.pyfunc.PyFuncModel:
+    return mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+
+
+@pytest.fixture
+def trained_pair(tiny_npz) -> list[str]:
+    """Two cnns trained for one epoch on the same tiny dataset, with different seeds."""
+    return [train.run(train.TrainConfig(model="cnn", data=tiny_npz, epochs=1, batch_size=32, seed=seed)).run_id
+            for seed in (0, 1)]
+
+
+def test_fitted_weights_favour_the_informative_member_and_lower_the_log_loss():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 500)
+    informative = np.full((500, 7), 0.3 / 6)
+    informative[np.arange(500), labels] = 0.7
+    noise = rng.dirichlet(np.ones(7), 500)
+    weights = ensemble.fit_weights([noise, informative], labels)
+    assert weights.sum() == pytest.approx(1) and (weights >= 0).all()
+    assert weights[1] > 0.8
+    fitted = np.tensordot(weights, np.stack([noise, informative]), axes=1)
+    equal = (noise + informative) / 2
+    assert ensemble.log_loss(fitted, labels) < ensemble.log_loss(equal, labels)
+
+
+def test_the_combined_keras_model_is_the_weighted_sum_of_its_members_and_saves(tmp_path):
+    import keras
+
+    members = [tiny_keras_model(0), tiny_keras_model(1)]
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 48, 48, 1)).astype(np.float32)
+    expected = 0.25 * members[0].predict(pixels, verbose=0) + 0.75 * members[1].predict(pixels, verbose=0)
+    combined = ensemble.combine(members, [0.25, 0.75])
+    combined.save(tmp_path / "ensemble.keras")
+    loaded = keras.models.load_model(tmp_path / "ensemble.keras", compile=False)
+    np.testing.assert_allclose(loaded.predict(pixels, verbose=0), expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_two_trained_cnns_predicts_the_mean_of_their_probabilities(trained_pair, tiny_npz):
+    outcome = ensemble.run(runs=",".join(trained_pair))
+    run = MlflowClient().get_run(outcome.run_id)
+    tags, params = run.data.tags, run.data.params
+    assert run.info.status == "FINISHED"
+    assert tags["fer.stage"] == "ensemble" and tags["fer.model"] == "ensemble"
+    assert tags["fer.members"] == ",".join(trained_pair)
+    digest = ds.load(tiny_npz).digest()
+    assert tags["fer.data_digest"] == digest and params["data_uri"] == tiny_npz
+    for index, member in enumerate(trained_pair):
+        assert params[f"member_{index}_run"] == member
+        assert params[f"member_{index}_model"] == "cnn"
+        assert params[f"member_{index}_data_digest"] == digest
+        assert float(params[f"member_{index}_weight"]) == pytest.approx(0.5)
+        assert member in tags["mlflow.note.content"]
+    assert {i.dataset.digest for i in run.inputs.dataset_inputs} == {ds.load(tiny_npz).split("val").digest()}
+
+    model = mlflow.pyfunc.load_model(outcome.model_uri)
+    members = [member_model(run_id) for run_id in trained_pair]
+    val = ds.load(tiny_npz).split("val")
+    mean = (probabilities(members[0].predict(val.images)) + probabilities(members[1].predict(val.images))) / 2
+    np.testing.assert_allclose(probabilities(model.predict(val.images)), mean, atol=1e-5)
+    labels_right = np.mean(mean.argmax(axis=1) == val.labels)
+    assert run.data.metrics["val_accuracy"] == pytest.approx(labels_right)
+    assert run.data.metrics["best_val_accuracy"] == run.data.metrics["val_accuracy"]
+
+    # Test-time views and photos take the single model's path: each view through every member.
+    views = probabilities(model.predict(val.images[:4], params={"tta": True}))
+    expected = sum(probabilities(m.predict(val.images[:4], params={"tta": True})) for m in members) / 2
+    np.testing.assert_allclose(views, expected, atol=1e-5)
+    photo = pd.DataFrame({"image": [_png(photos.astronaut())]})
+    found = model.predict(photo, params={"detector": "haar"})
+    assert (found["face"] >= 0).sum() == 1
+    each = [m.predict(photo, params={"detector": "haar"}) for m in members]
+    assert found[["x", "y", "w", "h"]].equals(each[0][["x", "y", "w", "h"]])
+    np.testing.assert_allclose(probabilities(found), (probabilities(each[0]) + probabilities(each[1])) / 2,
+                               atol=1e-5)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_evaluate_and_promote_take_an_ensemble_like_any_model(tiny_npz):
+    members = [logged_training_run(tiny_npz, seed) for seed in (0, 1)]
+    outcome = ensemble.run(runs=",".join(members), weights="3,1")
+    assert outcome.weights == pytest.approx([0.75, 0.25])
+    scored = evaluate.run(run_id=outcome.run_id)
+    evaluation = MlflowClient().get_run(scored.run_id)
+    assert evaluation.data.tags["fer.source_run"] == outcome.run_id
+    assert evaluation.data.tags["fer.model"] == "ensemble"
+    promoted = promote.run(registered_model_name="fer-emotion-demo")
+    champion = mlflow.pyfunc.load_model(f"models:/{promoted.registered_model_name}@champion")
+    version = MlflowClient().get_model_version_by_alias(promoted.registered_model_name, "champion")
+    assert version.tags["source_run"] == outcome.run_id and version.tags["model"] == "ensemble"
+    test = ds.load(tiny_npz).split("test")
+    expected = sum(w * probabilities(member_model(r).predict(test.images)) for w, r in zip((0.75, 0.25), members))
+    np.testing.assert_allclose(probabilities(champion.predict(test.images)), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fitted_weights_are_logged_and_used(tiny_npz):
+    members = [logged_training_run(tiny_npz, seed) for seed in (0, 1, 2)]
+    outcome = ensemble.run(runs=",".join(members), weights="fitted")
+    params = MlflowClient().get_run(outcome.run_id).data.params
+    assert sum(outcome.weights) == pytest.approx(1)
+    assert [float(params[f"member_{i}_weight"]) for i in range(3)] == pytest.approx(outcome.weights, abs=1e-6)
+    val = ds.load(tiny_npz).split("val")
+    expected = sum(w * probabilities(member_model(r).predict(val.images)) for w, r in zip(outcome.weights, members))
+    model = mlflow.pyfunc.load_model(outcome.model_uri)
+    np.testing.assert_allclose(probabilities(model.predict(val.images)), expected, atol=1e-5)
+    metrics = MlflowClient().get_run(outcome.run_id).data.metrics
+    equal = sum(probabilities(member_model(r).predict(val.images)) for r in members) / 3
+    assert metrics["val_log_loss"] <= ensemble.log_loss(equal, val.labels) + 1e-6
+
+
+@pytest.mark.slow
+def test_top_takes_the_best_runs_on_the_newest_runs_data(tiny_npz, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", DEMO_EXPERIMENT)
+    other = str(ds.save(ds.load(tiny_npz).subset(slice(0, 60)), tmp_path / "other.npz"))
+    worst, best, middle = (logged_training_run(tiny_npz, seed, score=s) for seed, s in ((0, 0.3), (1, 0.9), (2, 0.6)))
+    logged_training_run(other, 3, score=0.99)  # the best score, but the newest run is on other data
+    with pytest.raises(ConfigError, match="fewer than top=2"):
+        ensemble.run(top=2)
+    outcome = ensemble.run(top=2, data_digest=ds.load(tiny_npz).digest())
+    assert outcome.members == [best, middle]
+
+
+def test_bad_members_are_refused_in_one_line_before_any_run(tiny_npz, tmp_path, capsys):
+    first, second = (logged_training_run(tiny_npz, seed) for seed in (0, 1))
+    other = str(ds.save(ds.load(tiny_npz).subset(slice(0, 60)), tmp_path / "other.npz"))
+    cases = {
+        "members were trained on different data": ["--runs", f"{first},{logged_training_run(other, 2)}"],
+        "members predict different classes":
+            ["--runs", f"{first},{logged_training_run(tiny_npz, 3, class_names=CLASS_NAMES[::-1])}"],
+        "is not a finished training run":
+            ["--runs", f"{first},{evaluate.run(model_uri=f'runs:/{first}/model', data=tiny_npz).run_id}"],
+        "is named twice": ["--runs", f"{first},{first}"],
+        "needs 2 or more members, got 1": ["--runs", first],
+        "is not equal, fitted or 2 non-negative numbers": ["--runs", f"{first},{second}", "--weights", "1,2,3"],
+        "not both": ["--runs", f"{first},{second}", "--top", "2"],
+    }
+    before = {r.info.run_id for r in all_runs()}
+    capsys.readouterr()
+    for message, args in cases.items():
+        with pytest.raises(SystemExit) as stopped:
+            main(["ensemble", *args])
+        assert stopped.value.code == 2
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert message in error
+    assert {r.info.run_id for r in all_runs()} == before  # nothing started
+
+
+@pytest.mark.slow
+def test_mlflow_run_builds_an_ensemble_and_refuses_a_lone_member(trained_pair, tracking):
+    done = mlflow_run("ensemble", {"runs": ",".join(trained_pair)}, tracking)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (built,) = all_runs("tags.`fer.stage` = 'ensemble'")
+    assert built.info.status == "FINISHED" and built.data.params["runs"] == ",".join(trained_pair)
+    refused = mlflow_run("ensemble", {"runs": trained_pair[0]}, tracking)
+    assert refused.returncode != 0
+    assert "error: an ensemble needs 2 or more members, got 1" in refused.stderr
+    assert not all_runs("attributes.status = 'RUNNING'")
