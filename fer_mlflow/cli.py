@@ -344,13 +344,15 @@ def predict(model_uri, input, detector, every, max_annotated, min_face, max_face
 @click.option("--registered-model-name", default="auto", show_default=True,
               help="auto: fer-emotion-demo for the demo data, else fer-emotion.")
 @click.option("--metric", default="auto", show_default=True, help="Promote's metric; auto: test_accuracy.")
-def pipeline(data, models, epochs, image_size, weights, registered_model_name, metric) -> None:
-    """The whole pipeline: clean, train each model, evaluate each, promote the best."""
+@click.option("--ensemble", default=False, show_default=True, type=bool,
+              help="Also combine the trained models into an ensemble, evaluate it, and let promote choose it.")
+def pipeline(data, models, epochs, image_size, weights, registered_model_name, metric, ensemble) -> None:
+    """The whole pipeline: clean, train each model, evaluate each (and their ensemble), promote the best."""
     from fer_mlflow import main_stage
 
     as_text = lambda value: "auto" if value is None else str(value)  # noqa: E731
     uri = main_stage.run(data, models, as_text(epochs), as_text(image_size), weights,
-                           registered_model_name, metric)
+                           registered_model_name, metric, ensemble)
     click.echo(f"champion: {uri}")
     click.echo("use it from Python:")
     click.echo(f"  import mlflow; model = mlflow.pyfunc.load_model('{uri}')")

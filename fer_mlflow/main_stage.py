@@ -1,5 +1,8 @@
 """The `main` entry point: clean, train each model, evaluate each, promote the best.
 
+With `ensemble`, the trained models are also combined (`ensemble` stage, equal weights) and the
+ensemble evaluated, so promote chooses among the single models and their ensemble.
+
 Each step is an `mlflow.run` of this project's own entry point, in a child run of one parent run
 (created first and handed over with ``run_id``, so the UI nests them). Child runs get
 ``env_manager="local"`` from here: the CLI's ``--env-manager`` does not reach them.
@@ -24,23 +27,30 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", image_size: str = "48",
         weights: str = "auto", registered_model_name: str = "auto",
-        metric: str = "auto") -> str:
+        metric: str = "auto", ensemble: bool = False) -> str:
     """Run the whole pipeline; returns the champion's model URI (``fer-emotion-demo`` for the demo
     data unless `registered_model_name` says otherwise: `promote.run`)."""
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
         raise FerError("models is empty; name one or more of cnn, cnn_shallow, cnn_deep, resnet50, ...")
+    if ensemble and len(names) < 2:
+        raise FerError(f"ensemble=true needs two or more models, got models={models}; "
+                       "name more (e.g. -P models=cnn,resnet50) or leave ensemble off")
     tags, experiment = data_context(data)
     with stage_run("main", f"pipeline-{tags['fer.data']}", tags, experiment=experiment) as parent:
         log_params({"data": data, "models": models, "epochs": epochs, "image_size": image_size,
-                    "weights": weights, "registered_model_name": registered_model_name, "metric": metric})
+                    "weights": weights, "registered_model_name": registered_model_name, "metric": metric,
+                    "ensemble": ensemble})
         step = _Steps(parent.info.run_id, parent.info.experiment_id)
         cleaned = step("clean", {"data": data})
         dataset_uri = f"runs:/{cleaned}/dataset/dataset.npz"
+        trained = []
         for name in names:
-            trained = step("train", {"model": name, "data": dataset_uri, "epochs": epochs,
-                                     "image_size": image_size, "weights": weights})
-            step("evaluate", {"run_id": trained})
+            trained.append(step("train", {"model": name, "data": dataset_uri, "epochs": epochs,
+                                          "image_size": image_size, "weights": weights}))
+            step("evaluate", {"run_id": trained[-1]})
+        if ensemble:
+            step("evaluate", {"run_id": step("ensemble", {"runs": ",".join(trained)})})
         promoted = step("promote", {"registered_model_name": registered_model_name, "metric": metric})
         name = step.client.get_run(promoted).data.tags["fer.registered_model"]
         uri = f"models:/{name}@champion"

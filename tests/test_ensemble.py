@@ -195,6 +195,15 @@ def test_bad_members_are_refused_in_one_line_before_any_run(tiny_npz, tmp_path, 
     assert {r.info.run_id for r in all_runs()} == before  # nothing started
 
 
+def test_main_refuses_an_ensemble_of_one_model_before_any_run(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["main", "--models", "cnn", "--ensemble", "true"])
+    assert stopped.value.code == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "ensemble=true needs two or more models" in error
+    assert not all_runs()
+
+
 @pytest.mark.slow
 def test_mlflow_run_builds_an_ensemble_and_refuses_a_lone_member(trained_pair, tracking):
     done = mlflow_run("ensemble", {"runs": ",".join(trained_pair)}, tracking)

@@ -99,11 +99,21 @@ def test_the_quick_start_leaves_a_demo_champion_and_never_touches_one_trained_on
 def test_the_pipeline_works_against_a_postgresql_backed_tracking_server(tracking_server, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
     mlflow.set_tracking_uri(tracking_server)
-    done = mlflow_run("main", {**SMALL, "models": "cnn"}, tracking_server, timeout=1500)
+    done = mlflow_run("main", {**SMALL, "models": "cnn,cnn_shallow", "ensemble": "true"}, tracking_server,
+                      timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     client = MlflowClient(tracking_server)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    stages = {}
+    for run in runs:
+        stages.setdefault(run.data.tags.get("fer.stage"), []).append(run)
+    (parent,), (built,) = stages["main"], stages["ensemble"]
+    assert built.data.tags["mlflow.parentRunId"] == parent.info.run_id and built.info.status == "FINISHED"
+    assert sorted(built.data.tags["fer.members"].split(",")) == sorted(r.info.run_id for r in stages["train"])
+    scored = {r.data.tags["fer.source_run"]: r.data.metrics["test_accuracy"] for r in stages["evaluate"]}
+    assert built.info.run_id in scored and len(scored) == 3  # two models and their ensemble
     champion = client.get_model_version_by_alias("fer-emotion-demo", "champion")
-    assert champion.tags["model"] == "cnn"
+    assert scored[champion.tags["source_run"]] == max(scored.values())
     model = mlflow.pyfunc.load_model("models:/fer-emotion-demo@champion")
     from fer_mlflow.demo import make_demo
 
