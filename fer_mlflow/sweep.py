@@ -242,36 +242,38 @@ class _Worker:
 
 
 class _Report(keras.callbacks.Callback):
-    """Reports each epoch's val_accuracy to the trial, and stops the trial when it is pruned."""
+    """Reports each epoch's val_accuracy to the trial; a pruned trial's fit is stopped like an early
+    stop (``stop_training``), so Keras ends its epoch loop and lets its iterators go as usual, and
+    `Pruned` is raised once the fit has ended."""
 
     def __init__(self, trial: optuna.Trial):
         super().__init__()
         self.trial, self.step = trial, 0
         self.run_id: str | None = None
         self.fit_seconds, self._began = 0.0, None
+        self.pruned: str | None = None
 
     def on_train_begin(self, logs=None):
         self.run_id = mlflow.active_run().info.run_id
         self._began = time.perf_counter()
 
     def on_train_end(self, logs=None):
-        self._stopped()
-
-    def _stopped(self) -> None:
         if self._began is not None:
             self.fit_seconds += time.perf_counter() - self._began
             self._began = None
+        if self.pruned:
+            raise Pruned(self.pruned)
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get("val_accuracy")
-        if value is None:
+        if value is None or self.pruned:
             return
         self.trial.report(float(value), self.step)
         self.step += 1
         if self.trial.should_prune():
-            self._stopped()
-            raise Pruned(f"trial {self.trial.number} pruned after {self.step} epochs: "
-                         f"val_accuracy {float(value):.4f} is below the median of earlier trials")
+            self.pruned = (f"trial {self.trial.number} pruned after {self.step} epochs: "
+                           f"val_accuracy {float(value):.4f} is below the median of earlier trials")
+            self.model.stop_training = True
 
 
 def _trial_run(parent_id: str, number: int) -> str | None:

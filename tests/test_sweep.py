@@ -100,11 +100,17 @@ def test_the_pruner_stops_a_trial_below_the_median_at_the_same_epoch():
         done.report(value, epoch)
     study.tell(done, 0.6)
     report = sweep._Report(study.ask())
+    report.set_model(keras.Sequential())
+    report.model.stop_training = False  # as fit sets it
     report.on_epoch_end(0, {"val_accuracy": 0.1})  # epoch 0 is the warm-up: never pruned
     report.on_epoch_end(1, {"val_accuracy": 0.55})  # above the median (0.5): goes on
-    # Its best so far (0.55) is compared with the median at the same epoch (0.6).
+    assert not report.model.stop_training
+    # Its best so far (0.55) is compared with the median at the same epoch (0.6): the fit is told
+    # to stop after this epoch, and the trial ends pruned once it has.
+    report.on_epoch_end(2, {"val_accuracy": 0.4})
+    assert report.model.stop_training
     with pytest.raises(sweep.Pruned, match="pruned after 3 epochs: val_accuracy 0.4000"):
-        report.on_epoch_end(2, {"val_accuracy": 0.4})
+        report.on_train_end()
 
 
 class _Sabotage(keras.callbacks.Callback):
