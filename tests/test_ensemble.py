@@ -205,12 +205,14 @@ def test_main_refuses_an_ensemble_of_one_model_before_any_run(capsys):
 
 
 @pytest.mark.slow
-def test_mlflow_run_builds_an_ensemble_and_refuses_a_lone_member(trained_pair, tracking):
-    done = mlflow_run("ensemble", {"runs": ",".join(trained_pair)}, tracking)
+def test_mlflow_run_builds_an_ensemble_and_refuses_a_lone_member(tiny_npz, tracking):
+    members = [logged_training_run(tiny_npz, seed) for seed in (0, 1)]
+    done = mlflow_run("ensemble", {"runs": ",".join(members)}, tracking)
     assert done.returncode == 0, done.stderr[-3000:]
     (built,) = all_runs("tags.`fer.stage` = 'ensemble'")
-    assert built.info.status == "FINISHED" and built.data.params["runs"] == ",".join(trained_pair)
-    refused = mlflow_run("ensemble", {"runs": trained_pair[0]}, tracking)
+    assert built.info.status == "FINISHED" and built.data.params["runs"] == ",".join(members)
+    assert built.data.tags["fer.members"] == ",".join(members)
+    refused = mlflow_run("ensemble", {"runs": members[0]}, tracking)
     assert refused.returncode != 0
     assert "error: an ensemble needs 2 or more members, got 1" in refused.stderr
     assert not all_runs("attributes.status = 'RUNNING'")
