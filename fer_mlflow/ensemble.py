@@ -15,8 +15,9 @@ the validation split; its accuracy is then slightly optimistic, having been fitt
 numbers, normalised to sum to 1.
 
 Logged to the run (tagged ``fer.stage=ensemble``, ``fer.model=ensemble``, ``fer.members``, and the
-members' data digest as ``fer.data_digest``): params ``members``, ``weights`` and per member
-``member_<i>_run``, ``_model`` (its architecture), ``_model_uri``, ``_data_digest``, ``_weight``;
+members' data digest as ``fer.data_digest``): params ``members``, ``weights`` (as given),
+``weights_resolved`` and per member ``member_<i>_run``, ``_model`` (its architecture), ``_model_uri``
+(the logged model), ``_data_digest``, ``_weight``;
 metrics ``val_accuracy`` and ``best_val_accuracy`` (the same figure, so ensembles rank beside
 training runs), ``val_log_loss``, and each member's ``member_<i>_val_accuracy`` and
 ``_val_log_loss``, all on the validation split, one view; the model under ``model``; the
@@ -109,7 +110,8 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
             metrics[f"member_{index}_val_accuracy"] = accuracy(found, val.labels)
             metrics[f"member_{index}_val_log_loss"] = log_loss(found, val.labels)
             params.update({f"member_{index}_run": member.run_id, f"member_{index}_model": _model(member),
-                           f"member_{index}_model_uri": f"runs:/{member.run_id}/model",
+                           f"member_{index}_model_uri": member.run.data.tags.get("fer.model_uri",
+                                                                                 f"runs:/{member.run_id}/model"),
                            f"member_{index}_data_digest": member.digest,
                            f"member_{index}_weight": f"{chosen[index]:.6f}"})
         log_params(params)

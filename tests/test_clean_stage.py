@@ -147,8 +147,14 @@ def test_mlflow_run_clean_on_the_shared_zip_in_under_a_minute(tracking):
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_ZIP.exists(), reason="the shared FER2013 zip is not here")
 def test_unpacked_folder_and_csv_read_the_same_images_as_the_zip(tmp_path):
-    zipped, _ = read_source(str(SHARED_ZIP))
-    with zipfile.ZipFile(SHARED_ZIP) as archive:
+    # Every 8th image of the shared zip (about 4,000, every class of both splits): the same reading
+    # code as the whole, in an eighth of the time.
+    sample = tmp_path / "sample.zip"
+    with zipfile.ZipFile(SHARED_ZIP) as source, zipfile.ZipFile(sample, "w") as target:
+        for name in source.namelist()[::8]:
+            target.writestr(name, source.read(name))
+    zipped, _ = read_source(str(sample))
+    with zipfile.ZipFile(sample) as archive:
         archive.extractall(tmp_path / "unpacked")
     folder, _ = read_source(str(tmp_path / "unpacked"))
     assert np.array_equal(folder.images, zipped.images) and list(folder.ids) == list(zipped.ids)
@@ -159,7 +165,8 @@ def test_unpacked_folder_and_csv_read_the_same_images_as_the_zip(tmp_path):
     ])
     dataset, report = read_source(str(csv_path))
     assert report.kind == "csv" and np.array_equal(dataset.images, zipped.images)
-    assert (dataset.splits == "val").sum() == 3589  # PublicTest is the csv's validation split
+    # PublicTest is the csv's validation split
+    assert (dataset.splits == "val").sum() == (zipped.splits == "test").sum() > 400
     for source in (tmp_path / "unpacked", csv_path):
         outcome = stage.run(str(source))
-        assert outcome.result.removed_total > 1000
+        assert outcome.result.removed_total > 0

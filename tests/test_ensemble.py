@@ -170,6 +170,7 @@ def test_top_takes_the_best_runs_on_the_newest_runs_data(tiny_npz, tmp_path, mon
     assert outcome.members == [best, middle]
 
 
+@pytest.mark.slow  # logs five models: keeps -m 'not slow' under 3 minutes
 def test_bad_members_are_refused_in_one_line_before_any_run(tiny_npz, tmp_path, capsys):
     first, second = (logged_training_run(tiny_npz, seed) for seed in (0, 1))
     other = str(ds.save(ds.load(tiny_npz).subset(slice(0, 60)), tmp_path / "other.npz"))

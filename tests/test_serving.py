@@ -83,14 +83,28 @@ class Served(NamedTuple):
 def server(tmp_path_factory) -> Served:
     """Register the tiny model as fer-emotion@champion in a temporary store and serve it on
     loopback; yields a `Served`. Stops the server after."""
-    folder = tmp_path_factory.mktemp("serving")
+    yield from serving(tmp_path_factory.mktemp("serving"), tiny_keras_model())
+
+
+@pytest.fixture(scope="module")
+def ensemble_server(tmp_path_factory) -> Served:
+    """The same, for an ensemble of two tiny models (weights 0.3 and 0.7) as the ensemble stage logs one."""
+    from fer_mlflow.ensemble import combine
+
+    yield from serving(tmp_path_factory.mktemp("ensemble"), combine([tiny_keras_model(0), tiny_keras_model(1)],
+                                                                    [0.3, 0.7]))
+
+
+def serving(folder: Path, keras_model):
+    """Log `keras_model` as the project logs a model, register it as fer-emotion@champion in a
+    store in `folder`, and serve it on loopback: yields a `Served`, then stops the server."""
     uri = f"sqlite:///{folder}/mlflow.db"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(folder)  # the sqlite store puts artifacts under ./mlruns
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run():
-            info = log_model(tiny_keras_model(), registered_model_name="fer-emotion")
+            info = log_model(keras_model, registered_model_name="fer-emotion")
         MlflowClient().set_registered_model_alias("fer-emotion", "champion", info.registered_model_version)
         local_model = mlflow.pyfunc.load_model("models:/fer-emotion@champion")
         local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(folder / "model")))
@@ -273,3 +287,28 @@ def test_served_model_rejects_bad_bodies_with_4xx(server, body, expected):
     assert 400 <= status < 500, (status, text)
     assert expected in json.loads(text)["message"]
     assert post(server.url, json.dumps({"inputs": smooth_pixels(1).tolist()}).encode())[0] == 200  # still up
+
+
+def test_a_served_ensemble_answers_photos_pixels_and_views_as_its_members_mean(ensemble_server):
+    from skimage import data
+
+    from fer_mlflow.pyfunc_model import keras_model_of
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
+    photo = base64.b64encode(buffer.getvalue()).decode("ascii")
+    pixels = smooth_pixels(3)
+    for body, params, local_input in (
+        ({"dataframe_split": {"columns": ["image"], "data": [[photo]]}}, {"detector": "haar"},
+         pd.DataFrame({"image": [photo]})),
+        ({"inputs": pixels.tolist()}, {"tta": True}, pixels),
+    ):
+        status, text = post(ensemble_server.url, json.dumps({**body, "params": params}).encode())
+        assert status == 200, text
+        check_predictions(text, ensemble_server.model.predict(local_input, params=params))
+    # ...and what it serves is the weighted mean of its members' probabilities.
+    combined = keras_model_of(ensemble_server.model)
+    members = [tiny_keras_model(0), tiny_keras_model(1)]
+    x = pixels[..., None].astype(np.float32)
+    expected = 0.3 * members[0].predict(x, verbose=0) + 0.7 * members[1].predict(x, verbose=0)
+    np.testing.assert_allclose(combined.predict(x, verbose=0), expected, atol=1e-6)
