@@ -333,6 +333,36 @@ def predict(model_uri, input, detector, every, max_annotated, min_face, max_face
     click.echo(f"prediction run: {outcome.run_id}")
 
 
+@cli.command()
+@click.option("--model-uri", default="models:/fer-emotion@champion", show_default=True,
+              help="The model: a models:/<name>@<alias> or /<version> URI, or runs:/<run_id>/model.")
+@click.option("--input", default="", help="A folder (searched recursively) or glob of photos, local or on any "
+                                          "Hadoop file system (s3a://, abfss://, hdfs://), or a .parquet table "
+                                          "with path and content columns.")
+@click.option("--output", default="", help="A new folder for the Parquet output (a row per face).")
+@click.option("--master", default="auto", show_default=True,
+              help="Spark master, e.g. local[2] or spark://host:7077; auto: spark-submit's, else local[*].")
+@click.option("--mode", default="faces", show_default=True, type=click.Choice(["faces", "udf"]),
+              help="faces: find every face in each photo (mapInPandas); udf: each image is one face "
+                   "(mlflow.pyfunc.spark_udf; needs --detector none).")
+@click.option("--detector", default="auto", show_default=True, type=click.Choice(CHOICES),
+              help="Face detector; auto: the model's own (images of at most 64 pixels a side are crops).")
+@click.option("--min-face", default=MIN_FACE, show_default=True, type=click.IntRange(min=1),
+              help="Smallest face searched for, in pixels.")
+@click.option("--max-faces", default=MAX_FACES, show_default=True, type=click.IntRange(min=1),
+              help="Most faces per image, the most confident first.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per predict call within a partition.")
+def score(model_uri, input, output, master, mode, detector, min_face, max_faces, batch_size) -> None:
+    """Label every face in a large set of photos on Apache Spark; write a row per face to Parquet."""
+    from fer_mlflow import score as stage
+
+    outcome = stage.run(model_uri, input, output, master, mode, detector, min_face, max_faces, batch_size)
+    click.echo(f"{outcome.images} images, {outcome.faces} faces, {outcome.images_without_face} without a face, "
+               f"{outcome.skipped_files} unreadable, in {outcome.seconds:.1f} s; Parquet at {outcome.output}")
+    click.echo(f"scoring run: {outcome.run_id}")
+
+
 @cli.command("main")
 @click.option("--data", default="demo", show_default=True, help=DATA_HELP)
 @click.option("--models", default="cnn,resnet50", show_default=True, help="Comma-separated models to train.")

@@ -72,11 +72,12 @@ def test_cli_defaults_are_the_stage_defaults():
 
 def test_the_conda_environment_pins_the_project_dependencies():
     """`mlflow run` with conda builds its environment from conda.yaml alone: every dependency of
-    pyproject.toml must be there, at the same version."""
+    pyproject.toml must be there, at the same version, and the `spark` extra that `score` needs."""
     import tomllib
 
     root = Path(__file__).resolve().parents[1]
-    wanted = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["spark"]
     conda = yaml.safe_load((root / "conda.yaml").read_text())["dependencies"]
     pip = next(entry["pip"] for entry in conda if isinstance(entry, dict))
     assert sorted(pip) == sorted(wanted)

@@ -1,0 +1,154 @@
+"""Batch scoring on Spark (local[2]): the Parquet holds what the model itself answers, file by file."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SHARED_ZIP, all_runs, face, mlflow_run, tiny_keras_model
+from mlflow import MlflowClient
+from PIL import Image
+from skimage import data as photos
+
+from fer_mlflow import score
+from fer_mlflow.cli import main
+from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.pyfunc_model import log_model
+
+PROBABILITIES = [f"prob_{name}" for name in CLASS_NAMES]
+FACES = 200
+
+
+def encoded(rgb_or_gray: np.ndarray, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb_or_gray).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """A folder of FER2013 PublicTest faces (synthetic faces without the shared zip) in class
+    folders, three photos (one face, two without), a corrupt file and a hidden one."""
+    root = tmp_path_factory.mktemp("images") / "images"
+    if SHARED_ZIP.exists():
+        with zipfile.ZipFile(SHARED_ZIP) as archive:
+            names = [n for n in archive.namelist() if n.startswith("test/") and n.endswith(".jpg")][:FACES]
+            for name in names:
+                target = root / "faces" / name.split("/", 1)[1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(name))
+    else:
+        for index in range(FACES):
+            target = root / "faces" / CLASS_NAMES[index % 7] / f"{index:04d}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(encoded(face(index % 7, index)))
+    (root / "photos").mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        (root / "photos" / f"{name}.JPG").write_bytes(encoded(getattr(photos, name)(), "JPEG"))
+    (root / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "photos" / ".hidden.png").write_bytes(encoded(face(0, 0)))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def model_uri() -> str:
+    with mlflow.start_run():
+        return log_model(tiny_keras_model()).model_uri
+
+
+def expected_rows(model_uri: str, folder: Path, params: dict) -> pd.DataFrame:
+    """What the model itself answers for each readable photo under `folder`, a row per face."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    rows = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in (".jpg", ".png") and not path.name.startswith(".") and path.name != "broken.png":
+            found = model.predict(pd.DataFrame({"image": [path.read_bytes()]}), params=params)
+            found.insert(0, "path", path.resolve().as_uri())
+            rows.append(found)
+    return pd.concat(rows, ignore_index=True)
+
+
+def check_same(written: pd.DataFrame, expected: pd.DataFrame) -> None:
+    key = ["path", "face"]
+    written = written[written["error"].isna()].sort_values(key).reset_index(drop=True)
+    expected = expected.sort_values(key).reset_index(drop=True)
+    written["path"] = written["path"].str.replace("file:///", "file:/", regex=False)
+    expected["path"] = expected["path"].str.replace("file:///", "file:/", regex=False)
+    assert list(written["path"]) == list(expected["path"])
+    for column in ("face", "x", "y", "w", "h", "label"):
+        assert list(written[column]) == list(expected[column]), column
+    np.testing.assert_allclose(written[PROBABILITIES].to_numpy(dtype=float),
+                               expected[PROBABILITIES].to_numpy(dtype=float), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_spark_writes_a_row_per_face_equal_to_the_models_own_answer(images, model_uri, tmp_path):
+    output = tmp_path / "scored"
+    outcome = score.run(model_uri, str(images), str(output), master="local[2]")  # crops as they are, photos searched
+    written = pd.read_parquet(output)
+    check_same(written, expected_rows(model_uri, images, {}))
+    broken = written[written["error"].notna()]
+    assert list(broken["path"].str.rsplit("/", n=1).str[-1]) == ["broken.png"]
+    assert "could not be decoded" in broken["error"].iloc[0]
+    assert not written["path"].str.contains("hidden").any()
+    assert (outcome.images, outcome.skipped_files) == (FACES + 4, 1)
+    assert outcome.images_without_face == 2  # the coffee cup and the cat
+    assert outcome.faces == FACES + 1  # each crop, and the astronaut
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["fer.stage"] == "score"
+    assert run.data.metrics["images"] == FACES + 4 and run.data.metrics["images_per_second"] > 0
+    assert run.data.params["master_resolved"] == "local[2]"
+
+
+@pytest.mark.slow
+def test_udf_mode_and_a_parquet_table_give_one_row_per_crop(images, model_uri, tmp_path):
+    crops = images / "faces"
+    outcome = score.run(model_uri, str(crops), str(tmp_path / "udf"), master="local[2]", mode="udf",
+                        detector="none")
+    written = pd.read_parquet(tmp_path / "udf")
+    assert outcome.images == FACES and len(written) == FACES and (written["face"] == 0).all()
+    check_same(written, expected_rows(model_uri, crops, {"detector": "none"}))
+
+    files = sorted(p for p in crops.rglob("*") if p.is_file())
+    table = tmp_path / "table.parquet"
+    pd.DataFrame({"path": [p.resolve().as_uri() for p in files],
+                  "content": [p.read_bytes() for p in files]}).to_parquet(table)
+    score.run(model_uri, str(table), str(tmp_path / "from_table"), master="local[2]", detector="none")
+    check_same(pd.read_parquet(tmp_path / "from_table"), expected_rows(model_uri, crops, {"detector": "none"}))
+
+
+def test_bad_options_are_refused_in_one_line_before_any_run(model_uri, tmp_path, capsys):
+    existing = tmp_path / "done"
+    existing.mkdir()
+    cases = {
+        "mode=udf scores each image as one face": ["--input", str(tmp_path), "--output", str(tmp_path / "new"),
+                                                   "--mode", "udf"],
+        "exists; give a new folder": ["--input", str(tmp_path), "--output", str(existing)],
+        "pass -P input=": ["--output", str(tmp_path / "new")],
+    }
+    before = len(all_runs())
+    for message, args in cases.items():
+        with pytest.raises(SystemExit) as stopped:
+            main(["score", "--model-uri", model_uri, *args])
+        assert stopped.value.code == 2
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert message in error
+    assert len(all_runs()) == before
+
+
+@pytest.mark.slow
+def test_mlflow_run_score_and_a_missing_input(images, model_uri, tracking, tmp_path):
+    done = mlflow_run("score", {"model_uri": model_uri, "input": images / "photos", "output": tmp_path / "out",
+                                "master": "local[2]", "detector": "haar"}, tracking)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 images, 1 faces, 2 without a face, 1 unreadable" in done.stdout
+    missing = mlflow_run("score", {"model_uri": model_uri, "input": tmp_path / "nowhere", "output": tmp_path / "o2",
+                                   "master": "local[2]"}, tracking)
+    assert missing.returncode != 0 and "could not be listed" in missing.stderr
+    assert not all_runs("attributes.status = 'RUNNING'")
