@@ -184,10 +184,15 @@ def _ship(spark, model: Path, folder: Path) -> None:
     spark.sparkContext.addFile(str(model), recursive=True)
 
 
+def output_types(class_names) -> dict[str, str]:
+    """The Parquet's columns, in order, and their Spark types."""
+    return {"path": "string", **{name: "long" for name in BOX_COLUMNS[1:-1]}, BOX_COLUMNS[-1]: "double",
+            "label": "string", "probability": "double", **{f"prob_{name}": "double" for name in class_names},
+            "error": "string"}
+
+
 def _schema(class_names) -> str:
-    columns = ["path string", "face long", "x long", "y long", "w long", "h long", "face_confidence double",
-               "label string", "probability double"]
-    return ", ".join(columns + [f"prob_{name} double" for name in class_names] + ["error string"])
+    return ", ".join(f"{name} {kind}" for name, kind in output_types(class_names).items())
 
 
 class _Scorer:
@@ -225,7 +230,8 @@ def score_images(model, frame: pd.DataFrame, params: dict, class_names) -> pd.Da
             paths.append(path)
         except DataError as error:
             errors.append((path, str(error).removeprefix("image 0 ")))
-    columns = ["path", *BOX_COLUMNS[1:], "label", "probability", *[f"prob_{n}" for n in class_names], "error"]
+    types = output_types(class_names)
+    columns = list(types)
     parts = []
     if photos:
         found = pyfunc_model.predict_photos(model, photos, params)
@@ -237,13 +243,13 @@ def score_images(model, frame: pd.DataFrame, params: dict, class_names) -> pd.Da
     if not parts:
         return pd.DataFrame(columns=columns)
     table = pd.concat(parts, ignore_index=True).reindex(columns=columns)
-    for column in ("face", "x", "y", "w", "h"):
+    for column in (name for name, kind in types.items() if kind == "long"):
         table[column] = table[column].fillna(-1 if column == "face" else 0).astype("int64")
     table["label"] = table["label"].fillna("")
     # Plain numpy columns: Spark's Arrow conversion refuses pandas' Arrow-backed string columns.
-    for column in ("path", "label", "error"):
+    for column in (name for name, kind in types.items() if kind == "string"):
         table[column] = table[column].astype(object).where(table[column].notna(), None)
-    floats = ["face_confidence", "probability", *[f"prob_{n}" for n in class_names]]
+    floats = [name for name, kind in types.items() if kind == "double"]
     table[floats] = table[floats].astype("float64")
     return table
 
@@ -255,7 +261,7 @@ def _with_udf(spark, images, model: str, params: dict, class_names):
     udf = mlflow.pyfunc.spark_udf(spark, model, env_manager="local",
                                   params={"detector": "none", "batch_size": int(params["batch_size"])})
     predicted = images.select("path", udf(F.struct(F.col("content").alias("image"))).alias("p"))
-    columns = [*BOX_COLUMNS[1:], "label", "probability", *[f"prob_{n}" for n in class_names]]
+    columns = list(output_types(class_names))[1:-1]  # the model's own columns, less its image index
     return predicted.select("path", *[F.col(f"p.{c}").alias(c) for c in columns],
                             F.lit(None).cast("string").alias("error"))
 
