@@ -184,7 +184,9 @@ def test_no_trial_starts_that_the_sweep_budget_cannot_finish(tiny_npz):
     first = sweep.run(sweep.SweepConfig(data=tiny_npz, trials=5, time_budget=0.3, trial_time_budget=0.2,
                                         evaluate=False))
     assert sum(first.counts.values()) == 1
-    second = sweep.run(sweep.SweepConfig(data=tiny_npz, trials=5, time_budget=0.3, evaluate=False), {"epochs": 1000})
+    # no early stop: only the time budget ends the trial, so no time is left for another
+    second = sweep.run(sweep.SweepConfig(data=tiny_npz, trials=5, time_budget=0.3, evaluate=False),
+                       {"epochs": 1000, "patience": 1000})
     trials = all_runs(f"tags.`mlflow.parentRunId` = '{second.run_id}' and tags.`fer.stage` = 'train'")
     assert len(trials) == 1 and 0 < float(trials[0].data.params["time_budget"]) <= 0.3
     assert MlflowClient().get_run(second.run_id).data.metrics["sweep_seconds"] < 0.3 * 60 + 30
