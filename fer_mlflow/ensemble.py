@@ -160,12 +160,16 @@ def fit_weights(probabilities: list[np.ndarray], labels: np.ndarray) -> np.ndarr
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(probabilities.argmax(axis=1) == labels))
+    from sklearn.metrics import accuracy_score
+
+    return float(accuracy_score(labels, probabilities.argmax(axis=1)))
 
 
 def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log-probability of the true class (clipped at 1e-12)."""
-    return float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    """scikit-learn's log-loss over all the classes the probabilities have columns for, present or not."""
+    from sklearn.metrics import log_loss as sklearn_log_loss
+
+    return float(sklearn_log_loss(labels, probabilities, labels=np.arange(probabilities.shape[1])))
 
 
 def _weighting(weights: str, count: int) -> str | np.ndarray:
