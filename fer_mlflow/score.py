@@ -42,6 +42,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from fer_mlflow import pyfunc_model
 from fer_mlflow.errors import ConfigError, DataError
@@ -94,18 +95,16 @@ def run(model_uri: str, input: str, output: str, master: str = "auto", mode: str
     if model_uri.startswith("models:/"):
         _, version = registered_version(model_uri)
         model_uri = f"models:/{version}" if version else model_uri  # what was scored, by number
-    class_names = pyfunc_model.class_names_of(load_model(model_uri))  # fails here, in one line, if it cannot load
     params = {"detector": detector, "min_face": min_face, "max_faces": max_faces, "batch_size": batch_size}
     with tempfile.TemporaryDirectory(prefix="fer-score-") as folder:
+        local = _download(model_uri, Path(folder))
+        class_names = pyfunc_model.class_names_of(load_model(str(local)))  # fails here, in one line, if it cannot
         spark = session(master)
         images = _read(spark, input)
         with stage_run("score", f"score {Path(input.rstrip('/')).name or input}", {"fer.model_uri": model_uri},
                        experiment=PREDICT_EXPERIMENT) as active:
             log_params({"model_uri": model_uri, "input": input, "output": output, "mode": mode,
                         "master": master, "master_resolved": spark.sparkContext.master, **params})
-            # A name of its own: a session scoring twice must not reuse the first model's files.
-            downloaded = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(Path(folder) / "download"))
-            local = Path(downloaded).rename(Path(folder) / f"{MODEL_FOLDER}-{uuid.uuid4().hex[:12]}")
             if mode == "faces":
                 _ship(spark, local, Path(folder))
                 scored = images.mapInPandas(_Scorer(local.name, params, class_names), _schema(class_names))
@@ -152,6 +151,17 @@ def session(master: str = "auto"):
     except Exception as error:  # no Java, or a master that cannot be reached: PySparkRuntimeError, Py4JError
         raise ConfigError(f"Spark could not start on master {master} ({str(error).splitlines()[0][:160]}); it needs "
                           "Java 17 or newer (apt-get install default-jre-headless) and a reachable master") from error
+
+
+def _download(model_uri: str, folder: Path) -> Path:
+    """The model's files, downloaded once into `folder` under a name of their own (a session scoring
+    twice must not reuse the first model's files); a ConfigError in one line if they cannot be."""
+    try:
+        downloaded = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder / "download"))
+    except (MlflowException, OSError) as error:
+        raise ConfigError(f"model {model_uri} could not be downloaded ({str(error).splitlines()[0]}); pass a "
+                          "models:/<name>/<version> or runs:/<id>/model URI") from error
+    return Path(downloaded).rename(folder / f"{MODEL_FOLDER}-{uuid.uuid4().hex[:12]}")
 
 
 def _read(spark, input: str):

@@ -131,6 +131,8 @@ def test_bad_options_are_refused_in_one_line_before_any_run(model_uri, tmp_path,
                                                    "--mode", "udf"],
         "exists; give a new folder": ["--input", str(tmp_path), "--output", str(existing)],
         "pass -P input=": ["--output", str(tmp_path / "new")],
+        "could not be downloaded": ["--model-uri", "runs:/0123456789abcdef0123456789abcdef/model",
+                                    "--input", str(tmp_path), "--output", str(tmp_path / "new")],
     }
     before = len(all_runs())
     for message, args in cases.items():
