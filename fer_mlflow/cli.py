@@ -145,7 +145,9 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
               help="Probability of random erasing: a random rectangle painted mid-grey.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 0.5))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--strategy", default="default", show_default=True, type=click.Choice(["default", "mirrored"]))
+@click.option("--strategy", default="default", show_default=True,
+              type=click.Choice(["default", "mirrored", "multi_worker"]),
+              help="multi_worker: train on the machines of TF_CONFIG (README, Scale); the chief logs the run.")
 @click.option("--checkpoint-minutes", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="Log the whole training state to the run at most this often (0: after every epoch).")
 @click.option("--resume", default="", help="The id of a stopped (KILLED or FAILED) training run: go on from its "

@@ -89,7 +89,7 @@ class TrainConfig:
     erase: float = 0.0
     val_fraction: float = 0.1  # raw sources without a validation split
     seed: int = 0
-    strategy: str = "default"  # default | mirrored
+    strategy: str = "default"  # default | mirrored | multi_worker (TF_CONFIG: `workers`)
     checkpoint_minutes: float = 5.0  # log the training state at most this often (0: every epoch)
     resume: str = ""  # a stopped training run's id: go on from its last checkpoint, in that run
 
@@ -105,11 +105,15 @@ class TrainConfig:
         for name, value, allowed in (("optimizer", optimizer, ("adamw", "sgd")),
                                      ("schedule", self.schedule, ("cosine", "constant")),
                                      ("class_weight", self.class_weight, ("none", "balanced")),
-                                     ("strategy", self.strategy, ("default", "mirrored"))):
+                                     ("strategy", self.strategy, ("default", "mirrored", "multi_worker"))):
             if value not in allowed:
                 raise ConfigError(f"{name}={value} is not one of {', '.join(allowed)}")
         if self.time_budget < 0:
             raise ConfigError(f"time_budget={self.time_budget} is negative; give minutes of training, or 0 for none")
+        if self.strategy == "multi_worker" and (self.time_budget or self.resume):
+            # Each worker would stop on its own clock, and the others then wait for it forever.
+            raise ConfigError("strategy=multi_worker trains for a number of epochs on every worker alike: "
+                              "pass -P epochs=N instead of time_budget, and start again rather than resume")
         return replace(
             self,
             optimizer=optimizer,
@@ -139,8 +143,27 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False, tags: dict[st
     `config.resume`, go on with that stopped run from its last checkpoint, in the same run.
 
     `tags` are added to the run's; `callbacks` join every phase's fit (a sweep's pruning: one that
-    raises `tracking.Stopped` ends the run KILLED, no model logged)."""
+    raises `tracking.Stopped` ends the run KILLED, no model logged).
+
+    With ``strategy=multi_worker`` every worker of ``TF_CONFIG`` runs this; the chief logs the run
+    and the others train alike against a throw-away store (`workers`)."""
     config = config.resolved()
+    strategy = None
+    if config.strategy == "multi_worker":
+        from fer_mlflow import workers
+
+        cluster = workers.cluster()
+        strategy = make_strategy(config.strategy)  # first: collective ops are set up at program start
+        with workers.keras_mended(strategy):
+            if not workers.is_chief(cluster):
+                with workers.throwaway_store(config.data) as data:
+                    return _run(replace(config, data=data), nested, tags, callbacks, strategy)
+            return _run(config, nested, tags, callbacks, strategy)
+    return _run(config, nested, tags, callbacks, strategy)
+
+
+def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbacks: tuple,
+         strategy=None) -> TrainOutcome:
     family = "resnet" if config.model in models.RESNET_NAMES else "cnn"
     data_tags, experiment = data_context(config.data)
     label = data_tags["fer.data"]
@@ -167,7 +190,7 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False, tags: dict[st
                                    "train_images": len(train), "val_images": len(val),
                                    "train_digest": digests["train"], "val_digest": digests["val"]})
 
-            strategy = make_strategy(config.strategy)
+            strategy = strategy or make_strategy(config.strategy)
             if config.batch_size % strategy.num_replicas_in_sync:
                 raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
                                   f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")

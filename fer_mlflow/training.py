@@ -138,11 +138,14 @@ class ImageCounter(keras.callbacks.Callback):
 
 
 def make_strategy(name: str):
-    """`default`, or `mirrored`: one replica per visible GPU (per logical CPU device if none)."""
+    """`default`; `mirrored`: one replica per visible GPU (per logical CPU device if none);
+    `multi_worker`: data-parallel over the workers of ``TF_CONFIG`` (`workers`)."""
     import tensorflow as tf
 
     if name == "default":
         return tf.distribute.get_strategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
     if len(devices) < 2:

@@ -1,0 +1,88 @@
+"""Multi-worker training: workers described by TF_CONFIG, one run logged by the chief."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import all_runs, free_port
+from mlflow import MlflowClient
+
+from fer_mlflow import dataset as ds
+from fer_mlflow import train, workers
+from fer_mlflow.errors import ConfigError
+
+
+@pytest.mark.parametrize("config, chief", [
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, False),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, False),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}, True),
+])
+def test_the_chief_is_the_chief_task_or_worker_0_without_one(config, chief, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+    assert workers.is_chief(workers.cluster()) is chief
+
+
+@pytest.mark.parametrize("text", ["", "not json", '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}'])
+def test_a_missing_or_wrong_tf_config_is_one_line_naming_an_example(text, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", text)
+    with pytest.raises(ConfigError, match="needs TF_CONFIG to describe the cluster.*e.g. "):
+        workers.cluster()
+
+
+def test_multi_worker_refuses_a_time_budget():
+    with pytest.raises(ConfigError, match="pass -P epochs=N instead of time_budget"):
+        train.TrainConfig(strategy="multi_worker", time_budget=5).resolved()
+
+
+def start_workers(count: int, args: list[str], tracking: str, folder) -> list[subprocess.Popen]:
+    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(count)]}
+    started = []
+    for index in range(count):
+        cwd = folder / f"worker{index}"
+        cwd.mkdir()
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking,
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        started.append(subprocess.Popen([sys.executable, "-m", "fer_mlflow", "train", *args], cwd=cwd, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return started
+
+
+@pytest.fixture
+def batches_npz(tmp_path) -> str:
+    """Demo data of 160 training images: five whole global batches of 32."""
+    from fer_mlflow.demo import make_demo
+
+    path = str(ds.save(make_demo(seed=0, per_class=33), tmp_path / "batches.npz"))
+    assert len(ds.load(path).split("train")) == 160
+    return path
+
+
+PLAIN = {"shift": 0.0, "flip": False, "rotation": 0.0, "zoom": 0.0, "erase": 0.0, "dropout": 0.0}
+
+
+@pytest.mark.slow
+def test_two_workers_train_one_model_and_only_the_chief_logs_it(batches_npz, tracking, tmp_path):
+    options = [f"--{name}={str(value).lower()}" for name, value in PLAIN.items()]  # no random views
+    args = ["--strategy", "multi_worker", "--data", batches_npz, "--epochs", "2", "--batch-size", "32", *options]
+    processes = start_workers(2, args, tracking, tmp_path)
+    for process in processes:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-3000:]
+    (run,) = all_runs()  # the follower logged nothing to the user's store
+    assert run.info.status == "FINISHED" and run.data.params["replicas"] == "2"
+    assert run.data.params["strategy"] == "multi_worker"
+    seen = run.data.metrics["train_images_per_second"] * run.data.metrics["train_seconds"]
+    assert seen == pytest.approx(2 * 160, rel=1e-6)  # every image, each global batch split over both
+    assert not any((tmp_path / "worker1").iterdir())  # nor saved anything where it ran
+
+    # The same model as one process trains on the same global batches, within tolerance (each worker
+    # normalises its own half batch).
+    alone = train.run(train.TrainConfig(model="cnn", data=batches_npz, epochs=2, batch_size=32, **PLAIN))
+    history = MlflowClient().get_metric_history
+    losses = [[m.value for m in history(r, "loss")] for r in (run.info.run_id, alone.run_id)]
+    assert losses[0] == pytest.approx(losses[1], rel=0.15)  # (validation on 48 demo faces is too noisy)
