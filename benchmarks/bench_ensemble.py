@@ -7,6 +7,7 @@ random crops (PublicTest's size), median of `--repeats` calls after a warm-up; t
 in turn within each repeat, so they share the machine's state.
 
     python benchmarks/bench_ensemble.py --repeats 3   # from a scratch folder
+    python benchmarks/bench_ensemble.py --views tta   # ten views only
 """
 
 import argparse
@@ -21,6 +22,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--members", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--views", nargs="+", choices=["plain", "tta"], default=["plain", "tta"],
+                        help="which halves to time: one view, ten views, or both")
     args = parser.parse_args()
     from fer_mlflow.ensemble import combine
     from fer_mlflow.models import build_model
@@ -34,7 +37,8 @@ def main() -> None:
         with mlflow.start_run():
             models[count] = mlflow.pyfunc.load_model(log_model(keras_model, name="model").model_uri)
     crops = np.random.default_rng(0).integers(0, 255, (3589, 48, 48), dtype=np.uint8)
-    for params, label in ((None, "plain"), ({"tta": True}, "ten views")):
+    halves = {"plain": (None, "plain"), "tta": ({"tta": True}, "ten views")}
+    for params, label in (halves[name] for name in args.views):
         times = {count: [] for count in models}
         for model in models.values():
             model.predict(crops[:256], params=params)  # warm-up: graph tracing
