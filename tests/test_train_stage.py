@@ -37,9 +37,9 @@ def the_run(name_tag: str = "train"):
     ("cnn", {}),
     ("cnn_shallow", {}),
     ("cnn_deep", {"image_size": 48}),
-    # resnet101 and resnet152 take the same path as resnet50 (models.build_resnet(name)) and cost
-    # over 6 minutes more here; test_models.py builds, runs and saves both.
-    ("resnet50", {"image_size": 32, "weights": "none"}),
+    # The ResNets take one path (models.build_resnet(name)): resnet50 trains through `mlflow run` in
+    # the quick start's pipeline (test_main_stage.py) and in-process with a weights file below, where
+    # its resolved defaults are checked; test_models.py builds, runs and saves resnet101 and 152.
 ])
 def test_each_model_trains_through_mlflow_run(model, extra, tiny_npz, tracking):
     done = mlflow_run("train", {"model": model, "data": tiny_npz, "epochs": 1, "batch_size": 32, **extra},
@@ -186,7 +186,10 @@ def test_resnet_with_a_local_weights_file_trains_head_then_fine_tunes_and_logs_i
                                weights=str(path), batch_size=32)
     outcome = train.run(config)
     run = MlflowClient().get_run(outcome.run_id)
-    assert str(path) in run.data.params["weights_used"]
+    assert str(path) in run.data.params["weights_used"] and int(run.data.params["num_params"]) > 0
+    # The ResNet's own defaults (in-process, left unset, they are logged resolved).
+    assert float(run.data.params["dropout"]) == models.DEFAULT_DROPOUT["resnet50"]
+    assert run.data.params["optimizer"] == train.DEFAULT_OPTIMIZER["resnet50"]
     history = {m.step: m.value for m in MlflowClient().get_metric_history(outcome.run_id, "val_accuracy")}
     assert sorted(history) == [0, 1, 2]  # two head epochs, then one fine-tuning epoch, counted on
     assert max(history.values()) == run.data.metrics["best_val_accuracy"]
