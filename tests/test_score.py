@@ -145,12 +145,17 @@ def test_bad_options_are_refused_in_one_line_before_any_run(model_uri, tmp_path,
 
 
 @pytest.mark.slow
-def test_mlflow_run_score_and_a_missing_input(images, model_uri, tracking, tmp_path):
+def test_mlflow_run_score_and_a_missing_input(images, model_uri, tracking, tmp_path, capsys):
     done = mlflow_run("score", {"model_uri": model_uri, "input": images / "photos", "output": tmp_path / "out",
                                 "master": "local[2]", "detector": "haar"}, tracking)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "4 images, 1 faces, 2 without a face, 1 unreadable" in done.stdout
-    missing = mlflow_run("score", {"model_uri": model_uri, "input": tmp_path / "nowhere", "output": tmp_path / "o2",
-                                   "master": "local[2]"}, tracking)
-    assert missing.returncode != 0 and "could not be listed" in missing.stderr
+    # A missing input is found by Spark's listing: one line, exit 2 (in this process, whose Spark
+    # session is already up, rather than a second `mlflow run` starting one).
+    with pytest.raises(SystemExit) as stopped:
+        main(["score", "--model-uri", model_uri, "--input", str(tmp_path / "nowhere"), "--output",
+              str(tmp_path / "o2"), "--master", "local[2]"])
+    assert stopped.value.code == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "could not be listed" in error
     assert not all_runs("attributes.status = 'RUNNING'")
