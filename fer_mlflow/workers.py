@@ -22,6 +22,10 @@ from mlflow import MlflowClient
 
 from fer_mlflow.errors import ConfigError
 
+EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}')
+_CHOSEN = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
 @contextmanager
 def keras_mended(strategy):
     """Keras 3.15's `fit`, `evaluate` and `predict` made to run under `MultiWorkerMirroredStrategy`
@@ -67,10 +71,6 @@ def _distributed(value) -> bool:
     return isinstance(value, tf.distribute.DistributedValues)
 
 
-EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}')
-_CHOSEN = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
-
-
 def cluster() -> dict:
     """The parsed ``TF_CONFIG``; ConfigError in one line when it is missing or does not name this task."""
     text = os.environ.get("TF_CONFIG", "")
@@ -111,10 +111,9 @@ def throwaway_store(data: str):
     saved = {key: os.environ.get(key) for key in (*_CHOSEN, "MLFLOW_TRACKING_URI")}
     previous_uri, previous_dir = mlflow.get_tracking_uri(), os.getcwd()
     with tempfile.TemporaryDirectory(prefix="fer-follower-") as folder:
-        if "://" in data or data.startswith("runs:/"):
-            data = mlflow.artifacts.download_artifacts(data, dst_path=folder) if data.startswith(
-                ("runs:/", "models:/", "mlflow-artifacts:")) else data
-        elif data != "demo":
+        if data.startswith(("runs:/", "models:/", "mlflow-artifacts:")):  # read through the user's store
+            data = mlflow.artifacts.download_artifacts(data, dst_path=folder)
+        elif "://" not in data and data != "demo":  # a local path, read from the temporary folder
             data = str(Path(data).expanduser().resolve())
         for key in _CHOSEN:
             os.environ.pop(key, None)
