@@ -34,9 +34,10 @@ def test_a_missing_or_wrong_tf_config_is_one_line_naming_an_example(text, monkey
         workers.cluster()
 
 
-def test_multi_worker_refuses_a_time_budget():
-    with pytest.raises(ConfigError, match="pass -P epochs=N instead of time_budget"):
-        train.TrainConfig(strategy="multi_worker", time_budget=5).resolved()
+@pytest.mark.parametrize("given", [{"time_budget": 5}, {"resume": "0123456789abcdef0123456789abcdef"}])
+def test_multi_worker_refuses_a_time_budget_and_resume(given):
+    with pytest.raises(ConfigError, match="pass -P epochs=N instead of time_budget, and start again rather than"):
+        train.TrainConfig(strategy="multi_worker", **given).resolved()
 
 
 def start_workers(count: int, args: list[str], tracking: str, folder) -> list[subprocess.Popen]:
