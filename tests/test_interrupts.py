@@ -56,8 +56,10 @@ def test_a_signal_during_training_logs_the_best_model_so_far_and_ends_the_run_ki
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
-def test_a_signal_to_main_stops_its_running_step_and_leaves_no_process_or_running_run(name, tracking):
+def test_a_ctrl_c_to_main_stops_its_running_step_and_leaves_no_process_or_running_run(tracking):
+    # SIGINT, as a terminal's Ctrl-C sends it (here to main alone: its steps run in process groups
+    # of their own). SIGTERM takes the same handler; its exit status is tested in training above.
+    name = "SIGINT"
     process = start(["main", "--models", "cnn", "--epochs", "500"], tracking)
     wait_for_training(process, timeout=600)
     family = psutil.Process(process.pid).children(recursive=True)
