@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import warnings
@@ -263,6 +264,28 @@ def log_params(params: dict) -> None:
             fresh[f"{key}_resolved"] = text
     if fresh:
         mlflow.log_params(fresh)
+
+
+def run_params(run) -> dict[str, str]:
+    """The params of `run` as their values were given: `mlflow run` logs each entry-point parameter
+    quoted for the shell (``shlex.quote``: an empty value is stored as the two characters ``''``, a
+    path with a space inside quotes), and that quoting is undone here. Read params back through this
+    function, never through ``run.data.params`` directly."""
+    return {key: unquoted(value) for key, value in run.data.params.items()}
+
+
+def unquoted(value: str) -> str:
+    """`value` without the shell quoting `mlflow run` adds; a value `shlex.quote` did not make is
+    returned as it is."""
+    if not value.startswith("'") and not value.endswith("'"):
+        return value
+    try:
+        tokens = shlex.split(value)
+    except ValueError:
+        return value
+    if len(tokens) == 1 and shlex.quote(tokens[0]) == value:
+        return tokens[0]
+    return value
 
 
 def param_text(value) -> str:
