@@ -140,8 +140,8 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
 
 def _probabilities(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, params: dict | None = None) -> np.ndarray:
     """The model's probabilities (N x classes) from its own `predict` (its own settings unless
-    `params` say otherwise)."""
-    frame = model.predict(images, params=params)
+    `params` say otherwise), in requests within its work budget."""
+    frame = pyfunc_model.predict_crops(model, images, params)
     return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
 
 

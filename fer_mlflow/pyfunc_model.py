@@ -21,6 +21,11 @@ model's own, from its model config, so a model logged to serve with ten views do
 with no params; `evaluate` scores through this same `predict`. Bad input raises MlflowException
 (INVALID_PARAMETER_VALUE, so the scoring server answers 400) saying what was expected.
 
+A request is bounded before its work starts (`limits`): each param is checked against its range
+first, the images' declared pixels (each, and all together) from their headers before any is
+decoded, the number of images or pixel-array crops, and, once the faces are found, faces x views
+before the network runs. The limits are read where the model is loaded (`limits.Limits.resolve`).
+
 Why the signature has no input schema. MLflow 3.17.2 enforces only the input schema
 (`_validate_prediction_input` in `mlflow.pyfunc` runs `_enforce_schema` only when it is not None)
 and no single input schema admits both kinds: a column schema turns an N x 48 x 48 array into
@@ -44,7 +49,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
@@ -63,7 +67,8 @@ from PIL import Image
 from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE
 from fer_mlflow.errors import ConfigError, DataError, FerError
 from fer_mlflow.faces import BOX_COLUMNS, MAX_FACES, MIN_FACE, crop_boxes, face_crops, whole
-from fer_mlflow.images import MAX_IMAGES, MAX_PIXELS, gray, open_rgb
+from fer_mlflow.images import declared_pixels, gray, open_rgb
+from fer_mlflow.limits import MAX_IMAGES, MAX_PIXELS, MAX_REQUEST_PIXELS, Limits, check_params
 from fer_mlflow.views import BATCH_SIZE, Settings, probabilities
 
 IMAGE_COLUMN = "image"
@@ -90,36 +95,51 @@ _MODEL_CODE = (
 
 
 def decode_images(images: Iterable[bytes | str], max_pixels: int = MAX_PIXELS,
-                  max_images: int = MAX_IMAGES) -> np.ndarray:
+                  max_images: int = MAX_IMAGES, max_request_pixels: int = MAX_REQUEST_PIXELS) -> np.ndarray:
     """Decode encoded images (bytes, or base64 strings, optionally a ``data:`` URL) of any size and
     colour (`images.FORMATS`) into grayscale 48x48 pixels, each whole image one face: returns uint8
     (N, 48, 48). Raises DataError naming the first bad image and what was expected, or the limit
-    passed: more than `max_images` images, or one declaring more than `max_pixels` pixels."""
-    return np.stack([whole(gray(rgb)) for rgb in decode_photos(images, max_pixels, max_images)])
+    passed: more than `max_images` images, one declaring more than `max_pixels` pixels, or all
+    together more than `max_request_pixels`."""
+    return np.stack([whole(gray(rgb)) for rgb in
+                     decode_photos(images, max_pixels, max_images, max_request_pixels)])
 
 
 def decode_photos(images: Iterable[bytes | str], max_pixels: int = MAX_PIXELS,
-                  max_images: int = MAX_IMAGES) -> list[np.ndarray]:
-    """Decode encoded images as `decode_images` does, at their own size: uint8 RGB (H x W x 3) each."""
+                  max_images: int = MAX_IMAGES, max_request_pixels: int = MAX_REQUEST_PIXELS) -> list[np.ndarray]:
+    """Decode encoded images as `decode_images` does, at their own size: uint8 RGB (H x W x 3) each.
+    Every header is read and the limits checked before the first image is decoded."""
     images = list(images)
-    if len(images) > max_images:
-        raise DataError(f"got {len(images)} images in one request, over the limit of {max_images}; "
-                        "send them in several requests (or raise max_images)")
-    decoded = []
-    for index, item in enumerate(images):
-        if isinstance(item, str):
-            item = _base64_bytes(item, index)
-        elif isinstance(item, (bytearray, memoryview)):
-            item = bytes(item)
-        if not isinstance(item, bytes) or not item:
-            raise DataError(
-                f"image {index} is {type(item).__name__} {str(item)[:40]!r}; "
-                "expected PNG/JPEG bytes or a base64 string of them"
-            )
-        decoded.append(open_rgb(item, index, max_pixels))
-    if not decoded:
+    _check_count(len(images), max_images)
+    encoded = [_encoded_bytes(item, index) for index, item in enumerate(images)]
+    if not encoded:
         raise DataError(f"no images given; expected one or more {EXPECTED_IMAGES}")
-    return decoded
+    declared = sum(declared_pixels(data, index, max_pixels) for index, data in enumerate(encoded))
+    if declared > max_request_pixels:
+        raise DataError(f"the {len(encoded)} images of this request declare {declared / 1e6:.1f} megapixels in "
+                        f"all, over the limit of {max_request_pixels / 1e6:g} per request (max_request_pixels); "
+                        "send fewer or smaller images in each request")
+    return [open_rgb(data, index, max_pixels) for index, data in enumerate(encoded)]
+
+
+def _check_count(count: int, max_images: int) -> None:
+    if count > max_images:
+        raise DataError(f"got {count} images in one request, over the limit of {max_images}; "
+                        "send them in several requests (or raise max_images)")
+
+
+def _encoded_bytes(item, index: int) -> bytes:
+    """The encoded image `item` (bytes, or a base64 string) as bytes; DataError naming it otherwise."""
+    if isinstance(item, str):
+        item = _base64_bytes(item, index)
+    elif isinstance(item, (bytearray, memoryview)):
+        item = bytes(item)
+    if not isinstance(item, bytes) or not item:
+        raise DataError(
+            f"image {index} is {type(item).__name__} {str(item)[:40]!r}; "
+            "expected PNG/JPEG bytes or a base64 string of them"
+        )
+    return item
 
 
 def _base64_bytes(text: str, index: int) -> bytes:
@@ -134,8 +154,9 @@ def _base64_bytes(text: str, index: int) -> bytes:
         ) from error
 
 
-def _pixels(array: np.ndarray) -> np.ndarray:
-    """Check a pixel array and shape it as the Keras model's input: float32 (N, 48, 48, 1)."""
+def _pixels(array: np.ndarray, max_images: int = MAX_IMAGES) -> np.ndarray:
+    """Check a pixel array (at most `max_images` crops) and shape it as the Keras model's input:
+    float32 (N, 48, 48, 1)."""
     shape = array.shape
     if array.ndim == 3:
         array = array[..., np.newaxis]
@@ -144,6 +165,7 @@ def _pixels(array: np.ndarray) -> np.ndarray:
         raise DataError(f"pixel array has shape {shape}; expected {EXPECTED_ARRAY}{hint}")
     if len(array) == 0:
         raise DataError(f"no images given; expected {EXPECTED_ARRAY} with N >= 1")
+    _check_count(len(array), max_images)
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise DataError(f"pixel array has dtype {array.dtype}; expected {EXPECTED_ARRAY}")
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
@@ -151,12 +173,13 @@ def _pixels(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _input_images(model_input, max_pixels: int = MAX_PIXELS,
-                  max_images: int = MAX_IMAGES) -> np.ndarray | list[np.ndarray]:
+def _input_images(model_input, limits: Limits = Limits()) -> np.ndarray | list[np.ndarray]:
     """Route each accepted kind of input (see the module docstring) to face crops, float32
     (N, 48, 48, 1) pixels, or to photos, a list of RGB arrays of their own sizes; anything else
-    raises DataError naming what was expected. The limits apply to encoded images (`decode_photos`)."""
-    decode = partial(decode_photos, max_pixels=max_pixels, max_images=max_images)
+    raises DataError naming what was expected. Within `limits`: the count of images or crops, and
+    the pixels encoded images declare (`decode_photos`)."""
+    decode = partial(decode_photos, max_pixels=limits.max_pixels, max_images=limits.max_images,
+                     max_request_pixels=limits.max_request_pixels)
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
             raise DataError(
@@ -174,7 +197,7 @@ def _input_images(model_input, max_pixels: int = MAX_PIXELS,
         return decode(_image_list(model_input))
     if isinstance(model_input, np.ndarray):
         if model_input.dtype.kind not in "OSU":  # numbers: pixels, whose checks name the problem
-            return _pixels(model_input)
+            return _pixels(model_input, limits.max_images)
         if model_input.ndim == 1:
             return decode(model_input.tolist())
         raise DataError(
@@ -208,11 +231,10 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         self.class_names = tuple(config.get("class_names", CLASS_NAMES))
         # Models logged before settings were part of the config predict on the face alone.
         self.settings = Settings.from_mapping(config.get(SETTINGS_KEY))
-        # Input limits of a public endpoint: for `mlflow models serve` the environment
-        # (FER_MAX_PIXELS, FER_MAX_IMAGES); else the model config, which load_model(...,
+        # A public endpoint's work budget: for `mlflow models serve` the environment
+        # (FER_MAX_PIXELS, ...); else the model config, which load_model(...,
         # model_config={"max_pixels": ...}) overrides; models logged before limits get the defaults.
-        self.max_pixels = int(os.environ.get("FER_MAX_PIXELS") or config.get("max_pixels") or MAX_PIXELS)
-        self.max_images = int(os.environ.get("FER_MAX_IMAGES") or config.get("max_images") or MAX_IMAGES)
+        self.limits = Limits.resolve(config)
         self.detector = config.get("detector", DEFAULT_DETECTOR)  # what detector=auto searches photos with
         if self.keras_model.output_shape[-1] != len(self.class_names):
             raise ConfigError(
@@ -227,22 +249,31 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         """Predict emotions for `model_input`: a numeric N x 48 x 48 (x 1) array in 0..255, or PNG/JPEG
         images (bytes or base64) in a DataFrame ``image`` column, a dict with an ``image`` key or a 1-D
         list/array. Returns a DataFrame with ``label``, ``probability`` and ``prob_<class>`` columns.
-        `params` (tta, tta_rotation, tta_zoom, tta_shift, batch_size) override the model's own
-        settings for this call. Bad input raises MlflowException (INVALID_PARAMETER_VALUE, so the
-        scoring server answers 400) saying what was expected."""
+        `params` (tta, tta_rotation, tta_zoom, tta_shift, batch_size, detector, min_face,
+        max_faces) override the model's own settings for this call. Bad input, a param out of its
+        range or a request over its work budget (`limits`) raises MlflowException
+        (INVALID_PARAMETER_VALUE, so the scoring server answers 400) saying what was expected."""
         params = params or {}
         try:
-            images = _input_images(model_input, self.max_pixels, self.max_images)
+            check_params(params)  # before any work: a bad param costs nothing
+            images = _input_images(model_input, self.limits)
         except FerError as error:
             raise MlflowException.invalid_parameter_value(str(error)) from error
-        return self.predict_images(images, params)
+        return self._predict(images, params, self.limits.max_face_views)
 
     def predict_images(self, images: np.ndarray | list[np.ndarray], params: dict | None = None) -> pd.DataFrame:
         """`predict` after decoding: `images` are face crops (float32 N x 48 x 48 x 1, 0..255) or
         photos (a list of uint8 RGB arrays, H x W x 3). The `predict` entry point calls this with the
-        frames and photos it read, so that they take the served model's own path from there."""
-        params = params or {}
+        frames and photos it read, so that they take the served model's own path from there: the
+        params are checked alike, but the request's work budget is not (these come from the
+        project's own readers, which bound what they read)."""
+        return self._predict(images, params or {}, None)
+
+    def _predict(self, images: np.ndarray | list[np.ndarray], params: dict, max_face_views: int | None) -> pd.DataFrame:
+        """The prediction table for decoded `images`, refusing more than `max_face_views` faces x
+        views (None: no bound) before the network runs."""
         try:
+            check_params(params)
             if isinstance(images, np.ndarray):  # pixel arrays: face crops already
                 crops, boxes = images, crop_boxes(len(images))
             else:
@@ -250,17 +281,39 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
                                           int(params.get("min_face") or MIN_FACE),
                                           int(params.get("max_faces") or MAX_FACES))
                 crops = crops.astype(np.float32)[..., np.newaxis]
+            settings = Settings.from_mapping(params, base=self.settings)
+            if max_face_views is not None:
+                _check_face_views(len(crops), settings.view_count, max_face_views)
         except FerError as error:
             raise MlflowException.invalid_parameter_value(str(error)) from error
-        settings = Settings.from_mapping(params, base=self.settings)
         batch_size = int(params.get("batch_size") or BATCH_SIZE)
-        if batch_size < 1 or settings.tta_shift < 0 or not 0 <= settings.tta_zoom < 1:
-            raise MlflowException.invalid_parameter_value(
-                f"params {params} out of range; expected batch_size >= 1, tta_shift >= 0, 0 <= tta_zoom < 1")
         found = np.full((len(boxes), len(self.class_names)), np.nan)
         if len(crops):  # every face of the call in one batch
             found[boxes["face"].to_numpy() >= 0] = probabilities(self.keras_model, crops, settings, batch_size)
         return _prediction_frame(found, self.class_names, boxes)
+
+
+def _check_face_views(faces: int, views: int, max_face_views: int) -> None:
+    if faces * views > max_face_views:
+        raise DataError(f"this request has {faces} faces x {views} views = {faces * views} network inputs, over "
+                        f"the limit of {max_face_views} per request (max_face_views); send fewer images or "
+                        "faces (max_faces) in each request, or fewer views (tta=false)")
+
+
+def predict_crops(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, params: dict | None = None) -> pd.DataFrame:
+    """What `model.predict(images, params=params)` answers for face crops (N x 48 x 48 (x 1),
+    0..255) of any number, sent as requests within the model's work budget (`limits`) and joined:
+    so `evaluate` scores a whole test split through the served path."""
+    python_model = _fer_model(model)
+    limits = python_model.limits
+    views = Settings.from_mapping(params, base=python_model.settings).view_count
+    size = max(1, min(limits.max_images, limits.max_face_views // views))
+    frames = []
+    for start in range(0, len(images), size):
+        frame = model.predict(images[start:start + size], params=params)
+        frame["image"] += start
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else model.predict(images, params=params)
 
 
 def _prediction_frame(probabilities: np.ndarray, class_names: Sequence[str],
@@ -390,7 +443,7 @@ def log_model(
             python_model=str(code_path),
             artifacts={"keras_model": str(keras_path)},
             model_config={"class_names": list(class_names), SETTINGS_KEY: asdict(settings),
-                          "max_pixels": MAX_PIXELS, "max_images": MAX_IMAGES, "detector": DEFAULT_DETECTOR},
+                          **asdict(Limits()), "detector": DEFAULT_DETECTOR},
             code_paths=[str(Path(__file__).resolve().parent)],
             signature=signature(class_names, settings),
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png_base64(example)]}),

@@ -1,0 +1,176 @@
+"""The served model bounds every request: each param within its range, and a work budget per request
+(images, declared pixels, faces x views), each refused as bad input (a 400 when served) naming it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tiny_keras_model
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from fer_mlflow.pyfunc_model import log_model
+
+
+def encoded(image: Image.Image, format: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def animated_gif(frames: int, side: int = 100) -> bytes:
+    """A GIF of `frames` distinct grey frames (one pixel differs each time), small on disk."""
+    pictures = []
+    for index in range(frames):
+        pixels = np.full((side, side), 128, np.uint8)
+        pixels[index % side, (index // side) % side] = 255 * (index % 2)
+        pictures.append(Image.fromarray(pixels))
+    return encoded(pictures[0], "GIF", save_all=True, append_images=pictures[1:], duration=10)
+
+
+def lying_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares `width` x `height` but whose data holds a 48x48 image's worth."""
+    small = encoded(Image.new("L", (48, 48), 90))
+    real = encoded(Image.new("L", (width, height), 90))
+    return real[:33] + small[33:]  # signature + IHDR (with its CRC) of the large one, data of the small
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory) -> str:
+    """One tiny model logged for the module (logging runs its input example, which takes seconds),
+    downloaded: its local folder, which loads whatever tracking store a test has."""
+    folder = tmp_path_factory.mktemp("hostile")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run():
+            model = log_model(tiny_keras_model(), name="model")
+        return mlflow.artifacts.download_artifacts(model.model_uri, dst_path=str(folder / "model"))
+
+
+@pytest.fixture(scope="module")
+def served(model_uri):
+    """The model as `mlflow models serve` loads it, with the default limits."""
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+@pytest.fixture
+def limited(served, monkeypatch):
+    """`limited(**limits)`: the module's model with these limits for one test, as if loaded with
+    them in its model config (loading again takes seconds; the environment route is tested below)."""
+    from fer_mlflow.limits import Limits
+
+    def with_limits(**limits):
+        monkeypatch.setattr(served.unwrap_python_model(), "limits", Limits(**limits))
+        return served
+
+    return with_limits
+
+
+def refused(model, model_input, params=None, match: str = "") -> str:
+    """The message of the 400 (INVALID_PARAMETER_VALUE) `model` answers; fails if it answers."""
+    with pytest.raises(MlflowException, match=match) as caught:
+        model.predict(model_input, params=params)
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+    return caught.value.message
+
+
+CROP = np.full((1, 48, 48), 100, np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"tta": True, "tta_shift": 4000}, "param tta_shift=4000 is out of range; expected an integer from 0 to 24"),
+        ({"tta_shift": -1}, "tta_shift=-1 is out of range"),
+        ({"tta_zoom": 0.9}, r"param tta_zoom=0.9 is out of range; expected a number from 0 to 0.5"),
+        ({"tta_zoom": float("nan")}, "param tta_zoom=nan is out of range"),
+        ({"tta_rotation": 400.0}, "param tta_rotation=400.0 is out of range; expected a number from 0 to 45"),
+        ({"min_face": 1}, "param min_face=1 is out of range; expected an integer from 12 to 10000"),
+        ({"max_faces": 100_000}, "param max_faces=100000 is out of range; expected an integer from 1 to 100"),
+        ({"batch_size": 1_000_000}, "param batch_size=1000000 is out of range; expected an integer from 1 to 1024"),
+        ({"batch_size": 0}, "param batch_size=0 is out of range"),
+        ({"detector": "yolo"}, "param detector='yolo' is not one of auto, none, mtcnn, haar"),
+    ],
+    ids=["tta_shift_4000", "tta_shift_negative", "tta_zoom", "tta_zoom_nan", "tta_rotation", "min_face_1",
+         "max_faces", "batch_size_huge", "batch_size_0", "detector"],
+)
+def test_each_param_out_of_its_range_is_refused_naming_it_and_its_range(served, params, expected):
+    refused(served, CROP, params, expected)
+
+
+def test_params_are_checked_before_any_image_is_read(served):
+    # An image the header check would refuse, and a param out of range: the param is named, so no
+    # image was opened first.
+    huge = encoded(Image.new("L", (8000, 6000)))
+    refused(served, pd.DataFrame({"image": [huge]}), {"min_face": 1}, "param min_face=1 is out of range")
+
+
+def test_pixel_array_crops_count_against_max_images(limited):
+    limited = limited(max_images=3)
+    assert len(limited.predict(np.repeat(CROP, 3, axis=0))) == 3
+    refused(limited, np.repeat(CROP, 4, axis=0), match="got 4 images in one request, over the limit of 3")
+
+
+def test_all_images_of_a_request_together_are_bounded_from_their_headers(limited):
+    limited = limited(max_request_pixels=100_000)
+    image = encoded(Image.new("L", (300, 200), 80))  # 60,000 pixels, each under max_pixels
+    assert len(limited.predict(pd.DataFrame({"image": [image]}), params={"detector": "none"})) == 1
+    # The third is cut off after its header: refused for the total before any image is decoded.
+    frame = pd.DataFrame({"image": [image, image, image[:60]]})
+    refused(limited, frame, match="the 3 images of this request declare 0.2 megapixels in all, over the limit "
+                                  r"of 0.1 per request \(max_request_pixels\)")
+
+
+def test_faces_times_views_are_bounded_before_the_network_runs(limited):
+    limited = limited(max_face_views=20)
+    crops = np.repeat(CROP, 3, axis=0)
+    assert len(limited.predict(crops)) == 3  # 3 faces x 1 view
+    refused(limited, crops, {"tta": True},
+            r"3 faces x 10 views = 30 network inputs, over the limit of 20 per request \(max_face_views\)")
+
+
+def test_every_frame_of_an_animated_image_counts_against_max_pixels(limited):
+    gif = animated_gif(200)  # 100 x 100 x 200 frames: 2 megapixels in a few kilobytes
+    limited = limited(max_pixels=1_000_000)
+    refused(limited, pd.DataFrame({"image": [gif]}),
+            match="image 0 is 100 x 100 x 200 frames = 2.0 megapixels, over the limit of 1")
+    still = encoded(Image.new("L", (100, 100), 90), "GIF")
+    assert len(limited.predict(pd.DataFrame({"image": [still]}), params={"detector": "none"})) == 1
+
+
+def test_a_png_whose_header_lies_is_refused_quickly(served):
+    start = time.monotonic()
+    refused(served, pd.DataFrame({"image": [base64.b64encode(lying_png(6000, 6000)).decode()]}),
+            match="image 0 could not be decoded")
+    assert time.monotonic() - start < 3
+
+
+def test_the_limits_come_from_the_environment_before_the_model_config(model_uri, monkeypatch):
+    monkeypatch.setenv("FER_MAX_FACE_VIEWS", "2")  # as an operator sets it for `mlflow models serve`
+    limited = mlflow.pyfunc.load_model(model_uri, model_config={"max_face_views": 1000})
+    refused(limited, np.repeat(CROP, 3, axis=0), match=r"over the limit of 2 per request \(max_face_views\)")
+    monkeypatch.delenv("FER_MAX_FACE_VIEWS")
+    configured = mlflow.pyfunc.load_model(model_uri, model_config={"max_face_views": 2})
+    refused(configured, np.repeat(CROP, 3, axis=0), match=r"over the limit of 2 per request \(max_face_views\)")
+    monkeypatch.setenv("FER_MAX_FACE_VIEWS", "many")
+    with pytest.raises(Exception, match="FER_MAX_FACE_VIEWS is 'many'; expected a positive integer"):
+        mlflow.pyfunc.load_model(model_uri)
+
+
+def test_evaluate_scores_more_crops_than_one_request_takes_in_several(limited):
+    from fer_mlflow.pyfunc_model import predict_crops
+
+    crops = (np.arange(3)[:, None, None] * 60 + np.zeros((3, 48, 48))).astype(np.uint8)
+    in_one = limited().predict(crops)
+    frame = predict_crops(limited(max_images=1), crops)  # one face a request
+    assert list(frame["image"]) == [0, 1, 2]
+    np.testing.assert_allclose(frame.filter(like="prob_"), in_one.filter(like="prob_"), atol=1e-6)
