@@ -174,3 +174,17 @@ def test_evaluate_scores_more_crops_than_one_request_takes_in_several(limited):
     frame = predict_crops(limited(max_images=1), crops)  # one face a request
     assert list(frame["image"]) == [0, 1, 2]
     np.testing.assert_allclose(frame.filter(like="prob_"), in_one.filter(like="prob_"), atol=1e-6)
+
+
+def test_the_security_page_states_each_range_and_default_as_the_code_has_them():
+    from dataclasses import fields
+
+    from conftest import PROJECT
+
+    from fer_mlflow.limits import PARAM_RANGES, Limits
+
+    page = (PROJECT / "docs" / "security-serving.md").read_text()
+    for name, (low, high, _) in PARAM_RANGES.items():
+        assert f"| `{name}` | {low:g} to {high:g}" in page, name
+    for field in fields(Limits):
+        assert f"| `FER_{field.name.upper()}` | {field.default:,} |" in page, field.name
