@@ -35,6 +35,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from fer_mlflow import figures, pyfunc_model
 from fer_mlflow.dataset import Dataset
 from fer_mlflow.errors import ConfigError, DataError
+from fer_mlflow.limits import check_params
 from fer_mlflow.sources import read_source
 from fer_mlflow.tracking import (
     DEMO_TAG, data_context, log_params, log_split_inputs, stage_run,
@@ -77,6 +78,8 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
     """
     if split not in EVALUATED_SPLITS:
         raise ConfigError(f"split={split} is not one of {', '.join(EVALUATED_SPLITS)}")
+    check_params({"tta": tta, "tta_shift": tta_shift, "tta_rotation": tta_rotation, "tta_zoom": tta_zoom,
+                  "batch_size": batch_size})  # the served model's ranges, before the run starts
     target = _resolve(run_id, model_uri, data)
     part = _split(target.data, split)
     model = load_model(target.model_uri)

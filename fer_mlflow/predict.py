@@ -46,6 +46,7 @@ from fer_mlflow import annotate, figures, media, pyfunc_model
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.evaluate import load_model, registered_version
 from fer_mlflow.faces import CHOICES, MAX_FACES, MIN_FACE
+from fer_mlflow.limits import check_params
 from fer_mlflow.tracking import log_params, stage_run
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def run(model_uri: str = DEFAULT_MODEL_URI, input: str = "", detector: str = "au
         raise ConfigError(f"detector={detector} is not one of {', '.join(CHOICES)}")
     if (every is not None and every < 1) or max_annotated < 0 or min_face < 1 or max_faces < 1:
         raise ConfigError("every, min_face and max_faces must be at least 1, and max_annotated at least 0")
+    check_params({"min_face": min_face, "max_faces": max_faces})  # the served model's ranges
     sources = media.find(input)
     if len(sources) == 1 and sources[0].kind == "video":
         media.Video(sources[0], every).close()  # a video given alone must be readable: else an error now

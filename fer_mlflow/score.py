@@ -47,6 +47,7 @@ from mlflow.exceptions import MlflowException
 from fer_mlflow import pyfunc_model
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.faces import BOX_COLUMNS, CHOICES, MAX_FACES, MIN_FACE
+from fer_mlflow.limits import check_params
 from fer_mlflow.media import PHOTO_SUFFIXES
 from fer_mlflow.tracking import log_params, stage_run
 
@@ -90,6 +91,8 @@ def run(model_uri: str, input: str, output: str, master: str = "auto", mode: str
                           "to find the faces in photos")
     if min_face < 1 or max_faces < 1 or batch_size < 1:
         raise ConfigError("min_face, max_faces and batch_size must be at least 1")
+    # The served model's ranges; batch_size is a predict param in mode=udf only.
+    check_params({"min_face": min_face, "max_faces": max_faces, "batch_size": batch_size if mode == "udf" else None})
     if "://" not in output and Path(output).exists():
         raise ConfigError(f"output {output} exists; give a new folder (scoring never overwrites)")
     if model_uri.startswith("models:/"):

@@ -188,3 +188,24 @@ def test_the_security_page_states_each_range_and_default_as_the_code_has_them():
         assert f"| `{name}` | {low:g} to {high:g}" in page, name
     for field in fields(Limits):
         assert f"| `FER_{field.name.upper()}` | {field.default:,} |" in page, field.name
+
+
+@pytest.mark.parametrize(
+    ("stage", "kwargs", "expected"),
+    [
+        ("predict", {"model_uri": "models:/fer-emotion@champion", "input": "photo.jpg", "min_face": 5},
+         "param min_face=5 is out of range; expected an integer from 12"),
+        ("score", {"model_uri": "models:/fer-emotion@champion", "input": "photos", "output": "out.parquet",
+                   "max_faces": 500}, "param max_faces=500 is out of range; expected an integer from 1 to 100"),
+        ("evaluate", {"run_id": "0123", "tta": True, "tta_shift": 4000},
+         "param tta_shift=4000 is out of range; expected an integer from 0 to 24"),
+    ],
+)
+def test_the_stages_refuse_a_param_out_of_the_served_range_before_a_run_starts(stage, kwargs, expected, tmp_path):
+    import importlib
+
+    from fer_mlflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=expected):
+        importlib.import_module(f"fer_mlflow.{stage}").run(**kwargs)
+    assert not (tmp_path / "mlflow.db").exists()  # the tracking store was never opened: no run
