@@ -25,9 +25,10 @@ from PIL import Image
 from fer_mlflow.dataset import IMAGE_SIZE
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.images import gray
+from fer_mlflow.limits import DETECTOR_CHOICES
 
 DETECTORS = ("mtcnn", "haar")
-CHOICES = ("auto", "none", *DETECTORS)  # auto: crops as they are, larger photos searched
+CHOICES = DETECTOR_CHOICES  # auto: crops as they are, larger photos searched; one list with the param check
 CROP_SIDE = 64  # auto: a photo at most this many pixels a side is one face crop
 BOX_COLUMNS = ("image", "face", "x", "y", "w", "h", "face_confidence")
 MIN_FACE = 20  # pixels: the smallest face searched for

@@ -31,7 +31,8 @@ PARAM_RANGES: dict[str, tuple[float, float, type]] = {
     "min_face": (12, 10_000, int),  # pixels: the smallest face searched for
     "max_faces": (1, 100, int),  # per image, the most confident first
 }
-DETECTOR_CHOICES = ("auto", "none", "mtcnn", "haar")  # faces.CHOICES, repeated to keep this free of numpy
+# auto: crops as they are, larger photos searched; none: each image whole (`faces.CHOICES` is this)
+DETECTOR_CHOICES = ("auto", "none", "mtcnn", "haar")
 
 MAX_PIXELS = 40_000_000  # per image (all its frames), from its header, before decoding
 MAX_IMAGES = 256  # per request: encoded images and pixel-array crops alike
