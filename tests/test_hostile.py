@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -15,7 +16,8 @@ from conftest import tiny_keras_model
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from fer_mlflow.pyfunc_model import log_model
+from fer_mlflow.errors import ConfigError
+from fer_mlflow.pyfunc_model import FerEmotionModel, log_model
 
 
 def encoded(image: Image.Image, format: str = "PNG", **options) -> bytes:
@@ -41,35 +43,36 @@ def lying_png(width: int, height: int) -> bytes:
     return real[:33] + small[33:]  # signature + IHDR (with its CRC) of the large one, data of the small
 
 
-@pytest.fixture(scope="module")
-def model_uri(tmp_path_factory) -> str:
-    """One tiny model logged for the module (logging runs its input example, which takes seconds),
-    downloaded: its local folder, which loads whatever tracking store a test has."""
-    folder = tmp_path_factory.mktemp("hostile")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
-        with mlflow.start_run():
-            model = log_model(tiny_keras_model(), name="model")
-        return mlflow.artifacts.download_artifacts(model.model_uri, dst_path=str(folder / "model"))
+def load(keras_path: str, config: dict | None = None) -> FerEmotionModel:
+    """The project's python model loaded as MLflow loads it (`load_context` with the Keras artifact
+    and the model config), without a tracking store: what a pyfunc model's `predict` calls."""
+    model = FerEmotionModel()
+    model.load_context(SimpleNamespace(artifacts={"keras_model": keras_path}, model_config=config or {}))
+    return model
 
 
 @pytest.fixture(scope="module")
-def served(model_uri):
-    """The model as `mlflow models serve` loads it, with the default limits."""
-    return mlflow.pyfunc.load_model(model_uri)
+def keras_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("hostile") / "model.keras"
+    tiny_keras_model().save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(keras_path) -> FerEmotionModel:
+    """The model as `mlflow models serve` loads it, with the default limits (a real server:
+    tests/test_hostile_server.py)."""
+    return load(keras_path)
 
 
 @pytest.fixture
 def limited(served, monkeypatch):
     """`limited(**limits)`: the module's model with these limits for one test, as if loaded with
-    them in its model config (loading again takes seconds; the environment route is tested below)."""
+    them in its model config (the environment and config route is tested below)."""
     from fer_mlflow.limits import Limits
 
     def with_limits(**limits):
-        monkeypatch.setattr(served.unwrap_python_model(), "limits", Limits(**limits))
+        monkeypatch.setattr(served, "limits", Limits(**limits))
         return served
 
     return with_limits
@@ -78,7 +81,7 @@ def limited(served, monkeypatch):
 def refused(model, model_input, params=None, match: str = "") -> str:
     """The message of the 400 (INVALID_PARAMETER_VALUE) `model` answers; fails if it answers."""
     with pytest.raises(MlflowException, match=match) as caught:
-        model.predict(model_input, params=params)
+        model.predict(None, model_input, params)
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
     return caught.value.message
 
@@ -116,14 +119,14 @@ def test_params_are_checked_before_any_image_is_read(served):
 
 def test_pixel_array_crops_count_against_max_images(limited):
     limited = limited(max_images=3)
-    assert len(limited.predict(np.repeat(CROP, 3, axis=0))) == 3
+    assert len(limited.predict(None, np.repeat(CROP, 3, axis=0))) == 3
     refused(limited, np.repeat(CROP, 4, axis=0), match="got 4 images in one request, over the limit of 3")
 
 
 def test_all_images_of_a_request_together_are_bounded_from_their_headers(limited):
     limited = limited(max_request_pixels=100_000)
     image = encoded(Image.new("L", (300, 200), 80))  # 60,000 pixels, each under max_pixels
-    assert len(limited.predict(pd.DataFrame({"image": [image]}), params={"detector": "none"})) == 1
+    assert len(limited.predict(None, pd.DataFrame({"image": [image]}), {"detector": "none"})) == 1
     # The third is cut off after its header: refused for the total before any image is decoded.
     frame = pd.DataFrame({"image": [image, image, image[:60]]})
     refused(limited, frame, match="the 3 images of this request declare 0.2 megapixels in all, over the limit "
@@ -133,7 +136,7 @@ def test_all_images_of_a_request_together_are_bounded_from_their_headers(limited
 def test_faces_times_views_are_bounded_before_the_network_runs(limited):
     limited = limited(max_face_views=20)
     crops = np.repeat(CROP, 3, axis=0)
-    assert len(limited.predict(crops)) == 3  # 3 faces x 1 view
+    assert len(limited.predict(None, crops)) == 3  # 3 faces x 1 view
     refused(limited, crops, {"tta": True},
             r"3 faces x 10 views = 30 network inputs, over the limit of 20 per request \(max_face_views\)")
 
@@ -144,7 +147,7 @@ def test_every_frame_of_an_animated_image_counts_against_max_pixels(limited):
     refused(limited, pd.DataFrame({"image": [gif]}),
             match="image 0 is 100 x 100 x 200 frames = 2.0 megapixels, over the limit of 1")
     still = encoded(Image.new("L", (100, 100), 90), "GIF")
-    assert len(limited.predict(pd.DataFrame({"image": [still]}), params={"detector": "none"})) == 1
+    assert len(limited.predict(None, pd.DataFrame({"image": [still]}), {"detector": "none"})) == 1
 
 
 def test_a_png_whose_header_lies_is_refused_quickly(served):
@@ -154,24 +157,27 @@ def test_a_png_whose_header_lies_is_refused_quickly(served):
     assert time.monotonic() - start < 3
 
 
-def test_the_limits_come_from_the_environment_before_the_model_config(model_uri, monkeypatch):
+def test_the_limits_come_from_the_environment_before_the_model_config(keras_path, monkeypatch):
     monkeypatch.setenv("FER_MAX_FACE_VIEWS", "2")  # as an operator sets it for `mlflow models serve`
-    limited = mlflow.pyfunc.load_model(model_uri, model_config={"max_face_views": 1000})
+    limited = load(keras_path, {"max_face_views": 1000})
     refused(limited, np.repeat(CROP, 3, axis=0), match=r"over the limit of 2 per request \(max_face_views\)")
     monkeypatch.delenv("FER_MAX_FACE_VIEWS")
-    configured = mlflow.pyfunc.load_model(model_uri, model_config={"max_face_views": 2})
+    configured = load(keras_path, {"max_face_views": 2})
     refused(configured, np.repeat(CROP, 3, axis=0), match=r"over the limit of 2 per request \(max_face_views\)")
     monkeypatch.setenv("FER_MAX_FACE_VIEWS", "many")
-    with pytest.raises(Exception, match="FER_MAX_FACE_VIEWS is 'many'; expected a positive integer"):
-        mlflow.pyfunc.load_model(model_uri)
+    with pytest.raises(ConfigError, match="FER_MAX_FACE_VIEWS is 'many'; expected a positive integer"):
+        load(keras_path)
 
 
-def test_evaluate_scores_more_crops_than_one_request_takes_in_several(limited):
+@pytest.mark.slow  # logs and loads a pyfunc model
+def test_evaluate_scores_more_crops_than_one_request_takes_in_several():
     from fer_mlflow.pyfunc_model import predict_crops
 
+    with mlflow.start_run():
+        uri = log_model(tiny_keras_model(), name="model").model_uri
     crops = (np.arange(3)[:, None, None] * 60 + np.zeros((3, 48, 48))).astype(np.uint8)
-    in_one = limited().predict(crops)
-    frame = predict_crops(limited(max_images=1), crops)  # one face a request
+    in_one = mlflow.pyfunc.load_model(uri).predict(crops)
+    frame = predict_crops(mlflow.pyfunc.load_model(uri, model_config={"max_images": 1}), crops)  # a face a request
     assert list(frame["image"]) == [0, 1, 2]
     np.testing.assert_allclose(frame.filter(like="prob_"), in_one.filter(like="prob_"), atol=1e-6)
 
@@ -203,8 +209,6 @@ def test_the_security_page_states_each_range_and_default_as_the_code_has_them():
 )
 def test_the_stages_refuse_a_param_out_of_the_served_range_before_a_run_starts(stage, kwargs, expected, tmp_path):
     import importlib
-
-    from fer_mlflow.errors import ConfigError
 
     with pytest.raises(ConfigError, match=expected):
         importlib.import_module(f"fer_mlflow.{stage}").run(**kwargs)
