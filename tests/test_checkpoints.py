@@ -134,3 +134,65 @@ def test_a_pretrained_resnet_killed_while_fine_tuning_resumes_in_phase_two(tiny_
     assert run.info.status == "FINISHED" and "of phase 2" in run.data.tags["fer.resume_1"]
     steps = {m.step for m in MlflowClient().get_metric_history(resumed.run_id, "val_accuracy")}
     assert steps == set(range(8))
+
+
+SMALL = dict(widths=(8, 16), batch_size=8, checkpoint_minutes=0)  # about ten steps an epoch, quick
+
+
+def logged_state(run_id: str) -> dict:
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/state.json")
+    return json.loads(open(path).read())
+
+
+class SignalMidEpoch(keras.callbacks.Callback):
+    """Sends this process SIGINT after the second batch of epoch `epoch`, as Ctrl-C would."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch, self.current = epoch, -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.current == self.epoch and batch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def signals_handled():
+    """The CLI's SIGINT / SIGTERM handling (`interrupts.install`) in this process, for one test."""
+    from fer_mlflow import interrupts
+
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install()
+    yield
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+@pytest.mark.slow
+def test_a_signal_in_the_middle_of_an_epoch_leaves_a_checkpoint_of_the_last_whole_epoch(tiny_npz, signals_handled):
+    from fer_mlflow import interrupts
+
+    settings = dict(data=tiny_npz, epochs=3, patience=3, **SMALL)
+    with pytest.raises(interrupts.Interrupted):
+        train.run(train.TrainConfig(**settings), callbacks=(SignalMidEpoch(1),))
+    (run,) = all_runs("tags.`fer.stage` = 'train'")
+    assert run.info.status == "KILLED"
+    state = logged_state(run.info.run_id)
+    train_images = int(run.data.params["train_images"])
+    assert state["epoch"] == 1 and len(state["history"]["loss"]) == 1  # epoch 1 was cut: not done
+    assert state["images_seen"] == train_images
+
+    resumed = train.run(train.TrainConfig(**settings, resume=run.info.run_id))
+    assert resumed.epochs_trained == 3  # epoch 1 trained again, in full
+    seen = MlflowClient().get_run(run.info.run_id).data.metrics
+    assert seen["train_images_per_second"] * seen["train_seconds"] == pytest.approx(3 * train_images, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_finished_run_keeps_no_checkpoint_slots(tiny_npz):
+    outcome = train.run(train.TrainConfig(data=tiny_npz, epochs=2, **SMALL))  # logged after each epoch
+    artifacts = {a.path for a in MlflowClient().list_artifacts(outcome.run_id)}
+    assert "figures" in artifacts and "checkpoint" not in artifacts
