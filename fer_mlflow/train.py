@@ -200,7 +200,8 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
             # below as usual, and the run then ends KILLED.
             # The last state is logged for a run that can be resumed: one stopped or failed. A run
             # that ends FINISHED cannot be, so its final state (several copies of every weight) is not
-            # logged; nor is a pruned sweep trial's, which is never resumed.
+            # logged, and what was logged on the way is deleted (`drop_checkpoint`); nor is a pruned
+            # sweep trial's logged, which is never resumed.
             try:
                 with strategy.scope(), interrupts.deferred():
                     model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan,
