@@ -35,7 +35,7 @@ from fer_mlflow import interrupts, models, pyfunc_model
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.inputs import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking import (
-    Stopped, param_text, data_context, log_params, log_split_inputs, stage_run,
+    Stopped, param_text, data_context, log_params, log_split_inputs, run_params, stage_run,
 )
 from fer_mlflow.training import (
     CHECKPOINT, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget,
@@ -177,7 +177,7 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
                 _record_resume(previous, plan.resumed)
             log_params({k: v for k, v in asdict(config).items()})
             keras.utils.set_random_seed(config.seed)
-            data = previous.data.params["data_uri"] if previous is not None else config.data
+            data = run_params(previous)["data_uri"] if previous is not None else config.data
             dataset, data_uri = load_training_data(data, config.val_fraction, config.seed)
             train, val = dataset.split("train"), dataset.split("val")
             if len(train) == 0 or len(val) == 0:
@@ -194,13 +194,14 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
             if config.batch_size % strategy.num_replicas_in_sync:
                 raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
                                   f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")
-            mlflow.log_param("replicas", strategy.num_replicas_in_sync)
+            log_machine_params({"replicas": strategy.num_replicas_in_sync})
             plan.started = time.perf_counter() - (plan.resumed.train_seconds if plan.resumed else 0.0)
             # SIGINT / SIGTERM end the fit after the current batch: the best model so far is logged
             # below as usual, and the run then ends KILLED.
             # The last state is logged for a run that can be resumed: one stopped or failed. A run
             # that ends FINISHED cannot be, so its final state (several copies of every weight) is not
-            # logged; nor is a pruned sweep trial's, which is never resumed.
+            # logged, and what was logged on the way is deleted (`drop_checkpoint`); nor is a pruned
+            # sweep trial's logged, which is never resumed.
             try:
                 with strategy.scope(), interrupts.deferred():
                     model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan,
@@ -232,6 +233,8 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
                                           example_image=val.images[0])
             mlflow.set_tag("fer.model_uri", info.model_uri)
             run_id = active.info.run_id
+            if not interrupts.pending():
+                drop_checkpoint(run_id)
             interrupts.raise_pending()
     return TrainOutcome(run_id, f"runs:/{run_id}/model", history["val_accuracy"][best],
                         len(history["val_accuracy"]), data_uri)
@@ -258,7 +261,7 @@ def _resumable(config: TrainConfig, plan: _Checkpoints):
     if run.info.status == "RUNNING":
         log.warning("run %s is still marked RUNNING (a process killed outright cannot end it); make sure "
                     "nothing trains it any more", config.resume)
-    logged = run.data.params
+    logged = run_params(run)
     for key, value in asdict(config).items():
         theirs = logged.get(f"{key}_resolved", logged.get(key))
         if key not in _RESUME_FREE and theirs is not None and not _same(theirs, param_text(value)):
@@ -277,6 +280,38 @@ def _resumable(config: TrainConfig, plan: _Checkpoints):
         raise ConfigError(f"run {config.resume} has no checkpoint to resume from (it stopped before one was "
                           "logged); start it again as a new run") from error
     return run
+
+
+# Params that tell which machine trained, not how: a run resumed elsewhere may see them otherwise.
+MACHINE_PARAMS = ("replicas", "weights_used")
+
+
+def log_machine_params(params: dict) -> None:
+    """Log `params` to the active run, skipping those already logged (`tracking.log_params`). In
+    a resumed run, a `MACHINE_PARAMS` value this machine sees otherwise (its replica count, where its
+    ImageNet weights are cached) goes to the tag ``fer.resume_<n>.<name>`` instead: MLflow never
+    changes a logged param, and would refuse the resume."""
+    params = dict(params)
+    run = mlflow.get_run(mlflow.active_run().info.run_id)
+    logged, resumes = run_params(run), run.data.tags.get("fer.resumes")
+    for key in MACHINE_PARAMS:
+        if key in params and key in logged and resumes and logged[key] != param_text(params[key]):
+            mlflow.set_tag(f"fer.resume_{resumes}.{key}", param_text(params.pop(key)))
+    log_params(params)
+
+
+def drop_checkpoint(run_id: str) -> None:
+    """Delete the run's logged ``checkpoint/`` (the slots and state.json): a run about to end
+    FINISHED cannot be resumed, and its slots hold several copies of every weight. A store that
+    cannot delete artifacts keeps them, with a warning naming the folder."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repository = get_artifact_repository(mlflow.get_run(run_id).info.artifact_uri)
+    try:
+        if repository.list_artifacts(CHECKPOINT):
+            repository.delete_artifacts(CHECKPOINT)
+    except (MlflowException, NotImplementedError, OSError) as error:
+        log.warning("run %s keeps its checkpoint/ (this artifact store cannot delete it: %s)", run_id, error)
 
 
 def _same(logged: str, given: str) -> bool:
@@ -322,6 +357,13 @@ class _Checkpoints:
         if self.current is not None:
             self.current.flush()
 
+    def logged_slot(self) -> str:
+        """The slot the run's logged state.json names ('' before any): a new phase's first
+        checkpoint must go to the other one, or it would overwrite the only whole checkpoint."""
+        if self.current is not None:
+            return self.current.state.slot
+        return self.resumed.slot if self.resumed is not None else ""
+
 
 def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints,
          extra: tuple = ()) -> tuple[keras.Model, dict, int]:
@@ -349,7 +391,7 @@ def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints,
                                    dropout=config.dropout,
                                    weights="none" if config.weights == "auto" else config.weights)
         described = "none (trained from scratch)"
-    mlflow.log_params({"weights_used": described, "num_params": model.count_params()})
+    log_machine_params({"weights_used": described, "num_params": model.count_params()})
     if parts is None or described.startswith("none"):
         if parts is not None and plan.resumed is None:
             log.warning("training %s from scratch (weights: %s)", config.model, described)
@@ -411,7 +453,7 @@ def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, t
     follows whichever of the time and the epochs runs out first (`training.TimeBudget`).
     """
     resumed = plan.resumed if plan.resumed is not None and plan.resumed.phase == phase else None
-    state = resumed or TrainingState(phase=phase, phase_one=phase_one)
+    state = resumed or TrainingState(phase=phase, phase_one=phase_one, slot=plan.logged_slot())
     steps = int(train.cardinality()) * epochs
     warmup_steps = min(steps // 10, int(train.cardinality()))
     callbacks = [logger, counter, StopOnSignal(), *extra]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -249,9 +250,13 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
 
 class Checkpointer(keras.callbacks.Callback):
-    """After every epoch, the whole training state (`TrainingState`, variables, best weights) in
-    `folder`; logged to the active run under ``checkpoint/`` when `minutes` have passed since the
-    last time (0: every epoch), and by `flush`. Runs after early stopping, whose state it reads."""
+    """After every whole epoch, the whole training state (`TrainingState`, variables, best weights)
+    in `folder`; logged to the active run under ``checkpoint/`` when `minutes` have passed since the
+    last time (0: every epoch), and by `flush`. Runs after early stopping, whose state it reads.
+
+    An epoch cut short (a signal or the time budget stops the fit after a batch) is added to
+    `state.history`, for the caller's figures, but never saved: the checkpoint stays at the last
+    whole epoch, so a resumed run trains the cut epoch again, in full."""
 
     def __init__(self, folder: Path, minutes: float, state: TrainingState, stop: ResumableEarlyStopping,
                  counter: ImageCounter, budget: TimeBudget | None, started: float):
@@ -259,12 +264,23 @@ class Checkpointer(keras.callbacks.Callback):
         self.folder, self.seconds, self.state = folder, minutes * 60.0, state
         self.stop, self.counter, self.budget, self.started = stop, counter, budget, started
         self.logged_at, self.unlogged = time.monotonic(), False
+        self.saved = copy.deepcopy(state)  # the state of the arrays in `folder`: what `flush` logs
+        self.batches = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
 
     def on_epoch_end(self, epoch, logs=None):
         state = self.state
-        state.epoch = epoch + 1
         for key in EPOCH_METRICS:
             state.history[key].append(float((logs or {}).get(key, float("nan"))))
+        steps = self.params.get("steps")
+        if steps and self.batches < steps:
+            return
+        state.epoch = epoch + 1
         state.best = None if self.stop.best is None else float(self.stop.best)
         state.best_epoch, state.wait = int(self.stop.best_epoch), int(self.stop.wait)
         if self.budget is not None:
@@ -273,19 +289,28 @@ class Checkpointer(keras.callbacks.Callback):
         state.images_seen = self.counter.seen
         state.train_seconds = time.perf_counter() - self.started
         state.save(self.folder, self.model, self.stop.best_weights)
+        self.saved = copy.deepcopy(state)
         self.unlogged = True
         if time.monotonic() - self.logged_at >= self.seconds:
             self.flush()
 
     def flush(self) -> None:
-        """Log the latest state to the run, if it changed since it was last logged.
+        """Log the latest saved state to the run, if it changed since it was last logged.
 
         The arrays go to the slot (checkpoint/a/ or b/) not named by the logged state.json, and
         state.json, naming the new slot, goes last: a process killed while logging leaves the last
-        complete checkpoint in place, never new state beside old arrays."""
+        complete checkpoint in place, never new state beside old arrays. The slot counts as taken
+        only once state.json names it, so a flush that failed half-way writes to the same free slot
+        when tried again."""
         if self.unlogged:
-            self.state.slot = "b" if self.state.slot == "a" else "a"
+            slot = other_slot(self.state.slot)
             for path in sorted(self.folder.glob("*.npz")):
-                mlflow.log_artifact(str(path), f"{CHECKPOINT}/{self.state.slot}")
-            mlflow.log_dict(asdict(self.state), f"{CHECKPOINT}/state.json")
+                mlflow.log_artifact(str(path), f"{CHECKPOINT}/{slot}")
+            mlflow.log_dict({**asdict(self.saved), "slot": slot}, f"{CHECKPOINT}/state.json")
+            self.state.slot = self.saved.slot = slot
             self.logged_at, self.unlogged = time.monotonic(), False
+
+
+def other_slot(slot: str) -> str:
+    """The checkpoint slot to write next when the logged state.json names `slot` ('' : none yet)."""
+    return "b" if slot == "a" else "a"

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from dataclasses import replace
 
 import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import all_runs
+from conftest import PROJECT, all_runs
 from mlflow import MlflowClient
 from test_interrupts import start
 
@@ -134,3 +137,152 @@ def test_a_pretrained_resnet_killed_while_fine_tuning_resumes_in_phase_two(tiny_
     assert run.info.status == "FINISHED" and "of phase 2" in run.data.tags["fer.resume_1"]
     steps = {m.step for m in MlflowClient().get_metric_history(resumed.run_id, "val_accuracy")}
     assert steps == set(range(8))
+
+
+SMALL = dict(widths=(8, 16), batch_size=8, checkpoint_minutes=0)  # about ten steps an epoch, quick
+
+
+def logged_state(run_id: str) -> dict:
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/state.json")
+    return json.loads(open(path).read())
+
+
+class SignalMidEpoch(keras.callbacks.Callback):
+    """Sends this process SIGINT after the second batch of epoch `epoch`, as Ctrl-C would."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch, self.current = epoch, -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.current == self.epoch and batch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def signals_handled():
+    """The CLI's SIGINT / SIGTERM handling (`interrupts.install`) in this process, for one test."""
+    from fer_mlflow import interrupts
+
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install()
+    yield
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+@pytest.mark.slow
+def test_a_signal_in_the_middle_of_an_epoch_leaves_a_checkpoint_of_the_last_whole_epoch(tiny_npz, signals_handled):
+    from fer_mlflow import interrupts
+
+    settings = dict(data=tiny_npz, epochs=3, patience=3, **SMALL)
+    with pytest.raises(interrupts.Interrupted):
+        train.run(train.TrainConfig(**settings), callbacks=(SignalMidEpoch(1),))
+    (run,) = all_runs("tags.`fer.stage` = 'train'")
+    assert run.info.status == "KILLED"
+    state = logged_state(run.info.run_id)
+    train_images = int(run.data.params["train_images"])
+    assert state["epoch"] == 1 and len(state["history"]["loss"]) == 1  # epoch 1 was cut: not done
+    assert state["images_seen"] == train_images
+
+    resumed = train.run(train.TrainConfig(**settings, resume=run.info.run_id))
+    assert resumed.epochs_trained == 3  # epoch 1 trained again, in full
+    seen = MlflowClient().get_run(run.info.run_id).data.metrics
+    assert seen["train_images_per_second"] * seen["train_seconds"] == pytest.approx(3 * train_images, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_finished_run_keeps_no_checkpoint_slots(tiny_npz):
+    outcome = train.run(train.TrainConfig(data=tiny_npz, epochs=2, **SMALL))  # logged after each epoch
+    artifacts = {a.path for a in MlflowClient().list_artifacts(outcome.run_id)}
+    assert "figures" in artifacts and "checkpoint" not in artifacts
+
+
+class Killed(Exception):
+    """The process died: nothing it would log after this reaches the store."""
+
+
+@pytest.mark.slow
+def test_a_resnet_killed_in_its_first_fine_tuning_checkpoint_resumes_on_another_machine(tiny_npz, tmp_path,
+                                                                                        monkeypatch):
+    from fer_mlflow import models
+
+    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
+                                           pooling="avg")
+    caches = [tmp_path / machine / "resnet50_notop.weights.h5" for machine in ("first", "second")]
+    for cache in caches:  # where each machine's Keras keeps the ImageNet weights: weights_used differs
+        cache.parent.mkdir()
+        backbone.save_weights(cache)
+    monkeypatch.setattr(models, "_fetch_imagenet", lambda *args: str(caches[0]))
+    settings = train.TrainConfig(model="resnet50", data=tiny_npz, image_size=32, weights="imagenet", epochs=1,
+                                 fine_tune_epochs=1, batch_size=32, patience=5, checkpoint_minutes=0)
+    real, uploaded = mlflow.log_artifact, []
+
+    def dies_in_phase_two(local_path, artifact_path=None, *args, **kwargs):
+        # phase_one_best.npz is saved as phase 2 starts: its first flush uploads two arrays, then dies.
+        if (os.path.dirname(local_path) and os.path.exists(os.path.join(os.path.dirname(local_path),
+                                                                         "phase_one_best.npz"))):
+            if len(uploaded) < 2:
+                uploaded.append(artifact_path)
+                return real(local_path, artifact_path, *args, **kwargs)
+            raise Killed()
+        return real(local_path, artifact_path, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_artifact", dies_in_phase_two)
+    with pytest.raises(Killed):
+        train.run(settings)
+    (run,) = all_runs("tags.`fer.stage` = 'train'")
+    state = logged_state(run.info.run_id)
+    assert state["phase"] == 1 and uploaded == [f"checkpoint/{'b' if state['slot'] == 'a' else 'a'}"] * 2
+
+    monkeypatch.setattr(mlflow, "log_artifact", real)
+    monkeypatch.setattr(models, "_fetch_imagenet", lambda *args: str(caches[1]))
+    resumed = train.run(replace(settings, resume=run.info.run_id))
+    assert resumed.run_id == run.info.run_id and resumed.epochs_trained == 2
+    run = MlflowClient().get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "of phase 1" in run.data.tags["fer.resume_1"]
+    assert run.data.params["weights_used"] == f"imagenet ({caches[0]})"  # what the run started with
+    assert run.data.tags["fer.resume_1.weights_used"] == f"imagenet ({caches[1]})"  # and where it went on
+
+
+def test_a_run_resumed_on_a_machine_with_other_replicas_records_them_in_a_tag_not_a_refused_param():
+    with mlflow.start_run() as run:
+        mlflow.log_params({"replicas": 2, "num_params": 10})
+        mlflow.set_tag("fer.resumes", "1")  # as `_record_resume` leaves it on the resuming machine
+        train.log_machine_params({"replicas": 4, "num_params": 10})
+    logged = MlflowClient().get_run(run.info.run_id).data
+    assert logged.params["replicas"] == "2" and logged.tags["fer.resume_1.replicas"] == "4"
+
+
+@pytest.mark.slow
+def test_a_run_started_by_mlflow_run_with_a_quoted_value_resumes(tiny_npz, tracking, tmp_path):
+    # A path with a space: `mlflow run` logs it quoted for the shell ('...'), as it logs '' for empty.
+    data = tmp_path / "my data" / "tiny.npz"
+    data.parent.mkdir()
+    data.write_bytes(open(tiny_npz, "rb").read())
+    settings = {"data": str(data), "epochs": 20, "patience": 20, "widths": "8,16", "batch_size": 8,
+                "checkpoint_minutes": 0}
+    command = [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", "train", "--env-manager", "local"]
+    for key, value in settings.items():
+        command += ["-P", f"{key}={value}"]
+    MlflowClient().search_experiments()  # create the store's tables first: two creators would race
+    process = subprocess.Popen(command, env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
+        runs = all_runs("tags.`fer.stage` = 'train'")
+        if runs and checkpoint_epoch(runs[0].info.run_id) >= 2:
+            break
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    run_id = runs[0].info.run_id
+    assert MlflowClient().get_run(run_id).data.params["data"] == f"'{data}'"  # as mlflow run stored it
+
+    resumed = train.run(train.TrainConfig(**{**settings, "widths": (8, 16)}, resume=run_id))
+    assert resumed.run_id == run_id and resumed.epochs_trained == 20
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"

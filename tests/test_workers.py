@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from conftest import all_runs, free_port
@@ -66,6 +67,21 @@ def batches_npz(tmp_path) -> str:
 PLAIN = {"shift": 0.0, "flip": False, "rotation": 0.0, "zoom": 0.0, "erase": 0.0, "dropout": 0.0}
 
 
+def mirrored_run(data: str, tracking: str, **settings) -> str:
+    """The id of a run trained in a process of its own with strategy=mirrored over two logical CPUs."""
+    script = textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from fer_mlflow import train
+        print(train.run(train.TrainConfig(model="cnn", data={data!r}, strategy="mirrored", **{settings!r})).run_id)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()[-1]
+
+
 @pytest.mark.slow
 def test_two_workers_train_one_model_and_only_the_chief_logs_it(batches_npz, tracking, tmp_path):
     options = [f"--{name}={str(value).lower()}" for name, value in PLAIN.items()]  # no random views
@@ -81,9 +97,16 @@ def test_two_workers_train_one_model_and_only_the_chief_logs_it(batches_npz, tra
     assert seen == pytest.approx(2 * 160, rel=1e-6)  # every image, each global batch split over both
     assert not any((tmp_path / "worker1").iterdir())  # nor saved anything where it ran
 
-    # The same model as one process trains on the same global batches, within tolerance (each worker
-    # normalises its own half batch).
-    alone = train.run(train.TrainConfig(model="cnn", data=batches_npz, epochs=2, batch_size=32, **PLAIN))
+    # The same arithmetic in one process: MirroredStrategy over two logical CPUs also splits each
+    # global batch of 32 into two halves, and each replica normalises its own 16 images, as each
+    # worker does. (One replica would normalise over all 32: batch statistics of another batch.)
+    alone = mirrored_run(batches_npz, tracking, epochs=2, batch_size=32, **PLAIN)
     history = MlflowClient().get_metric_history
-    losses = [[m.value for m in history(r, "loss")] for r in (run.info.run_id, alone.run_id)]
-    assert losses[0] == pytest.approx(losses[1], rel=0.15)  # (validation on 48 demo faces is too noisy)
+    losses = [[m.value for m in sorted(history(r, "loss"), key=lambda m: m.step)] for r in (run.info.run_id, alone)]
+    # Both sum the same two replica gradients: what differs is the all-reduce (across processes or
+    # within one) and its float32 rounding, grown over ten SGD steps. Measured on this 160-image
+    # set: 0.25% on epoch 0's mean loss, 0.015% on epoch 1's. A half batch lost, doubled or
+    # normalised with the other's is another computation, not rounding: with one replica normalising
+    # all 32 images, the comparison this replaces had to allow 15%. 1% sits between the two, four
+    # times the rounding measured and a fifteenth of the batch-statistics effect.
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
