@@ -35,7 +35,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.tracking import DATA_EXPERIMENT, data_context, log_params, log_split_inputs, stage_run
+from fer_mlflow.tracking import (
+    DATA_EXPERIMENT, data_context, log_params, log_split_inputs, run_params, stage_run,
+)
 
 METRICS = {"val_accuracy": "best_val_accuracy"}  # a training run's figure for each ranking name
 WEIGHTINGS = ("equal", "fitted")
@@ -263,7 +265,7 @@ def _loaded(members: list[Member]) -> list[Member]:
 
 
 def _data_uri(member: Member) -> str:
-    data_uri = member.run.data.params.get("data_uri", "")
+    data_uri = run_params(member.run).get("data_uri", "")
     if not data_uri:
         raise ConfigError(f"run {member.run_id} records no data_uri; ensemble training runs of this project")
     return data_uri

@@ -41,7 +41,7 @@ from mlflow.exceptions import MlflowException
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.evaluate import EVALUATED_SPLITS, TRAINED_ON_DEMO_TAG
 from fer_mlflow.tracking import (
-    DATA_EXPERIMENT, DATA_MODEL, DEMO_EXPERIMENT, DEMO_MODEL, DEMO_TAG, log_params, stage_run,
+    DATA_EXPERIMENT, DATA_MODEL, DEMO_EXPERIMENT, DEMO_MODEL, DEMO_TAG, log_params, run_params, stage_run,
 )
 from fer_mlflow.views import Settings
 
@@ -221,14 +221,28 @@ class _Decision:
         """Score the champion as it serves on the candidate's data and split (a nested run)."""
         from fer_mlflow import evaluate
 
-        data = self.best.evaluation.data.params.get("data")
-        if not data:
-            raise ConfigError(f"the candidate's evaluation {self.best.evaluation.info.run_id} records no "
-                              "data; evaluate the champion on it yourself (-P model_uri=models:/...)")
+        data = self._candidate_data()
         log.info("champion %s v%s has no %s on this data: evaluating it first",
                  self.name, champion.version, self.metric)
-        evaluate.run(model_uri=f"models:/{self.name}/{champion.version}", data=data, split=self.split,
-                     nested=True)
+        scored = evaluate.run(model_uri=f"models:/{self.name}/{champion.version}", data=data,
+                              split=self.split, nested=True)
+        if scored.test_digest != self.digest:  # the data changed since: no score to compare with
+            raise ConfigError(f"{data} now reads as {self.split} data {scored.test_digest}, not the "
+                              f"candidate's {self.digest}; evaluate the candidate again, then promote")
+
+    def _candidate_data(self) -> str:
+        """The data the candidate was evaluated on: its `data_uri`, else the `data` it was given,
+        else (given none: evaluate's default) its training run's data."""
+        evaluation = self.best.evaluation
+        params = run_params(evaluation)
+        data = params.get("data_uri") or params.get("data")
+        if not data:
+            source_run = evaluation.data.tags["fer.source_run"]
+            data = run_params(_retrying(self.client.get_run, source_run)).get("data_uri")
+        if not data:
+            raise ConfigError(f"the candidate's evaluation {evaluation.info.run_id} records no data; "
+                              "evaluate the champion on it yourself (-P model_uri=models:/...)")
+        return data
 
     def _registered(self) -> ModelVersion:
         """The version of the candidate, registered once: when two promotes register it at once,
@@ -283,7 +297,7 @@ class _Decision:
 
     def _description(self) -> str:
         evaluation = self.best.evaluation
-        tags, params = evaluation.data.tags, evaluation.data.params
+        tags, params = evaluation.data.tags, run_params(evaluation)
         source_run, settings = self.best.key
         experiment = evaluation.info.experiment_id
         figure = "figures/confusion_matrix_normalised.png"

@@ -136,6 +136,31 @@ def test_promote_scores_a_champion_from_another_experiment_before_replacing_it(t
     assert len(all_runs("tags.`fer.stage` = 'evaluate' and tags.`fer.model_version` = 'fer-emotion/1'")) == 2
 
 
+@pytest.mark.slow
+def test_the_readme_sequence_through_mlflow_run_rescores_the_champion_and_decides(tmp_path, tracking):
+    """Evaluations made by `mlflow run -e evaluate -P run_id=...` with no data record data as the
+    shell quoted it (``''``): promote still scores the champion on the candidate's data."""
+    only_sad = labelled(tmp_path, "d1", {SAD: 5})
+    mostly_happy = labelled(tmp_path, "d2", {HAPPY: 7, SAD: 3})
+    runs = {}
+    for label, data in ((SAD, only_sad), (HAPPY, mostly_happy)):
+        runs[label] = logged(constant_model(label), name=str(label))
+        MlflowClient().log_param(runs[label], "data_uri", data)  # as train records its data
+    for label in (SAD, HAPPY):
+        done = mlflow_run("evaluate", {"run_id": runs[label]}, tracking)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if label == SAD:
+            assert promote.run().changed and champion().run_id == runs[SAD]
+    (quoted,) = all_runs(f"tags.`fer.source_run` = '{runs[HAPPY]}'")
+    assert quoted.data.params["data"] == "''"  # what mlflow run stores for an empty value
+    decided = promote.run()
+    assert decided.changed and champion().run_id == runs[HAPPY]
+    assert "previous: v1 scored 0.3000" in decided.message
+    (rescored,) = all_runs(f"tags.`mlflow.parentRunId` = '{decided.run_id}'")
+    assert rescored.data.tags["fer.model_version"] == "fer-emotion/1"
+    assert rescored.data.tags["fer.test_digest"] == quoted.data.tags["fer.test_digest"]
+
+
 # --- 3. scored equals served -------------------------------------------------------------------
 
 
