@@ -226,16 +226,52 @@ def test_a_rolled_back_version_is_rejected_and_skipped_until_included(tmp_path):
 # --- 5. two promotes at once -------------------------------------------------------------------
 
 
-def promote_together(tracking_uri: str, experiments: list[str]) -> None:
-    """Start one `promote` process per experiment at the same moment; all must succeed."""
-    processes = [subprocess.Popen([sys.executable, "-m", "fer_mlflow", "promote"], cwd=PROJECT,
+# Each promote process runs the CLI with its first registration and its first alias write gated:
+# it waits there until every promote has arrived, so all of them have read the registry before any
+# writes (the race happens every time), and then waits FER_TEST_LAG more seconds before the write.
+GATED_PROMOTE = """
+import functools, os, sys, time
+from pathlib import Path
+import mlflow
+from mlflow import MlflowClient
+
+def gated(function, gate):
+    arrived = []
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        if not arrived:
+            arrived.append(True)
+            folder = Path(os.environ["FER_TEST_BARRIER"]) / gate
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / str(os.getpid())).touch()
+            deadline = time.monotonic() + 120
+            while len(list(folder.iterdir())) < int(os.environ["FER_TEST_PARTIES"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(float(os.environ.get("FER_TEST_LAG", "0")))
+        return function(*args, **kwargs)
+    return call
+
+mlflow.register_model = gated(mlflow.register_model, "register")
+MlflowClient.set_registered_model_alias = gated(MlflowClient.set_registered_model_alias, "alias")
+from fer_mlflow.cli import main
+main(["promote"])
+"""
+
+
+def promote_together(tracking_uri: str, experiments: dict[str, float], barrier: Path) -> None:
+    """One `promote` process per experiment, all reading the registry before any writes (see
+    GATED_PROMOTE), each then lagging its writes by the seconds given; all must succeed."""
+    processes = [subprocess.Popen([sys.executable, "-c", GATED_PROMOTE], cwd=PROJECT,
                                   env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-                                       "MLFLOW_EXPERIMENT_NAME": name},
+                                       "MLFLOW_EXPERIMENT_NAME": name, "FER_TEST_BARRIER": str(barrier),
+                                       "FER_TEST_PARTIES": str(len(experiments)), "FER_TEST_LAG": str(lag)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for name in experiments]
+                 for name, lag in experiments.items()]
     for process in processes:
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err[-3000:]
+    for gate in ("register", "alias"):  # every promote reached each write having read the old state
+        assert len(list((barrier / gate).iterdir())) == len(experiments)
 
 
 def check_registry(best_run: str) -> None:
@@ -255,9 +291,10 @@ def concurrent_promotes(tmp_path) -> None:
         evaluate.run(run_id=runs[label], data=data)
     os.environ["MLFLOW_EXPERIMENT_NAME"] = "base"
     promote.run()
-    promote_together(mlflow.get_tracking_uri(), ["a", "b"])  # both register the same run
+    promote_together(mlflow.get_tracking_uri(), {"a": 0, "b": 0}, tmp_path / "ab")  # both register one run
     check_registry(runs[ANGRY])
-    promote_together(mlflow.get_tracking_uri(), ["c", "d"])  # each a different, better run
+    # Each a different, better run; the worse writes last, so only the re-check makes HAPPY champion.
+    promote_together(mlflow.get_tracking_uri(), {"c": 3, "d": 0}, tmp_path / "cd")
     check_registry(runs[HAPPY])
 
 
