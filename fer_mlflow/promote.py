@@ -22,7 +22,9 @@ The rules:
    any it had begun to move).
 
 `registered_model_name` "auto" is ``fer-emotion-demo`` for a model trained or scored on the built-in
-demo data, ``fer-emotion`` otherwise, so the demo never replaces a model trained on real data.
+demo data, ``fer-emotion`` otherwise, so the demo never replaces a model trained on real data; in an
+experiment holding both kinds, the candidates are those of the newest evaluation's kind, so a
+demo-trained model never takes the place of the real candidates (nor the reverse).
 Nothing is written to the registry before every check has passed.
 """
 
@@ -148,6 +150,8 @@ def _best_candidate(client, experiment_id, name, metric, split, test_digest, inc
     if not pool:
         raise ConfigError(f"no evaluation on {split} data with digest {digest}; "
                           "leave -P test_digest empty to use the newest evaluation's")
+    if not name:  # auto: demo and real models never compete; the newest evaluation's kind decides
+        pool = [c for c in pool if c.demo == pool[0].demo]
     pool.sort(key=lambda c: c.score, reverse=True)
     if include_rejected:
         return pool[0], digest

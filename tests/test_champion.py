@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from fer_mlflow import clean, evaluate, promote, pyfunc_model
 from fer_mlflow import dataset as ds
-from fer_mlflow.tracking import DATA_EXPERIMENT, EXPERIMENT_KIND, experiment_id
+from fer_mlflow.tracking import DATA_EXPERIMENT, DEMO_TAG, EXPERIMENT_KIND, experiment_id
 from fer_mlflow.views import Settings
 
 ANGRY, FEAR, HAPPY, SAD = 0, 2, 3, 4
@@ -77,6 +77,20 @@ def test_runs_go_to_the_project_experiment_for_their_data_unless_the_user_chose_
     chosen = clean.run("demo")
     assert client.get_experiment(client.get_run(chosen.run_id).info.experiment_id).name == "my-study"
     assert not client.search_runs(["0"])  # nothing in MLflow's Default experiment
+
+
+@pytest.mark.slow
+def test_auto_promote_in_an_experiment_holding_demo_runs_promotes_among_the_real_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")  # the user's one experiment for everything
+    data = labelled(tmp_path, "d", {HAPPY: 7, ANGRY: 3})
+    on_demo = logged(constant_model(HAPPY), experiment_id("mine"), "happy-demo")
+    MlflowClient().set_tag(on_demo, DEMO_TAG, "true")  # as train tags a run on the demo data
+    evaluate.run(run_id=on_demo, data=data)  # 0.7, the best score, by a demo-trained model
+    real = logged(constant_model(ANGRY), experiment_id("mine"), "angry")
+    evaluate.run(run_id=real, data=data)  # 0.3, the newest evaluation
+    outcome = promote.run()
+    assert outcome.registered_model_name == "fer-emotion" and champion().run_id == real
+    assert not MlflowClient().search_registered_models("name = 'fer-emotion-demo'")
 
 
 @pytest.mark.slow
