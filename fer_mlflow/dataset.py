@@ -74,9 +74,15 @@ class Dataset:
         return result
 
     def digest(self) -> str:
-        """A short content hash: the same pixels, labels, splits and ids give the same digest."""
+        """A short content hash: the same pixels, labels, splits and ids give the same digest,
+        whatever set these images were taken from."""
         h = hashlib.sha256()
-        for array in (self.images, self.labels, self.splits, self.ids):
+        # A subset keeps its parent's id width (numpy pads every id to the longest of the whole
+        # set), so the ids are hashed at the width of this set's own longest id. For a whole
+        # dataset, or a split whose longest id is as long as the set's, that is the width used
+        # before, so digests stored by earlier runs still compare.
+        ids = np.asarray(self.ids.tolist(), dtype=str)
+        for array in (self.images, self.labels, self.splits, ids):
             h.update(np.ascontiguousarray(array).tobytes())
         h.update(json.dumps(list(self.class_names)).encode())
         return h.hexdigest()[:16]

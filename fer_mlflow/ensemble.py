@@ -1,7 +1,8 @@
 """The `ensemble` stage: one served model that averages the probabilities of trained models.
 
 Members are training runs, named by id (`runs`) or the `top` N finished training runs of the
-experiment by a metric (``val_accuracy``: each run's best), all on one data digest. Members must
+experiment by a metric (``val_accuracy``: each run's best), all on one data digest and all trained
+on the demo data or none (as the newest such run). Members must
 share that digest (the same cleaned dataset, so the same train and validation split: train them on
 one clean run's dataset, ``-P data=runs:/<clean run>/dataset/dataset.npz``, with different seeds or
 models) and their class names; else the stage refuses in one line before anything is logged.
@@ -35,7 +36,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.tracking import DATA_EXPERIMENT, data_context, log_params, log_split_inputs, stage_run
+from fer_mlflow.tracking import (
+    DATA_EXPERIMENT, DEMO_TAG, data_context, log_params, log_split_inputs, run_params, stage_run,
+)
 
 METRICS = {"val_accuracy": "best_val_accuracy"}  # a training run's figure for each ranking name
 WEIGHTINGS = ("equal", "fitted")
@@ -225,12 +228,19 @@ def _top(client: MlflowClient, experiment_id: str, top: int, metric: str, data_d
         raise ConfigError(f"experiment {where} has no finished training run with metric {key}; train models "
                           "first, choose the experiment with --experiment-name, or check -P metric=...")
     digest = data_digest or found[0].data.tags["fer.data_digest"]
-    pool = sorted((r for r in found if r.data.tags["fer.data_digest"] == digest),
-                  key=lambda r: r.data.metrics[key], reverse=True)
+    on_digest = [r for r in found if r.data.tags["fer.data_digest"] == digest]  # newest first
+    # Demo-trained runs and others never mix, even on one digest (the demo's dataset read back from
+    # a local copy is not tagged demo): the newest run's kind decides.
+    demo = bool(on_digest) and _demo(on_digest[0])
+    pool = sorted((r for r in on_digest if _demo(r) == demo), key=lambda r: r.data.metrics[key], reverse=True)
     if len(pool) < top:
         raise ConfigError(f"experiment {where} has {len(pool)} finished training run(s) on data {digest}, "
                           f"fewer than top={top}; train more on that data or ask for fewer")
     return [Member(r) for r in pool[:top]]
+
+
+def _demo(run: Run) -> bool:
+    return run.data.tags.get(DEMO_TAG) == "true"
 
 
 def _check_data(members: list[Member]) -> None:
@@ -263,7 +273,7 @@ def _loaded(members: list[Member]) -> list[Member]:
 
 
 def _data_uri(member: Member) -> str:
-    data_uri = member.run.data.params.get("data_uri", "")
+    data_uri = run_params(member.run).get("data_uri", "")
     if not data_uri:
         raise ConfigError(f"run {member.run_id} records no data_uri; ensemble training runs of this project")
     return data_uri

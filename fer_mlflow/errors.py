@@ -13,6 +13,10 @@ class ConfigError(FerError):
     """A parameter value is invalid or cannot be honoured on this machine."""
 
 
+class RegistryError(FerError):
+    """The tracking server or model registry failed to answer, even after retries."""
+
+
 MAX_CNN_BLOCKS = 5  # 48 pixels pooled 2x2 five times is 1x1
 
 

@@ -38,7 +38,7 @@ from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.limits import check_params
 from fer_mlflow.sources import read_source
 from fer_mlflow.tracking import (
-    DEMO_TAG, data_context, log_params, log_split_inputs, stage_run,
+    DEMO_TAG, data_context, log_params, log_split_inputs, run_params, stage_run,
 )
 from fer_mlflow.views import BATCH_SIZE, Settings
 
@@ -105,8 +105,10 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
                      if theirs in source.data.tags})
     name = f"evaluate {tags.get('fer.model', 'model')}-{label} {split} {settings.describe()}"
     with stage_run("evaluate", name, tags, nested=nested, experiment=experiment) as active:
+        # `data` keeps what the user gave (empty under `mlflow run`: the training data); `data_uri`
+        # is what was read, as train and ensemble record it, so promote can score others on it.
         log_params({"run_id": run_id or "", "model_uri": target.model_uri, "data": target.data,
-                    "split": split, "tta": settings.tta, "tta_shift": settings.tta_shift,
+                    "data_uri": target.data, "split": split, "tta": settings.tta, "tta_shift": settings.tta_shift,
                     "tta_rotation": settings.tta_rotation, "tta_zoom": settings.tta_zoom,
                     "tta_views": settings.view_count, "images": len(part)})
         log_split_inputs(part, target.data, label, splits=(split,))
@@ -177,7 +179,7 @@ def _resolve(run_id, model_uri, data) -> _Target:
             raise ConfigError(f"run {source_run} not found in {mlflow.get_tracking_uri()}; "
                               "pass the id of a training run of this tracking store") from error
     if data is None:
-        data = training.data.params.get("data_uri") if training else None
+        data = run_params(training).get("data_uri") if training else None
         if not data:
             raise ConfigError("no data given and the model's training data is unknown; pass -P data=...")
     return _Target(model_uri, source_run, data, version)

@@ -17,9 +17,14 @@ The rules:
 5. Registry writes are checked, not assumed: after writing, promote re-reads the aliases and the
    scores of every version on this data, and writes again until the champion is the best of them
    and ``previous`` is another version. So two promotes at once end in the same right state.
+6. A registry that fails, even after retries, is never read as "no versions" or "no champion":
+   promote fails in one line and leaves the aliases as they were (`registry.restoring` puts back
+   any it had begun to move).
 
 `registered_model_name` "auto" is ``fer-emotion-demo`` for a model trained or scored on the built-in
-demo data, ``fer-emotion`` otherwise, so the demo never replaces a model trained on real data.
+demo data, ``fer-emotion`` otherwise, so the demo never replaces a model trained on real data; in an
+experiment holding both kinds, the candidates are those of the newest evaluation's kind, so a
+demo-trained model never takes the place of the real candidates (nor the reverse).
 Nothing is written to the registry before every check has passed.
 """
 
@@ -38,10 +43,11 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from fer_mlflow.errors import ConfigError
+from fer_mlflow.errors import ConfigError, FerError, RegistryError
 from fer_mlflow.evaluate import EVALUATED_SPLITS, TRAINED_ON_DEMO_TAG
+from fer_mlflow.registry import AliasWriter, alias_version, ensure_model, first_line, restoring, retrying, versions
 from fer_mlflow.tracking import (
-    DATA_EXPERIMENT, DATA_MODEL, DEMO_EXPERIMENT, DEMO_MODEL, DEMO_TAG, log_params, stage_run,
+    DATA_EXPERIMENT, DATA_MODEL, DEMO_EXPERIMENT, DEMO_MODEL, DEMO_TAG, log_params, run_params, stage_run,
 )
 from fer_mlflow.views import Settings
 
@@ -94,26 +100,36 @@ def run(registered_model_name: str = AUTO, metric: str = AUTO, test_digest: str 
     name = "" if registered_model_name in ("", AUTO) else registered_model_name
     client = MlflowClient()
     experiment = DEMO_EXPERIMENT if name == DEMO_MODEL else DATA_EXPERIMENT
-    with stage_run("promote", f"promote by {metric}", experiment=experiment) as active:
-        log_params({"registered_model_name": registered_model_name, "metric": metric, "split": split,
-                    "test_digest": test_digest, "rollback": rollback, "include_rejected": include_rejected})
-        if rollback:
-            if not name:
-                demo = client.get_experiment(active.info.experiment_id).name == DEMO_EXPERIMENT
-                name = DEMO_MODEL if demo else DATA_MODEL
-            version, message = _rollback(client, name, active)
-            changed = True
-        else:
-            best, pool_digest = _best_candidate(client, active.info.experiment_id, name, metric, split,
-                                                test_digest, include_rejected)
-            name = name or (DEMO_MODEL if best.demo else DATA_MODEL)
-            decision = _Decision(client, name, best, metric, split, pool_digest, include_rejected)
-            version, changed, message = decision.make()
-        mlflow.set_tags({"mlflow.runName": f"promote {name} by {metric}{' (rollback)' if rollback else ''}",
-                         "fer.registered_model": name, "fer.champion_version": str(version),
-                         "fer.champion_changed": str(changed).lower()})
-        log.info(message)
-        return PromoteOutcome(active.info.run_id, str(version), changed, message, name)
+    decided = ""  # what promote wrote, once it has
+    try:
+        with stage_run("promote", f"promote by {metric}", experiment=experiment) as active:
+            log_params({"registered_model_name": registered_model_name, "metric": metric, "split": split,
+                        "test_digest": test_digest, "rollback": rollback, "include_rejected": include_rejected})
+            if rollback:
+                if not name:
+                    demo = client.get_experiment(active.info.experiment_id).name == DEMO_EXPERIMENT
+                    name = DEMO_MODEL if demo else DATA_MODEL
+                version, message = _rollback(client, name, active)
+                changed = True
+            else:
+                best, pool_digest = _best_candidate(client, active.info.experiment_id, name, metric, split,
+                                                    test_digest, include_rejected)
+                name = name or (DEMO_MODEL if best.demo else DATA_MODEL)
+                decision = _Decision(client, name, best, metric, split, pool_digest, include_rejected)
+                version, changed, message = decision.make()
+            decided = message
+            mlflow.set_tags({"mlflow.runName": f"promote {name} by {metric}{' (rollback)' if rollback else ''}",
+                             "fer.registered_model": name, "fer.champion_version": str(version),
+                             "fer.champion_changed": str(changed).lower()})
+            log.info(message)
+            return PromoteOutcome(active.info.run_id, str(version), changed, message, name)
+    except MlflowException as error:
+        # Ending the run FAILED needs the server too: that failure must not hide the first one.
+        if isinstance(error.__context__, FerError):
+            raise error.__context__ from error
+        done = f"the registry holds what promote decided ({decided})" if decided else "promote moved no alias"
+        raise RegistryError(f"the tracking server or registry at {mlflow.get_tracking_uri()} failed "
+                            f"({first_line(error)}); {done}; run it again once it answers") from error
 
 
 def _best_candidate(client, experiment_id, name, metric, split, test_digest, include_rejected):
@@ -134,6 +150,8 @@ def _best_candidate(client, experiment_id, name, metric, split, test_digest, inc
     if not pool:
         raise ConfigError(f"no evaluation on {split} data with digest {digest}; "
                           "leave -P test_digest empty to use the newest evaluation's")
+    if not name:  # auto: demo and real models never compete; the newest evaluation's kind decides
+        pool = [c for c in pool if c.demo == pool[0].demo]
     pool.sort(key=lambda c: c.score, reverse=True)
     if include_rejected:
         return pool[0], digest
@@ -159,10 +177,14 @@ class _Decision:
         self.include_rejected = include_rejected
 
     def make(self) -> tuple[str, bool, str]:
-        changed, old = False, _alias_version(self.client, self.name, CHAMPION)
+        with restoring(self.client, self.name, (CHAMPION, PREVIOUS)) as writer:
+            return self._settle(writer)
+
+    def _settle(self, writer: AliasWriter) -> tuple[str, bool, str]:
+        changed, old = False, alias_version(self.client, self.name, CHAMPION)
         for _ in range(WRITE_ATTEMPTS):
-            champion = _alias_version(self.client, self.name, CHAMPION)
-            previous = _alias_version(self.client, self.name, PREVIOUS)
+            champion = alias_version(self.client, self.name, CHAMPION)
+            previous = alias_version(self.client, self.name, PREVIOUS)
             scores = self._scores(champion)
             top = self._top(champion, scores)
             settled = champion is not None and top.version == champion.version
@@ -170,13 +192,13 @@ class _Decision:
                 return champion.version, changed, self._message(old, champion, scores, changed)
             if not settled:
                 if champion is not None:
-                    _retrying(self.client.set_registered_model_alias, self.name, PREVIOUS, champion.version)
-                _retrying(self.client.set_registered_model_alias, self.name, CHAMPION, top.version)
+                    writer.set(PREVIOUS, champion.version)
+                writer.set(CHAMPION, top.version)
                 if top.tags.get("rejected") == "true":  # chosen again with include_rejected
-                    _retrying(self.client.delete_model_version_tag, self.name, top.version, "rejected")
+                    retrying(self.client.delete_model_version_tag, self.name, top.version, "rejected")
                 changed = True
             else:  # previous names the champion itself: a concurrent write left it so
-                _retrying(self.client.delete_registered_model_alias, self.name, PREVIOUS)
+                writer.delete(PREVIOUS)
             time.sleep(random.uniform(0.2, 0.6))  # let a concurrent promote's writes land, then check
         raise ConfigError(f"the aliases of {self.name} kept changing under promote (another promote "
                           "running?); run promote again")
@@ -221,37 +243,44 @@ class _Decision:
         """Score the champion as it serves on the candidate's data and split (a nested run)."""
         from fer_mlflow import evaluate
 
-        data = self.best.evaluation.data.params.get("data")
-        if not data:
-            raise ConfigError(f"the candidate's evaluation {self.best.evaluation.info.run_id} records no "
-                              "data; evaluate the champion on it yourself (-P model_uri=models:/...)")
+        data = self._candidate_data()
         log.info("champion %s v%s has no %s on this data: evaluating it first",
                  self.name, champion.version, self.metric)
-        evaluate.run(model_uri=f"models:/{self.name}/{champion.version}", data=data, split=self.split,
-                     nested=True)
+        scored = evaluate.run(model_uri=f"models:/{self.name}/{champion.version}", data=data,
+                              split=self.split, nested=True)
+        if scored.test_digest != self.digest:  # the data changed since: no score to compare with
+            raise ConfigError(f"{data} now reads as {self.split} data {scored.test_digest}, not the "
+                              f"candidate's {self.digest}; evaluate the candidate again, then promote")
+
+    def _candidate_data(self) -> str:
+        """The data the candidate was evaluated on: its `data_uri`, else the `data` it was given,
+        else (given none: evaluate's default) its training run's data."""
+        evaluation = self.best.evaluation
+        params = run_params(evaluation)
+        data = params.get("data_uri") or params.get("data")
+        if not data:
+            source_run = evaluation.data.tags["fer.source_run"]
+            data = run_params(retrying(self.client.get_run, source_run)).get("data_uri")
+        if not data:
+            raise ConfigError(f"the candidate's evaluation {evaluation.info.run_id} records no data; "
+                              "evaluate the champion on it yourself (-P model_uri=models:/...)")
+        return data
 
     def _registered(self) -> ModelVersion:
         """The version of the candidate, registered once: when two promotes register it at once,
         the lower version number is kept and the other deleted."""
         if not (existing := _versions(self.client, self.name, self.best.key)):
-            try:
-                _retrying(self.client.get_registered_model, self.name)
-            except MlflowException:
-                try:
-                    self.client.create_registered_model(
-                        self.name, description="Facial-expression models (fer-mlflow): 7 emotions from "
-                                               "48x48 grayscale faces")
-                except MlflowException:  # another promote created it first
-                    pass
+            ensure_model(self.client, self.name, "Facial-expression models (fer-mlflow): 7 emotions from "
+                                                 "48x48 grayscale faces")
             evaluation = self.best.evaluation
-            created = _retrying(mlflow.register_model, evaluation.data.tags["fer.served_model_uri"],
+            created = retrying(mlflow.register_model, evaluation.data.tags["fer.served_model_uri"],
                                 self.name, tags=self._tags())
             existing = _versions(self.client, self.name, self.best.key)
             if existing and existing[0].version != created.version:
-                _retrying(self.client.delete_model_version, self.name, created.version)
+                retrying(self.client.delete_model_version, self.name, created.version)
             else:
-                _retrying(self.client.update_model_version, self.name, created.version, self._description())
-            existing = existing or [self.client.get_model_version(self.name, created.version)]
+                retrying(self.client.update_model_version, self.name, created.version, self._description())
+            existing = existing or [retrying(self.client.get_model_version, self.name, created.version)]
         return existing[0]
 
     def _tags(self) -> dict[str, str]:
@@ -283,7 +312,7 @@ class _Decision:
 
     def _description(self) -> str:
         evaluation = self.best.evaluation
-        tags, params = evaluation.data.tags, evaluation.data.params
+        tags, params = evaluation.data.tags, run_params(evaluation)
         source_run, settings = self.best.key
         experiment = evaluation.info.experiment_id
         figure = "figures/confusion_matrix_normalised.png"
@@ -323,17 +352,22 @@ class _Decision:
 
 
 def _rollback(client, name, active) -> tuple[str, str]:
-    champion, previous = _alias_version(client, name, CHAMPION), _alias_version(client, name, PREVIOUS)
+    with restoring(client, name, (CHAMPION, PREVIOUS)) as writer:
+        return _rolled_back(client, name, active, writer)
+
+
+def _rolled_back(client, name, active, writer: AliasWriter) -> tuple[str, str]:
+    champion, previous = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
     if previous is None:
         raise ConfigError(f"{name} has no '{PREVIOUS}' alias to roll back to")
-    _retrying(client.set_registered_model_alias, name, CHAMPION, previous.version)
-    _retrying(client.delete_registered_model_alias, name, PREVIOUS)
+    writer.set(CHAMPION, previous.version)
+    writer.delete(PREVIOUS)
     if champion is not None and champion.version != previous.version:
         user = active.data.tags.get("mlflow.user") or getpass.getuser()
         for key, value in {"rejected": "true", "rejected_by": user,
                            "rejected_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "rejected_in_run": active.info.run_id}.items():
-            _retrying(client.set_model_version_tag, name, champion.version, key, value)
+            retrying(client.set_model_version_tag, name, champion.version, key, value)
     return previous.version, (f"rolled back: champion is {name} v{previous.version} again; "
                               f"v{champion.version if champion else '?'} is tagged rejected")
 
@@ -345,33 +379,4 @@ def _key(version: ModelVersion) -> tuple[str, str]:
 
 def _versions(client, name, key: tuple[str, str] | None = None) -> list[ModelVersion]:
     """The versions of `name` (those of served model `key` only, if given), lowest number first."""
-    try:
-        found = _retrying(client.search_model_versions, f"name = '{name}'", max_results=10000)
-    except MlflowException:
-        return []
-    found = [v for v in found if key is None or _key(v) == key]
-    return sorted(found, key=lambda v: int(v.version))
-
-
-def _alias_version(client, name, alias) -> ModelVersion | None:
-    try:
-        return _retrying(client.get_model_version_by_alias, name, alias)
-    except MlflowException:
-        return None
-
-
-_FINAL_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
-                 "PERMISSION_DENIED", "UNAUTHENTICATED"}
-
-
-def _retrying(call, *args, attempts: int = 5, **kwargs):
-    """`call(*args, **kwargs)`, retried with backoff on errors that can pass (a locked SQLite
-    database, a busy server); answers that will not change are raised at once."""
-    for attempt in range(attempts):
-        try:
-            return call(*args, **kwargs)
-        except MlflowException as error:
-            if error.error_code in _FINAL_ERRORS or attempt == attempts - 1:
-                raise
-            log.warning("registry call %s failed (%s); retrying", call.__name__, str(error).splitlines()[0])
-            time.sleep(0.2 * 2 ** attempt * random.uniform(0.5, 1.5))
+    return [v for v in versions(client, name) if key is None or _key(v) == key]

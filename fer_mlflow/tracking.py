@@ -53,7 +53,7 @@ def is_demo(data: str) -> bool:
         run = MlflowClient().get_run(data.split("/")[1])
     except MlflowException:
         return False
-    return run.data.tags.get(DEMO_TAG) == "true" or run.data.params.get("data") == "demo"
+    return run.data.tags.get(DEMO_TAG) == "true" or run_params(run).get("data") == "demo"
 
 
 def data_context(data: str) -> tuple[dict[str, str], str]:
@@ -260,7 +260,7 @@ def log_params(params: dict) -> None:
         text = param_text(value)
         if key not in existing:
             fresh[key] = text
-        elif existing[key].strip().lower() == "auto" and text.lower() not in ("auto", "none"):
+        elif unquoted(existing[key]).strip().lower() == "auto" and text.lower() not in ("auto", "none"):
             fresh[f"{key}_resolved"] = text
     if fresh:
         mlflow.log_params(fresh)

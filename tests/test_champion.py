@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from fer_mlflow import clean, evaluate, promote, pyfunc_model
 from fer_mlflow import dataset as ds
-from fer_mlflow.tracking import DATA_EXPERIMENT, EXPERIMENT_KIND, experiment_id
+from fer_mlflow.tracking import DATA_EXPERIMENT, DEMO_TAG, EXPERIMENT_KIND, experiment_id
 from fer_mlflow.views import Settings
 
 ANGRY, FEAR, HAPPY, SAD = 0, 2, 3, 4
@@ -80,6 +80,20 @@ def test_runs_go_to_the_project_experiment_for_their_data_unless_the_user_chose_
 
 
 @pytest.mark.slow
+def test_auto_promote_in_an_experiment_holding_demo_runs_promotes_among_the_real_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")  # the user's one experiment for everything
+    data = labelled(tmp_path, "d", {HAPPY: 7, ANGRY: 3})
+    on_demo = logged(constant_model(HAPPY), experiment_id("mine"), "happy-demo")
+    MlflowClient().set_tag(on_demo, DEMO_TAG, "true")  # as train tags a run on the demo data
+    evaluate.run(run_id=on_demo, data=data)  # 0.7, the best score, by a demo-trained model
+    real = logged(constant_model(ANGRY), experiment_id("mine"), "angry")
+    evaluate.run(run_id=real, data=data)  # 0.3, the newest evaluation
+    outcome = promote.run()
+    assert outcome.registered_model_name == "fer-emotion" and champion().run_id == real
+    assert not MlflowClient().search_registered_models("name = 'fer-emotion-demo'")
+
+
+@pytest.mark.slow
 def test_mlflow_run_without_an_experiment_leaves_nothing_in_default(tracking):
     done = mlflow_run("promote", {"registered_model_name": "fer-emotion-demo"}, tracking)
     assert done.returncode != 0 and "no finished evaluation" in done.stderr  # nothing to promote yet
@@ -134,6 +148,31 @@ def test_promote_scores_a_champion_from_another_experiment_before_replacing_it(t
         "test_accuracy"] == pytest.approx(0.6)  # a models:/ URI's score counts for that version
     assert not promote.run().changed
     assert len(all_runs("tags.`fer.stage` = 'evaluate' and tags.`fer.model_version` = 'fer-emotion/1'")) == 2
+
+
+@pytest.mark.slow
+def test_the_readme_sequence_through_mlflow_run_rescores_the_champion_and_decides(tmp_path, tracking):
+    """Evaluations made by `mlflow run -e evaluate -P run_id=...` with no data record data as the
+    shell quoted it (``''``): promote still scores the champion on the candidate's data."""
+    only_sad = labelled(tmp_path, "d1", {SAD: 5})
+    mostly_happy = labelled(tmp_path, "d2", {HAPPY: 7, SAD: 3})
+    runs = {}
+    for label, data in ((SAD, only_sad), (HAPPY, mostly_happy)):
+        runs[label] = logged(constant_model(label), name=str(label))
+        MlflowClient().log_param(runs[label], "data_uri", data)  # as train records its data
+    for label in (SAD, HAPPY):
+        done = mlflow_run("evaluate", {"run_id": runs[label]}, tracking)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if label == SAD:
+            assert promote.run().changed and champion().run_id == runs[SAD]
+    (quoted,) = all_runs(f"tags.`fer.source_run` = '{runs[HAPPY]}'")
+    assert quoted.data.params["data"] == "''"  # what mlflow run stores for an empty value
+    decided = promote.run()
+    assert decided.changed and champion().run_id == runs[HAPPY]
+    assert "previous: v1 scored 0.3000" in decided.message
+    (rescored,) = all_runs(f"tags.`mlflow.parentRunId` = '{decided.run_id}'")
+    assert rescored.data.tags["fer.model_version"] == "fer-emotion/1"
+    assert rescored.data.tags["fer.test_digest"] == quoted.data.tags["fer.test_digest"]
 
 
 # --- 3. scored equals served -------------------------------------------------------------------
@@ -201,16 +240,52 @@ def test_a_rolled_back_version_is_rejected_and_skipped_until_included(tmp_path):
 # --- 5. two promotes at once -------------------------------------------------------------------
 
 
-def promote_together(tracking_uri: str, experiments: list[str]) -> None:
-    """Start one `promote` process per experiment at the same moment; all must succeed."""
-    processes = [subprocess.Popen([sys.executable, "-m", "fer_mlflow", "promote"], cwd=PROJECT,
+# Each promote process runs the CLI with its first registration and its first alias write gated:
+# it waits there until every promote has arrived, so all of them have read the registry before any
+# writes (the race happens every time), and then waits FER_TEST_LAG more seconds before the write.
+GATED_PROMOTE = """
+import functools, os, sys, time
+from pathlib import Path
+import mlflow
+from mlflow import MlflowClient
+
+def gated(function, gate):
+    arrived = []
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        if not arrived:
+            arrived.append(True)
+            folder = Path(os.environ["FER_TEST_BARRIER"]) / gate
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / str(os.getpid())).touch()
+            deadline = time.monotonic() + 120
+            while len(list(folder.iterdir())) < int(os.environ["FER_TEST_PARTIES"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(float(os.environ.get("FER_TEST_LAG", "0")))
+        return function(*args, **kwargs)
+    return call
+
+mlflow.register_model = gated(mlflow.register_model, "register")
+MlflowClient.set_registered_model_alias = gated(MlflowClient.set_registered_model_alias, "alias")
+from fer_mlflow.cli import main
+main(["promote"])
+"""
+
+
+def promote_together(tracking_uri: str, experiments: dict[str, float], barrier: Path) -> None:
+    """One `promote` process per experiment, all reading the registry before any writes (see
+    GATED_PROMOTE), each then lagging its writes by the seconds given; all must succeed."""
+    processes = [subprocess.Popen([sys.executable, "-c", GATED_PROMOTE], cwd=PROJECT,
                                   env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-                                       "MLFLOW_EXPERIMENT_NAME": name},
+                                       "MLFLOW_EXPERIMENT_NAME": name, "FER_TEST_BARRIER": str(barrier),
+                                       "FER_TEST_PARTIES": str(len(experiments)), "FER_TEST_LAG": str(lag)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for name in experiments]
+                 for name, lag in experiments.items()]
     for process in processes:
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err[-3000:]
+    for gate in ("register", "alias"):  # every promote reached each write having read the old state
+        assert len(list((barrier / gate).iterdir())) == len(experiments)
 
 
 def check_registry(best_run: str) -> None:
@@ -230,9 +305,10 @@ def concurrent_promotes(tmp_path) -> None:
         evaluate.run(run_id=runs[label], data=data)
     os.environ["MLFLOW_EXPERIMENT_NAME"] = "base"
     promote.run()
-    promote_together(mlflow.get_tracking_uri(), ["a", "b"])  # both register the same run
+    promote_together(mlflow.get_tracking_uri(), {"a": 0, "b": 0}, tmp_path / "ab")  # both register one run
     check_registry(runs[ANGRY])
-    promote_together(mlflow.get_tracking_uri(), ["c", "d"])  # each a different, better run
+    # Each a different, better run; the worse writes last, so only the re-check makes HAPPY champion.
+    promote_together(mlflow.get_tracking_uri(), {"c": 3, "d": 0}, tmp_path / "cd")
     check_registry(runs[HAPPY])
 
 

@@ -16,7 +16,7 @@ from fer_mlflow.cli import main
 from fer_mlflow.dataset import CLASS_NAMES
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.pyfunc_model import log_model
-from fer_mlflow.tracking import DEMO_EXPERIMENT, experiment_id
+from fer_mlflow.tracking import DEMO_EXPERIMENT, DEMO_TAG, experiment_id
 
 PROBABILITIES = [f"prob_{name}" for name in CLASS_NAMES]
 
@@ -168,6 +168,19 @@ def test_top_takes_the_best_runs_on_the_newest_runs_data(tiny_npz, tmp_path, mon
         ensemble.run(top=2)
     outcome = ensemble.run(top=2, data_digest=ds.load(tiny_npz).digest())
     assert outcome.members == [best, middle]
+
+
+@pytest.mark.slow
+def test_top_never_mixes_demo_trained_runs_with_others(tiny_npz, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", DEMO_EXPERIMENT)  # where logged_training_run logs
+    on_demo = logged_training_run(tiny_npz, 0, score=0.9)
+    MlflowClient().set_tag(on_demo, DEMO_TAG, "true")  # the same images, read as the demo's dataset
+    real = [logged_training_run(tiny_npz, seed, score=s) for seed, s in ((1, 0.4), (2, 0.3))]
+    for run_id in real:
+        MlflowClient().set_tag(run_id, DEMO_TAG, "false")
+    outcome = ensemble.run(top=2)
+    assert outcome.members == real
+    assert MlflowClient().get_run(outcome.run_id).data.tags[DEMO_TAG] == "false"
 
 
 @pytest.mark.slow  # logs five models: keeps -m 'not slow' under 3 minutes

@@ -144,6 +144,29 @@ def test_evaluate_needs_a_model(arguments, expected, capsys):
     assert not all_runs()  # nothing started, nothing left RUNNING
 
 
+def test_the_test_digest_depends_on_the_test_images_alone(tmp_path):
+    """The same test images give the same digest whatever other ids the dataset holds."""
+    data = make_demo(seed=0, per_class=9)
+    longer = data.ids.tolist()
+    longer[int(np.flatnonzero(data.splits == "train")[0])] = "a-train-id-" + "x" * 200  # not a test image
+    widened = ds.Dataset(data.images, data.labels, data.splits, longer)
+    assert widened.split("test").digest() == data.split("test").digest()
+    assert widened.digest() != data.digest()  # the train image's id did change
+
+
+def test_digests_stored_before_ids_were_hashed_at_their_own_width_still_compare():
+    """A dataset whose longest id is its split's own (every whole dataset) keeps the digest that
+    earlier versions stored: the pixels, labels, splits and ids as numpy lays them out."""
+    import hashlib
+
+    whole = make_demo(seed=0, per_class=9)
+    earlier = hashlib.sha256()
+    for array in (whole.images, whole.labels, whole.splits, np.asarray(whole.ids.tolist(), dtype=str)):
+        earlier.update(np.ascontiguousarray(array).tobytes())
+    earlier.update(json.dumps(list(whole.class_names)).encode())
+    assert whole.digest() == earlier.hexdigest()[:16]
+
+
 # --- promote ---------------------------------------------------------------------------------
 
 

@@ -1,0 +1,137 @@
+"""Model-registry reads and writes for `promote`, which never take a failure for an answer.
+
+A read that fails (after MLflow's own HTTP retries and `retrying`'s) raises; only "this model does
+not exist yet" (``RESOURCE_DOES_NOT_EXIST``) means "no versions" or "no aliases". Reading a failure
+as "no champion" would register a duplicate and move ``champion`` without comparing.
+
+Writes that fail part-way are undone: `restoring` notes the aliases before promote writes, puts them
+back when a registry call fails, and raises a `RegistryError` in one line saying what it left.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from contextlib import contextmanager
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from fer_mlflow.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+# Answers that the same call will get again: raised at once rather than retried.
+_FINAL_ERRORS = {NOT_FOUND, "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
+                 "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+def retrying(call, *args, attempts: int = 5, **kwargs):
+    """`call(*args, **kwargs)`, retried with backoff on errors that can pass (a locked SQLite
+    database, a busy server); answers that will not change are raised at once."""
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as error:
+            if error.error_code in _FINAL_ERRORS or attempt == attempts - 1:
+                raise
+            log.warning("registry call %s failed (%s); retrying", call.__name__, first_line(error))
+            time.sleep(0.2 * 2 ** attempt * random.uniform(0.5, 1.5))
+
+
+def aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    """{alias: version} of registered model `name`: none when the model does not exist yet."""
+    try:
+        return dict(retrying(client.get_registered_model, name).aliases)
+    except MlflowException as error:
+        if error.error_code == NOT_FOUND:
+            return {}
+        raise
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version `alias` names, or None when no version holds it."""
+    version = aliases(client, name).get(alias)
+    if version is None:
+        return None
+    try:
+        return retrying(client.get_model_version, name, version)
+    except MlflowException as error:
+        if error.error_code == NOT_FOUND:  # deleted since (a concurrent duplicate): its alias went with it
+            return None
+        raise
+
+
+def versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of `name` (none when it does not exist), lowest number first."""
+    found = retrying(client.search_model_versions, f"name = '{name}'", max_results=10000)
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def ensure_model(client: MlflowClient, name: str, description: str) -> None:
+    """Create registered model `name` unless it exists (or another process creates it first)."""
+    try:
+        retrying(client.get_registered_model, name)
+        return
+    except MlflowException as error:
+        if error.error_code != NOT_FOUND:
+            raise
+    try:
+        retrying(client.create_registered_model, name, description=description)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+class AliasWriter:
+    """Sets and deletes the aliases of one registered model, noting that it did so."""
+
+    def __init__(self, client: MlflowClient, name: str):
+        self.client, self.name, self.written = client, name, False
+
+    def set(self, alias: str, version: str) -> None:
+        self.written = True  # before the call: a write that fails may still have landed
+        retrying(self.client.set_registered_model_alias, self.name, alias, version)
+
+    def delete(self, alias: str) -> None:
+        self.written = True
+        retrying(self.client.delete_registered_model_alias, self.name, alias)
+
+
+@contextmanager
+def restoring(client: MlflowClient, name: str, watched: tuple[str, ...]):
+    """Yield an `AliasWriter` for `name`. When a registry call in the block fails, the `watched`
+    aliases are put back as they were before it and a `RegistryError` says so in one line (or, where
+    even that fails, what they were)."""
+    before = aliases(client, name)
+    was = ", ".join(f"{alias} v{before[alias]}" if alias in before else f"no {alias}" for alias in watched)
+    writer = AliasWriter(client, name)
+    try:
+        yield writer
+    except MlflowException as error:
+        failed = f"the model registry at {mlflow.get_registry_uri()} failed ({first_line(error)})"
+        if writer.written:
+            try:
+                now = aliases(client, name)
+                for alias in watched:
+                    if alias in before and now.get(alias) != before[alias]:
+                        retrying(client.set_registered_model_alias, name, alias, before[alias])
+                    elif alias not in before and alias in now:
+                        retrying(client.delete_registered_model_alias, name, alias)
+            except MlflowException:
+                raise RegistryError(f"{failed} and the aliases promote had begun to move could not be set "
+                                    f"back: {name} had {was}; set them so once the registry answers"
+                                    ) from error
+        raise RegistryError(f"{failed}; promote stopped and left {name}'s aliases as they were ({was}); "
+                            "run it again once the registry answers") from error
+
+
+def first_line(error: Exception) -> str:
+    """An error's message on one line, at most 240 characters: its start and its end, where MLflow
+    puts the cause (``too many 500 error responses``, ``Connection refused``)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 240 else f"{text[:110]} ... {text[-125:]}"
