@@ -252,3 +252,37 @@ def test_a_two_worker_sweep_on_a_team_server_backed_by_postgresql(tracking_serve
     assert "***" not in storage and launcher.data.params["storage"] == storage  # no password to hide here
     evaluation = MlflowClient().get_run(launcher.data.tags["fer.best_evaluation"])
     assert evaluation.data.tags["fer.source_run"] == launcher.data.tags["fer.best_run"]
+
+
+SECRET = "s3cret-Pa55"  # a password for the tests below; it must turn up nowhere
+
+
+def test_a_password_in_a_parameter_is_refused_and_the_run_that_logged_it_deleted(tmp_path, monkeypatch, capsys):
+    """As `mlflow run -P storage=postgresql://optuna:PASSWORD@...` hands it over: the run mlflow run
+    opened has logged the URL as a param already; the command refuses it in one line that says where
+    the password goes, ends that run and deletes it, so no search of the project's finds it."""
+    url = f"postgresql+psycopg2://optuna:{SECRET}@127.0.0.1:9/optuna"
+    client = MlflowClient()
+    opened = client.create_run(client.create_experiment("projects"), tags={"mlflow.source.type": "PROJECT"})
+    client.log_param(opened.info.run_id, "storage", url)
+    kept = client.create_run(opened.info.experiment_id)  # a run of the user's that never saw the password
+    query = url.replace(f"optuna:{SECRET}@", "optuna@") + f"?password={SECRET}"
+    for args, run in [(["--storage", query], kept), ([f"--storage={url}"], kept), (["--storage", url], opened)]:
+        monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(["sweep", "--trials", "1", *args])
+        assert stopped.value.code == 2
+        printed = capsys.readouterr()
+        assert SECRET not in printed.out + printed.err
+        errors = [line for line in printed.err.splitlines() if " INFO mlflow" not in line]  # MLflow's store log
+        assert len(errors) == 1 and "carries a password" in errors[0] and "PGPASSWORD" in errors[0], errors
+        assert (f"mlflow gc --run-ids {run.info.run_id}" in errors[0]) == (run is opened), errors
+    assert client.get_run(kept.info.run_id).info.lifecycle_stage == "active"  # it never logged the password
+    deleted = client.get_run(opened.info.run_id)
+    assert (deleted.info.lifecycle_stage, deleted.info.status) == ("deleted", "FAILED")
+    assert not [r for r in all_runs() if any(SECRET in v for v in r.data.params.values())]
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    with pytest.raises(ConfigError, match="carries a password") as refused:  # the Python API refuses it too
+        sweep.run(sweep.SweepConfig(storage=url, trials=1))
+    assert SECRET not in str(refused.value)
+    assert [r.info.run_id for r in all_runs()] == [kept.info.run_id]
