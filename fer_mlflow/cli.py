@@ -219,6 +219,8 @@ def train_options(args: list[str]) -> dict:
 @click.option("--evaluate", default=True, show_default=True, type=bool,
               help="Score the best trial's model on the test split, ready for promote.")
 @click.option("--worker-index", default=0, hidden=True, type=click.IntRange(min=0))
+@click.option("--deadline", default=None, hidden=True, type=float,
+              help="The launcher's end of --time-budget, in seconds since the epoch: its workers share it.")
 @click.pass_context
 def sweep(context, **options) -> None:
     """Search train's parameters with Optuna (TPE, median pruning): a parent run, a nested train run

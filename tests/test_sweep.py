@@ -286,3 +286,27 @@ def test_a_password_in_a_parameter_is_refused_and_the_run_that_logged_it_deleted
         sweep.run(sweep.SweepConfig(storage=url, trials=1))
     assert SECRET not in str(refused.value)
     assert [r.info.run_id for r in all_runs()] == [kept.info.run_id]
+
+
+@pytest.mark.slow
+def test_every_worker_of_a_sweep_shares_its_one_deadline(tiny_npz, tmp_path):
+    """A worker started by `workers=2` takes a while to start (Python, TensorFlow, the data): that time
+    counts against the sweep's budget, so no trial of any worker is given time past the launcher's
+    deadline. Each trial is asked for under the study lock and given the minutes left then."""
+    budget = 0.75  # minutes: long enough for the second worker to start and take a trial
+    journal = str(tmp_path / "study.journal")
+    outcome = sweep.run(sweep.SweepConfig(data=tiny_npz, trials=2, workers=2, storage=journal, study="shared",
+                                          time_budget=budget, evaluate=False),
+                        {"epochs": 1000, "patience": 1000}, ("--epochs", "1000", "--patience", "1000"))
+    launcher = MlflowClient().get_run(outcome.run_id)
+    ends_by = launcher.info.start_time / 1000 + budget * 60  # the deadline is set just before this run starts
+    trained = {int(r.data.tags["fer.trial"]): r for r in all_runs("tags.`fer.stage` = 'train'")}
+    study = optuna.load_study(study_name="shared", storage=studies.open_storage(journal))
+    assert study.trials and set(trained) == {t.number for t in study.trials}
+    for trial in study.trials:
+        minutes = float(trained[trial.number].data.params["time_budget"])
+        late = trial.datetime_start.timestamp() + minutes * 60 - ends_by
+        assert late <= 0.5, f"trial {trial.number} of worker {trained[trial.number].data.tags['mlflow.parentRunId']} " \
+                            f"may train {late:.1f} s past the sweep's deadline"
+    parents = all_runs("tags.`fer.stage` = 'sweep'")
+    assert len(parents) == 2 and {p.data.params["deadline"] for p in parents} == {launcher.data.params["deadline"]}
