@@ -6,14 +6,19 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
+import uuid
 
 import click
 import keras
 import mlflow
 import optuna
 import pandas as pd
+import psutil
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
 from conftest import PROJECT, all_runs, mlflow_run
 from fer_mlflow import models, promote, search_space, studies, sweep, train
@@ -310,3 +315,113 @@ def test_every_worker_of_a_sweep_shares_its_one_deadline(tiny_npz, tmp_path):
                             f"may train {late:.1f} s past the sweep's deadline"
     parents = all_runs("tags.`fer.stage` = 'sweep'")
     assert len(parents) == 2 and {p.data.params["deadline"] for p in parents} == {launcher.data.params["deadline"]}
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_a_password_in_storage_is_refused_and_its_run_deleted(tracking):
+    """The README's old advice, `mlflow run . -e sweep -P storage=postgresql://optuna:PASSWORD@...`:
+    mlflow run logs the value before the project's code runs; the command refuses it, and the run is
+    left deleted (out of every search) rather than findable with the password in its params."""
+    done = mlflow_run("sweep", {"storage": f"postgresql://optuna:{SECRET}@127.0.0.1:9/optuna", "trials": 1}, tracking)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "carries a password" in errors[0] and "PGPASSWORD" in errors[0], done.stderr[-3000:]
+    assert SECRET not in errors[0]
+    logged = all_runs(run_view_type=ViewType.ALL)
+    assert [(r.info.lifecycle_stage, r.info.status) for r in logged] == [("deleted", "FAILED")]
+    assert f"mlflow gc --run-ids {logged[0].info.run_id}" in errors[0]
+    assert all_runs() == []
+
+
+def _sql(port: int, statement: str) -> None:
+    import psycopg2
+
+    connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def password_database(postgres_server):
+    """A database owned by a role that must give its password (`SECRET`, scram-sha-256 on loopback;
+    the other roles of the tests' server keep trust): its URL, without the password."""
+    import psycopg2
+
+    role = f"optuna_{uuid.uuid4().hex[:8]}"
+    _sql(postgres_server.port, f"CREATE ROLE {role} LOGIN PASSWORD '{SECRET}'")
+    _sql(postgres_server.port, f"CREATE DATABASE {role} OWNER {role}")
+    hba = postgres_server.folder / "data" / "pg_hba.conf"
+    before = hba.read_text()
+    hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + before)  # the first matching line wins
+    _sql(postgres_server.port, "SELECT pg_reload_conf()")
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until the reloaded rules ask the role for its password
+            try:
+                psycopg2.connect(host="127.0.0.1", port=postgres_server.port, user=role, dbname=role,
+                                 password="").close()
+            except psycopg2.OperationalError as refused:
+                assert "password" in str(refused)
+                break
+            assert time.monotonic() < deadline, "PostgreSQL did not reload pg_hba.conf"
+            time.sleep(0.2)
+        yield f"postgresql://{role}@127.0.0.1:{postgres_server.port}/{role}"
+    finally:
+        hba.write_text(before)
+        _sql(postgres_server.port, "SELECT pg_reload_conf()")
+
+
+def _command_lines(root: psutil.Process, seen: list, done: threading.Event) -> None:
+    """Sample the command line of `root` and every process under it until `done`."""
+    while not done.is_set():
+        try:
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for process in processes:
+            try:
+                seen.append(process.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_two_worker_sweep_takes_its_password_from_the_environment_and_shows_it_nowhere(
+        password_database, tiny_npz, tmp_path, tracking, monkeypatch):
+    """As the README says to run it: the password in PGPASSWORD, the URL without it. The study lives
+    in PostgreSQL behind that password; the password turns up in no param, tag or artifact (every
+    file of the tracking store), no line the sweep prints, and no command line of it or its workers."""
+    command = [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", "sweep", "--env-manager", "local"]
+    for key, value in {"data": tiny_npz, "workers": 2, "storage": password_database, "study": "shared",
+                       "trials": 2, "epochs": 1, "evaluate": "false"}.items():
+        command += ["-P", f"{key}={value}"]
+    process = subprocess.Popen(command, env={**os.environ, "MLFLOW_TRACKING_URI": tracking, "PGPASSWORD": SECRET},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, done = [], threading.Event()
+    sampler = threading.Thread(target=_command_lines, args=(psutil.Process(process.pid), seen, done))
+    sampler.start()
+    try:
+        output = process.communicate(timeout=900)[0]
+    finally:
+        done.set()
+        sampler.join()
+    assert process.returncode == 0, output[-4000:]
+    monkeypatch.setenv("PGPASSWORD", SECRET)  # to read the study back
+    _check_one_study(tracking, password_database, workers=2, trials=2)
+
+    assert SECRET not in output
+    workers = [line for line in seen if "--worker-index" in line]
+    assert workers and any("--storage" in line for line in workers)  # the started worker was seen
+    assert not [line for line in seen if SECRET in " ".join(line)]
+    runs = all_runs()
+    assert {r.data.params["storage"] for r in runs if r.data.tags["fer.stage"] == "sweep"} == {password_database}
+    for run in runs:
+        assert not [v for v in (*run.data.params.values(), *run.data.tags.values()) if SECRET in v], run.info.run_id
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.name == "trials.csv" for path in files)  # the artifacts are among them
+    assert not [path for path in files if SECRET.encode() in path.read_bytes()]
