@@ -22,8 +22,9 @@ from fer_mlflow.errors import ConfigError
 
 HOW = ("leave the password out of the URL and set PGPASSWORD, or put it in ~/.pgpass "
        "(or the file PGPASSFILE names), which the PostgreSQL client reads itself")
-# `scheme://user:password@`: also catches a password that urlsplit cannot see (an unescaped / or #).
-_USERINFO_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^@\s]*:[^@\s]*@")
+# `scheme://user:password@`: also catches a password that urlsplit cannot see (an unescaped / or #);
+# `host:port/path@...` (digits then a slash after the colon) is a port, not a password.
+_USERINFO_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^@/:\s]*:(?!\d+/)[^@\s]*@")
 
 
 def carries_password(value: str) -> bool:

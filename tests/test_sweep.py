@@ -425,3 +425,21 @@ def test_a_two_worker_sweep_takes_its_password_from_the_environment_and_shows_it
     files = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert any(path.name == "trials.csv" for path in files)  # the artifacts are among them
     assert not [path for path in files if SECRET.encode() in path.read_bytes()]
+
+
+@pytest.mark.parametrize("url, carries", [
+    ("postgresql+psycopg2://optuna:pw@db-host:5432/optuna", True),
+    ("postgresql://optuna:1234@db-host/optuna", True),
+    ("postgresql://optuna:pa/ss#1@db-host/optuna", True),  # unescaped: urlsplit alone misses it
+    ("postgresql://optuna@db-host/optuna?sslmode=require&password=pw", True),
+    ("postgresql://optuna@db-host:5432/optuna", False),
+    ("http://mlflow-host:5000/models/fer@champion", False),  # a port, then an @ in the path
+    ("sqlite:////tmp/study.db", False), ("/tmp/study.journal", False), ("models:/fer-emotion@champion", False),
+])
+def test_a_password_is_told_from_a_port(url, carries):
+    from fer_mlflow import credentials
+
+    assert credentials.carries_password(url) == carries
+    shown = credentials.masked(url)
+    assert (shown, "***" in shown) == (url, False) if not carries else \
+        ("***" in shown and not any(secret in shown for secret in ("pw", "1234", "pa/ss")))
