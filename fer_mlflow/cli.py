@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from fer_mlflow import interrupts
+from fer_mlflow import credentials, interrupts
 from fer_mlflow.errors import ConfigError, FerError, check_widths
 from fer_mlflow.faces import CHOICES, MAX_FACES, MIN_FACE
 from fer_mlflow.media import FRAMES_PER_SECOND
@@ -198,7 +198,8 @@ def train_options(args: list[str]) -> dict:
               help="Trials in the study, over all its workers.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Trials at once on this machine: this process and N-1 more, on one study.")
-@click.option("--storage", default="", help="Optuna storage shared by workers: postgresql://..., sqlite:///... "
+@click.option("--storage", default="", help="Optuna storage shared by workers: postgresql://user@host/db "
+                                            "(no password: PGPASSWORD or ~/.pgpass), sqlite:///... "
                                             "or a journal file's path; empty: in memory (a journal in a "
                                             "temporary folder with workers > 1).")
 @click.option("--study", default="", help="Study name; workers with the same storage and study share it. "
@@ -218,6 +219,8 @@ def train_options(args: list[str]) -> dict:
 @click.option("--evaluate", default=True, show_default=True, type=bool,
               help="Score the best trial's model on the test split, ready for promote.")
 @click.option("--worker-index", default=0, hidden=True, type=click.IntRange(min=0))
+@click.option("--deadline", default=None, hidden=True, type=float,
+              help="The launcher's end of --time-budget, in seconds since the epoch: its workers share it.")
 @click.pass_context
 def sweep(context, **options) -> None:
     """Search train's parameters with Optuna (TPE, median pruning): a parent run, a nested train run
@@ -396,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     interrupts.install()
     try:
+        credentials.check_arguments(sys.argv[1:] if argv is None else list(argv))
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)

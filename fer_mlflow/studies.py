@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 
+from fer_mlflow.credentials import check_url, masked
 from fer_mlflow.errors import ConfigError
 
 RDB_SCHEMES = ("sqlite", "postgresql")
@@ -67,10 +68,12 @@ class TrialLock:
 
 
 def open_storage(url: str):
-    """Optuna storage for `url`: None (in memory) for "", RDB storage for a URL, else a journal file."""
+    """Optuna storage for `url`: None (in memory) for "", RDB storage for a URL, else a journal file.
+    A URL with a password is refused (`credentials`): libpq reads it from PGPASSWORD or ~/.pgpass."""
     if not url:
         return None
     if "://" in url:
+        check_url("storage", url)
         scheme = url.split("://", 1)[0].split("+", 1)[0]
         if scheme not in RDB_SCHEMES:
             raise ConfigError(f"storage {masked(url)}: use postgresql://user@host:port/database, "
@@ -91,12 +94,3 @@ def open_storage(url: str):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     return JournalStorage(JournalFileBackend(url))
-
-
-def masked(url: str) -> str:
-    """`url` without its password."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else url

@@ -12,7 +12,9 @@ the default recipe (`baseline`), so that the sweep says what it found against th
 (``postgresql://...``, ``sqlite:///...``) or a journal file (a plain path); taking a trial happens
 under a lock (`studies.TrialLock`), so that any number of workers, on any machines, make exactly `trials`
 trials. ``workers=N`` starts N-1 more worker processes on this machine, on the same study (a journal
-file in a temporary folder unless `storage` is given); each worker has its own parent run.
+file in a temporary folder unless `storage` is given); each worker has its own parent run. Those
+workers share the launcher's one deadline (`time_budget` from when it started), so their start-up
+counts against it; a worker started by hand elsewhere counts its `time_budget` from its own start.
 
 At its end a worker logs the study as it then stands: ``trials.csv``, Optuna's figures (optimisation
 history, parameter importances, parallel coordinates) and the best value, and (with `evaluate`)
@@ -95,6 +97,7 @@ class SweepConfig:
     baseline: bool = True  # a new study's first trial is the default recipe
     evaluate: bool = True  # score the best trial's model on the test split (nested evaluate run)
     worker_index: int = 0  # 0: this process; 1..N-1: the workers it starts
+    deadline: float | None = None  # the launcher's end of time_budget (epoch seconds), handed to its workers
 
 
 def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, ...] = ()) -> SweepOutcome:
@@ -127,6 +130,7 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
     tags.update({"fer.model": config.model, "fer.study": study_name, "fer.sweep_worker": str(config.worker_index)})
     name = f"sweep {config.model}-{label} {study_name}" + (f" worker {config.worker_index}" if config.worker_index else "")
     started = time.perf_counter()
+    deadline = config.deadline or (time.time() + config.time_budget * 60 if config.time_budget else None)
     with stage_run("sweep", name, tags, experiment=experiment) as parent:
         seed = config.sampler_seed
         if seed is None and not config.storage:
@@ -135,7 +139,10 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
                                              seed=None if seed is None else seed + config.worker_index)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
                                              n_warmup_steps=config.prune_warmup)
-        log_params({**{k: v for k, v in asdict(config).items() if k not in ("storage", "worker_index", "sampler_seed")},
+        log_params({**{k: v for k, v in asdict(config).items()
+                       if k not in ("storage", "worker_index", "sampler_seed", "deadline")},
+                    "deadline": "none" if deadline is None else
+                    datetime.fromtimestamp(deadline, timezone.utc).isoformat(timespec="seconds"),
                     "sampler_seed": "auto" if config.sampler_seed is None else config.sampler_seed,
                     "storage": studies.masked(config.storage) or "in memory", "study": study_name,
                     "search_space": json.dumps(space, separators=(",", ":")), "sampler": f"TPESampler(n_startup_trials={SAMPLER_STARTUP_TRIALS}, seed={seed})",
@@ -149,8 +156,9 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
             base = replace(base, data=data)
         study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=True)
-        others = _start_workers(config, study_name, data, fixed_args, parent.info.experiment_id)
-        worker = _Worker(study, config, base, searched, parent.info.run_id, label, started)
+        others = _start_workers(replace(config, deadline=deadline), study_name, data, fixed_args,
+                                parent.info.experiment_id)
+        worker = _Worker(study, config, base, searched, parent.info.run_id, label, deadline)
         try:
             worker.work(studies.TrialLock(config.storage, study_name))
             _wait(others)
@@ -171,7 +179,7 @@ class _Worker:
     searched: dict[str, BaseDistribution]
     parent_id: str
     label: str
-    started: float
+    deadline: float | None  # epoch seconds: no trial starts that could not end by then; None: no budget
     fit_seconds: float = 0.0  # the trials' own training time
     ran: list[int] = field(default_factory=list)  # numbers of the trials this worker ran
 
@@ -193,9 +201,9 @@ class _Worker:
 
     def _minutes_left(self) -> float | None:
         """Minutes a new trial may train: None without a sweep budget; 0 when none should start."""
-        if not self.config.time_budget:
+        if self.deadline is None:
             return None
-        left = self.config.time_budget - (time.perf_counter() - self.started) / 60
+        left = (self.deadline - time.time()) / 60
         if self.base.time_budget and left < self.base.time_budget:
             return 0.0  # a whole trial no longer fits
         return max(left, 0.0)
@@ -296,6 +304,8 @@ def _start_workers(config: SweepConfig, study: str, data: str, fixed_args: tuple
                    "--sampler-seed", "auto" if config.sampler_seed is None else str(config.sampler_seed),
                    "--baseline", str(config.baseline).lower(), "--evaluate", "false",
                    "--worker-index", str(index), *fixed_args]
+        if config.deadline is not None:  # the sweep's one clock: a worker's start-up counts against it
+            command += ["--deadline", repr(config.deadline)]
         if config.space:
             command += ["--space", str(Path(config.space).resolve())]
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}

@@ -6,14 +6,19 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
+import uuid
 
 import click
 import keras
 import mlflow
 import optuna
 import pandas as pd
+import psutil
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
 from conftest import PROJECT, all_runs, mlflow_run
 from fer_mlflow import models, promote, search_space, studies, sweep, train
@@ -252,3 +257,189 @@ def test_a_two_worker_sweep_on_a_team_server_backed_by_postgresql(tracking_serve
     assert "***" not in storage and launcher.data.params["storage"] == storage  # no password to hide here
     evaluation = MlflowClient().get_run(launcher.data.tags["fer.best_evaluation"])
     assert evaluation.data.tags["fer.source_run"] == launcher.data.tags["fer.best_run"]
+
+
+SECRET = "s3cret-Pa55"  # a password for the tests below; it must turn up nowhere
+
+
+def test_a_password_in_a_parameter_is_refused_and_the_run_that_logged_it_deleted(tmp_path, monkeypatch, capsys):
+    """As `mlflow run -P storage=postgresql://optuna:PASSWORD@...` hands it over: the run mlflow run
+    opened has logged the URL as a param already; the command refuses it in one line that says where
+    the password goes, ends that run and deletes it, so no search of the project's finds it."""
+    url = f"postgresql+psycopg2://optuna:{SECRET}@127.0.0.1:9/optuna"
+    client = MlflowClient()
+    opened = client.create_run(client.create_experiment("projects"), tags={"mlflow.source.type": "PROJECT"})
+    client.log_param(opened.info.run_id, "storage", url)
+    kept = client.create_run(opened.info.experiment_id)  # a run of the user's that never saw the password
+    query = url.replace(f"optuna:{SECRET}@", "optuna@") + f"?password={SECRET}"
+    for args, run in [(["--storage", query], kept), ([f"--storage={url}"], kept), (["--storage", url], opened)]:
+        monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(["sweep", "--trials", "1", *args])
+        assert stopped.value.code == 2
+        printed = capsys.readouterr()
+        assert SECRET not in printed.out + printed.err
+        errors = [line for line in printed.err.splitlines() if " INFO mlflow" not in line]  # MLflow's store log
+        assert len(errors) == 1 and "carries a password" in errors[0] and "PGPASSWORD" in errors[0], errors
+        assert (f"mlflow gc --run-ids {run.info.run_id}" in errors[0]) == (run is opened), errors
+    assert client.get_run(kept.info.run_id).info.lifecycle_stage == "active"  # it never logged the password
+    deleted = client.get_run(opened.info.run_id)
+    assert (deleted.info.lifecycle_stage, deleted.info.status) == ("deleted", "FAILED")
+    assert not [r for r in all_runs() if any(SECRET in v for v in r.data.params.values())]
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    with pytest.raises(ConfigError, match="carries a password") as refused:  # the Python API refuses it too
+        sweep.run(sweep.SweepConfig(storage=url, trials=1))
+    assert SECRET not in str(refused.value)
+    assert [r.info.run_id for r in all_runs()] == [kept.info.run_id]
+
+
+@pytest.mark.slow
+def test_every_worker_of_a_sweep_shares_its_one_deadline(tiny_npz, tmp_path):
+    """A worker started by `workers=2` takes a while to start (Python, TensorFlow, the data): that time
+    counts against the sweep's budget, so no trial of any worker is given time past the launcher's
+    deadline. Each trial is asked for under the study lock and given the minutes left then."""
+    budget = 0.75  # minutes: long enough for the second worker to start and take a trial
+    journal = str(tmp_path / "study.journal")
+    outcome = sweep.run(sweep.SweepConfig(data=tiny_npz, trials=2, workers=2, storage=journal, study="shared",
+                                          time_budget=budget, evaluate=False),
+                        {"epochs": 1000, "patience": 1000}, ("--epochs", "1000", "--patience", "1000"))
+    launcher = MlflowClient().get_run(outcome.run_id)
+    ends_by = launcher.info.start_time / 1000 + budget * 60  # the deadline is set just before this run starts
+    trained = {int(r.data.tags["fer.trial"]): r for r in all_runs("tags.`fer.stage` = 'train'")}
+    study = optuna.load_study(study_name="shared", storage=studies.open_storage(journal))
+    assert study.trials and set(trained) == {t.number for t in study.trials}
+    for trial in study.trials:
+        minutes = float(trained[trial.number].data.params["time_budget"])
+        late = trial.datetime_start.timestamp() + minutes * 60 - ends_by
+        assert late <= 0.5, f"trial {trial.number} of worker {trained[trial.number].data.tags['mlflow.parentRunId']} " \
+                            f"may train {late:.1f} s past the sweep's deadline"
+    parents = all_runs("tags.`fer.stage` = 'sweep'")
+    assert len(parents) == 2 and {p.data.params["deadline"] for p in parents} == {launcher.data.params["deadline"]}
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_a_password_in_storage_is_refused_and_its_run_deleted(tracking):
+    """The README's old advice, `mlflow run . -e sweep -P storage=postgresql://optuna:PASSWORD@...`:
+    mlflow run logs the value before the project's code runs; the command refuses it, and the run is
+    left deleted (out of every search) rather than findable with the password in its params."""
+    done = mlflow_run("sweep", {"storage": f"postgresql://optuna:{SECRET}@127.0.0.1:9/optuna", "trials": 1}, tracking)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "carries a password" in errors[0] and "PGPASSWORD" in errors[0], done.stderr[-3000:]
+    assert SECRET not in errors[0]
+    logged = all_runs(run_view_type=ViewType.ALL)
+    assert [(r.info.lifecycle_stage, r.info.status) for r in logged] == [("deleted", "FAILED")]
+    assert f"mlflow gc --run-ids {logged[0].info.run_id}" in errors[0]
+    assert all_runs() == []
+
+
+def _sql(port: int, statement: str) -> None:
+    import psycopg2
+
+    connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def password_database(postgres_server):
+    """A database owned by a role that must give its password (`SECRET`, scram-sha-256 on loopback;
+    the other roles of the tests' server keep trust): its URL, without the password."""
+    import psycopg2
+
+    role = f"optuna_{uuid.uuid4().hex[:8]}"
+    _sql(postgres_server.port, f"CREATE ROLE {role} LOGIN PASSWORD '{SECRET}'")
+    _sql(postgres_server.port, f"CREATE DATABASE {role} OWNER {role}")
+    hba = postgres_server.folder / "data" / "pg_hba.conf"
+    before = hba.read_text()
+    hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + before)  # the first matching line wins
+    _sql(postgres_server.port, "SELECT pg_reload_conf()")
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until the reloaded rules ask the role for its password
+            try:
+                psycopg2.connect(host="127.0.0.1", port=postgres_server.port, user=role, dbname=role,
+                                 password="").close()
+            except psycopg2.OperationalError as refused:
+                assert "password" in str(refused)
+                break
+            assert time.monotonic() < deadline, "PostgreSQL did not reload pg_hba.conf"
+            time.sleep(0.2)
+        yield f"postgresql://{role}@127.0.0.1:{postgres_server.port}/{role}"
+    finally:
+        hba.write_text(before)
+        _sql(postgres_server.port, "SELECT pg_reload_conf()")
+
+
+def _command_lines(root: psutil.Process, seen: list, done: threading.Event) -> None:
+    """Sample the command line of `root` and every process under it until `done`."""
+    while not done.is_set():
+        try:
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for process in processes:
+            try:
+                seen.append(process.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_two_worker_sweep_takes_its_password_from_the_environment_and_shows_it_nowhere(
+        password_database, tiny_npz, tmp_path, tracking, monkeypatch):
+    """As the README says to run it: the password in PGPASSWORD, the URL without it. The study lives
+    in PostgreSQL behind that password; the password turns up in no param, tag or artifact (every
+    file of the tracking store), no line the sweep prints, and no command line of it or its workers."""
+    command = [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", "sweep", "--env-manager", "local"]
+    for key, value in {"data": tiny_npz, "workers": 2, "storage": password_database, "study": "shared",
+                       "trials": 2, "epochs": 1, "evaluate": "false"}.items():
+        command += ["-P", f"{key}={value}"]
+    process = subprocess.Popen(command, env={**os.environ, "MLFLOW_TRACKING_URI": tracking, "PGPASSWORD": SECRET},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, done = [], threading.Event()
+    sampler = threading.Thread(target=_command_lines, args=(psutil.Process(process.pid), seen, done))
+    sampler.start()
+    try:
+        output = process.communicate(timeout=900)[0]
+    finally:
+        done.set()
+        sampler.join()
+    assert process.returncode == 0, output[-4000:]
+    monkeypatch.setenv("PGPASSWORD", SECRET)  # to read the study back
+    _check_one_study(tracking, password_database, workers=2, trials=2)
+
+    assert SECRET not in output
+    workers = [line for line in seen if "--worker-index" in line]
+    assert workers and any("--storage" in line for line in workers)  # the started worker was seen
+    assert not [line for line in seen if SECRET in " ".join(line)]
+    runs = all_runs()
+    assert {r.data.params["storage"] for r in runs if r.data.tags["fer.stage"] == "sweep"} == {password_database}
+    for run in runs:
+        assert not [v for v in (*run.data.params.values(), *run.data.tags.values()) if SECRET in v], run.info.run_id
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.name == "trials.csv" for path in files)  # the artifacts are among them
+    assert not [path for path in files if SECRET.encode() in path.read_bytes()]
+
+
+@pytest.mark.parametrize("url, carries", [
+    ("postgresql+psycopg2://optuna:pw@db-host:5432/optuna", True),
+    ("postgresql://optuna:1234@db-host/optuna", True),
+    ("postgresql://optuna:pa/ss#1@db-host/optuna", True),  # unescaped: urlsplit alone misses it
+    ("postgresql://optuna@db-host/optuna?sslmode=require&password=pw", True),
+    ("postgresql://optuna@db-host:5432/optuna", False),
+    ("http://mlflow-host:5000/models/fer@champion", False),  # a port, then an @ in the path
+    ("sqlite:////tmp/study.db", False), ("/tmp/study.journal", False), ("models:/fer-emotion@champion", False),
+])
+def test_a_password_is_told_from_a_port(url, carries):
+    from fer_mlflow import credentials
+
+    assert credentials.carries_password(url) == carries
+    shown = credentials.masked(url)
+    assert (shown, "***" in shown) == (url, False) if not carries else \
+        ("***" in shown and not any(secret in shown for secret in ("pw", "1234", "pa/ss")))
