@@ -250,7 +250,7 @@ def test_a_video_in_a_zip_is_extracted_once(model_path, tmp_path, monkeypatch):
     original = zipfile.ZipFile.open
 
     def counting(self, name, *args, **kwargs):
-        opened.append(getattr(name, "filename", name))
+        opened.append(getattr(name, "filename", name))  # the model's .keras file is a zip too
         return original(self, name, *args, **kwargs)
 
     monkeypatch.setattr(zipfile.ZipFile, "open", counting)
@@ -258,4 +258,4 @@ def test_a_video_in_a_zip_is_extracted_once(model_path, tmp_path, monkeypatch):
     assert list(outcome.predictions["frame"]) == [0, 6, 12, 18]  # read, analysed and annotated
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id, "annotated/clips")} == \
         {"annotated/clips/clip.mp4"}
-    assert opened == ["clips/clip.mp4"]
+    assert [name for name in opened if name.endswith(".mp4")] == ["clips/clip.mp4"]
