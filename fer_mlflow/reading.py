@@ -86,7 +86,7 @@ class Tree:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._archive: zipfile.ZipFile | None = None
-        self._copies: dict[PurePosixPath, Path] = {}
+        self._copies: dict[int, Path | OSError] = {}  # zip members copied to disk, or why they could not be
         self._folder: tempfile.TemporaryDirectory | None = None
         if self.path.is_dir():
             found = list(_walk(self.path))
@@ -123,14 +123,22 @@ class Tree:
         limit = limit or MAX_VIDEO_BYTES
         if entry.member is None:
             return entry.path
-        if entry.name not in self._copies:
+        # By the member's place in the zip: two members can have one safe name (x.mp4, ../x.mp4).
+        key = entry.member.header_offset
+        if key not in self._copies:
             if self._folder is None:
                 self._folder = tempfile.TemporaryDirectory(prefix="fer-member-")
             target = Path(self._folder.name) / f"{len(self._copies)}{entry.name.suffix}"
-            with self._open_member(entry.member, limit) as stream, open(target, "wb") as out:
-                _bounded(stream, entry.member.compress_size, limit, "inflates", out)
-            self._copies[entry.name] = target
-        return self._copies[entry.name]
+            try:
+                with self._open_member(entry.member, limit) as stream, open(target, "wb") as out:
+                    _bounded(stream, entry.member.compress_size, limit, "inflates", out)
+                self._copies[key] = target
+            except OSError as error:  # kept: a member refused once is not inflated again
+                target.unlink(missing_ok=True)
+                self._copies[key] = error
+        if isinstance(self._copies[key], OSError):
+            raise self._copies[key]
+        return self._copies[key]
 
     def _open_member(self, info: zipfile.ZipInfo, limit: int) -> BinaryIO:
         _check_declared(info.file_size, info.compress_size, limit)
