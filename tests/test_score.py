@@ -248,3 +248,23 @@ def test_score_on_a_standalone_cluster_with_the_clusters_python(spark_cluster, m
     assert list(work.glob("app-*/0/stderr"))  # an executor of its own, started by the worker
     (run,) = all_runs("tags.`fer.stage` = 'score'")
     assert run.info.status == "FINISHED" and run.data.params["master_resolved"] == master
+
+
+@pytest.mark.slow
+def test_a_file_over_the_readers_limit_is_an_error_row_and_never_read(model_uri, tmp_path, monkeypatch):
+    from fer_mlflow import reading
+
+    folder = tmp_path / "in"
+    (folder / "__MACOSX").mkdir(parents=True)
+    small, large = encoded(face(1, 1)), encoded(np.random.default_rng(0).integers(0, 255, (96, 96), np.uint8))
+    (folder / "small.png").write_bytes(small)
+    (folder / "large.png").write_bytes(large)
+    (folder / "__MACOSX" / "small.png").write_bytes(small)
+    monkeypatch.setattr(reading, "MAX_FILE_BYTES", (len(small) + len(large)) // 2)
+    score.run(model_uri, str(folder), str(tmp_path / "out"), master="local[2]", detector="none")
+    written = pd.read_parquet(tmp_path / "out")
+    written["name"] = written["path"].str.rsplit("/", n=1).str[-1]
+    assert sorted(written["name"]) == ["large.png", "small.png"]  # __MACOSX/ left out
+    rows = written.set_index("name")
+    assert rows.loc["small.png", "face"] == 0 and pd.isna(rows.loc["small.png", "error"])
+    assert rows.loc["large.png", "face"] == -1 and "no content" in rows.loc["large.png", "error"]
