@@ -2,19 +2,19 @@
 recursively), a zip of them (read without extracting) or a video, as a stream of RGB images, each
 with the file (and, for video, the frame and time) it came from.
 
-Files are chosen by suffix (`PHOTO_SUFFIXES`, `VIDEO_SUFFIXES`); hidden files and folders and a
-zip's ``__MACOSX/`` are left out. Photos open as the served model opens them (`images.open_rgb`:
-the same formats and limits). Videos are read with OpenCV's bundled FFmpeg, every `every`-th frame
-analysed. A file that cannot be read is skipped with a warning and counted, so that one bad file
-does not end a long job.
+Folders and zips are read by `reading.Tree`, the reader `clean` uses too: the same junk filter,
+names made safe to write under an output folder, and the same limits (a photo's bytes, a zip
+member's inflation, a video copied out of a zip once). Files are chosen by suffix
+(`PHOTO_SUFFIXES`, `VIDEO_SUFFIXES`). Photos open as the served model opens them
+(`images.open_rgb`: the same formats and limits). Videos are read with OpenCV's bundled FFmpeg,
+every `every`-th frame analysed. A file that cannot be read is skipped with a warning and counted,
+so that one bad file does not end a long job.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import tempfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -23,6 +23,7 @@ import numpy as np
 
 from fer_mlflow.errors import DataError
 from fer_mlflow.images import MAX_PIXELS, open_rgb
+from fer_mlflow.reading import Entry, Tree
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,13 @@ FRAMES_PER_SECOND = 2
 
 @dataclass(frozen=True)
 class Source:
-    """One photo or video: `name` as reported (relative to the folder or zip given), and where its
-    bytes are: `path`, or member `member` of the zip at `path`."""
+    """One photo or video: `name` as reported (relative to the folder or zip given, made safe by
+    `reading.safe_name`), and the `tree` and `entry` its bytes are read from."""
 
     name: str
     kind: str  # "photo" or "video"
-    path: Path
-    member: str | None = None
+    entry: Entry
+    tree: Tree = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -75,53 +76,45 @@ def kind_of(name: str) -> str | None:
     return "photo" if suffix in PHOTO_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
 
 
-def find(path: str | Path) -> list[Source]:
-    """The photos and videos at `path` (a photo, a video, a folder searched recursively, or a zip),
-    in name order. DataError, naming the path and the fix, when it is missing or holds none."""
+class Found:
+    """The photos and videos `find` found, in name order (`sources`); a context manager that closes
+    the zip they are read from and removes the copies made of its videos."""
+
+    def __init__(self, tree: Tree):
+        self.tree = tree
+        self.sources = [Source(entry.name.as_posix(), kind_of(entry.name.name), entry, tree)
+                        for entry in tree.entries if kind_of(entry.name.name)]
+
+    def __enter__(self) -> Found:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tree.close()
+
+
+def find(path: str | Path) -> Found:
+    """The photos and videos at `path` (a photo, a video, a folder searched recursively, or a zip).
+    DataError, naming the path and the fix, when it is missing or holds none."""
     path = Path(path).expanduser()
     expected = f"a photo ({', '.join(PHOTO_SUFFIXES)}), a video ({', '.join(VIDEO_SUFFIXES)}), " \
                "a folder of them or a .zip of them"
     if not path.exists():
         raise DataError(f"input {path} does not exist; give {expected}")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path).parts))
-        found = [Source(p.relative_to(path).as_posix(), kind_of(p.name), p) for p in files if kind_of(p.name)]
-    elif path.suffix.lower() == ".zip":
-        found = _zip_members(path)
-    elif kind_of(path.name):
-        return [Source(path.name, kind_of(path.name), path)]
-    else:
+    if not (path.is_dir() or path.suffix.lower() == ".zip" or kind_of(path.name)):
         raise DataError(f"input {path} is not {expected} (judged by its suffix)")
-    if not found:
+    found = Found(Tree(path))
+    if not found.sources:
+        found.tree.close()
         raise DataError(f"no photos or videos in {path}; give {expected}")
     return found
-
-
-def _hidden(parts: tuple[str, ...]) -> bool:
-    return any(part.startswith(".") or part == "__MACOSX" for part in parts)
-
-
-def _zip_members(path: Path) -> list[Source]:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = sorted(info.filename for info in archive.infolist() if not info.is_dir())
-    except (zipfile.BadZipFile, OSError) as error:
-        raise DataError(f"{path} could not be read as a zip ({error}); give a valid .zip, a folder or a file") \
-            from error
-    return [Source(name, kind_of(name), path, member=name) for name in names
-            if kind_of(name) and not _hidden(PurePosixPath(name).parts)]
 
 
 def read_photo(source: Source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """The photo as uint8 RGB (H x W x 3), upright; DataError if it cannot be read."""
     try:
-        if source.member is None:
-            data = source.path.read_bytes()
-        else:
-            with zipfile.ZipFile(source.path) as archive:
-                data = archive.read(source.member)
-    except (OSError, zipfile.BadZipFile, KeyError) as error:
-        raise DataError(f"{source.name} could not be read ({error})") from error
+        data = source.tree.read(source.entry)
+    except OSError as error:  # vanished, not a regular file, over the limit, a zip bomb, damaged
+        raise DataError(f"{source.name} could not be read ({error.strerror or error})") from error
     try:
         return open_rgb(data, max_pixels=max_pixels)
     except DataError as error:  # its message names "image 0": name the file instead
@@ -136,16 +129,11 @@ class Video:
         import cv2
 
         self.source = source
-        self._copy = None
-        path = source.path
-        if source.member is not None:  # OpenCV reads files: the member goes to a temporary copy
-            self._copy = tempfile.NamedTemporaryFile(suffix=PurePosixPath(source.member).suffix)
-            with zipfile.ZipFile(source.path) as archive:
-                self._copy.write(archive.read(source.member))
-            self._copy.flush()
-            path = Path(self._copy.name)
-        self._path = path
-        self._capture = cv2.VideoCapture(str(path))
+        try:  # OpenCV reads files: a zip member is copied out once, for every later reading too
+            self._path = source.tree.local(source.entry)
+        except OSError as error:
+            raise DataError(f"video {source.name} could not be read ({error.strerror or error})") from error
+        self._capture = cv2.VideoCapture(str(self._path))
         ok = self._capture.isOpened() and self._capture.grab()
         if not ok:
             self.close()
@@ -181,9 +169,7 @@ class Video:
         return index / self.info.fps if self.info.fps > 0 else float("nan")
 
     def close(self) -> None:
-        if self._copy is not None:
-            self._copy.close()
-            self._copy = None
+        """Nothing to release: the capture is closed once read, a copy lives as long as its `Found`."""
 
     def __enter__(self) -> Video:
         return self

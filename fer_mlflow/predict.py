@@ -43,6 +43,7 @@ import pandas as pd
 from PIL import Image
 
 from fer_mlflow import annotate, figures, media, pyfunc_model
+from fer_mlflow.reading import safe_name
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.evaluate import load_model, registered_version
 from fer_mlflow.faces import CHOICES, MAX_FACES, MIN_FACE
@@ -80,50 +81,51 @@ def run(model_uri: str = DEFAULT_MODEL_URI, input: str = "", detector: str = "au
     if (every is not None and every < 1) or max_annotated < 0 or min_face < 1 or max_faces < 1:
         raise ConfigError("every, min_face and max_faces must be at least 1, and max_annotated at least 0")
     check_params({"min_face": min_face, "max_faces": max_faces})  # the served model's ranges
-    sources = media.find(input)
-    if len(sources) == 1 and sources[0].kind == "video":
-        media.Video(sources[0], every).close()  # a video given alone must be readable: else an error now
-    model = load_model(model_uri)
-    tags = {"fer.model_uri": model_uri, "fer.input": str(input)}
-    model_label = model_uri.removeprefix("models:/")
-    if model_uri.startswith("models:/"):
-        source_run, version = registered_version(model_uri)
-        tags.update({key: value for key, value in (("fer.model_version", version), ("fer.source_run", source_run))
-                     if value})
-    elif model_uri.startswith("runs:/"):
-        tags["fer.source_run"] = model_uri.split("/")[1]
-        model_label = "run-" + tags["fer.source_run"][:8]
-    name = f"predict {Path(str(input).rstrip('/')).name} with {model_label}"
-    with stage_run("predict", name, tags, experiment=PREDICT_EXPERIMENT) as active, \
-            tempfile.TemporaryDirectory() as folder:
-        log_params({"model_uri": model_uri, "input": input, "detector": detector,
-                    "every": "auto" if every is None else every, "max_annotated": max_annotated,
-                    "min_face": min_face, "max_faces": max_faces})
-        if detector == "auto":
-            log_params({"detector_resolved": pyfunc_model.detector_of(model)})
-        started = time.perf_counter()
-        reader = media.Reader(sources, every)
-        annotated = {source.name for source in sources[:max_annotated]}
-        table = _predict(model, reader, {"detector": detector, "min_face": min_face, "max_faces": max_faces},
-                         Path(folder), annotated, _estimate(sources, every))
-        classes = list(pyfunc_model.class_names_of(model))
-        for source in sources:
-            if source.name in reader.videos and source.name in annotated:
-                _annotate_video(source, reader.videos[source.name], table, Path(folder))
-        seconds = time.perf_counter() - started
-        if reader.videos:
-            resolved = sorted({info.every for info in reader.videos.values()})
-            if every is None:
-                log_params({"every_resolved": ",".join(map(str, resolved))})
-            (Path(folder) / "videos.json").write_text(
-                json.dumps({name: asdict(info) for name, info in reader.videos.items()}, indent=2))
-        table.to_csv(Path(folder) / "predictions.csv", index=False)
-        mlflow.log_artifacts(folder)
-        _log_figures(table, classes, reader.videos)
-        mlflow.log_metrics(_metrics(table, reader, classes, seconds))
-        if reader.skipped:
-            log.warning("skipped %d unreadable file(s) of %d", len(reader.skipped), len(sources))
-        outcome = PredictOutcome(active.info.run_id, table, reader.skipped)
+    with media.find(input) as found:  # the zip stays open, and its videos' copies kept, until the end
+        sources = found.sources
+        if len(sources) == 1 and sources[0].kind == "video":
+            media.Video(sources[0], every).close()  # a video given alone must be readable: else an error now
+        model = load_model(model_uri)
+        tags = {"fer.model_uri": model_uri, "fer.input": str(input)}
+        model_label = model_uri.removeprefix("models:/")
+        if model_uri.startswith("models:/"):
+            source_run, version = registered_version(model_uri)
+            tags.update({key: value for key, value in (("fer.model_version", version), ("fer.source_run", source_run))
+                         if value})
+        elif model_uri.startswith("runs:/"):
+            tags["fer.source_run"] = model_uri.split("/")[1]
+            model_label = "run-" + tags["fer.source_run"][:8]
+        name = f"predict {Path(str(input).rstrip('/')).name} with {model_label}"
+        with stage_run("predict", name, tags, experiment=PREDICT_EXPERIMENT) as active, \
+                tempfile.TemporaryDirectory() as folder:
+            log_params({"model_uri": model_uri, "input": input, "detector": detector,
+                        "every": "auto" if every is None else every, "max_annotated": max_annotated,
+                        "min_face": min_face, "max_faces": max_faces})
+            if detector == "auto":
+                log_params({"detector_resolved": pyfunc_model.detector_of(model)})
+            started = time.perf_counter()
+            reader = media.Reader(sources, every)
+            annotated = {source.name for source in sources[:max_annotated]}
+            table = _predict(model, reader, {"detector": detector, "min_face": min_face, "max_faces": max_faces},
+                             Path(folder), annotated, _estimate(sources, every))
+            classes = list(pyfunc_model.class_names_of(model))
+            for source in sources:
+                if source.name in reader.videos and source.name in annotated:
+                    _annotate_video(source, reader.videos[source.name], table, Path(folder))
+            seconds = time.perf_counter() - started
+            if reader.videos:
+                resolved = sorted({info.every for info in reader.videos.values()})
+                if every is None:
+                    log_params({"every_resolved": ",".join(map(str, resolved))})
+                (Path(folder) / "videos.json").write_text(
+                    json.dumps({name: asdict(info) for name, info in reader.videos.items()}, indent=2))
+            table.to_csv(Path(folder) / "predictions.csv", index=False)
+            mlflow.log_artifacts(folder)
+            _log_figures(table, classes, reader.videos)
+            mlflow.log_metrics(_metrics(table, reader, classes, seconds))
+            if reader.skipped:
+                log.warning("skipped %d unreadable file(s) of %d", len(reader.skipped), len(sources))
+            outcome = PredictOutcome(active.info.run_id, table, reader.skipped)
     return outcome
 
 
@@ -169,11 +171,13 @@ def _predict(model, reader: media.Reader, params: dict, folder: Path, annotated:
 
 
 def _annotated_path(folder: Path, name: str, suffix: str) -> Path:
-    """Where the annotated copy of input `name` goes: under annotated/ at the same relative path,
-    with `suffix` added unless it ends so already (a.png -> a.png.jpg, b.jpg -> b.jpg)."""
-    if PurePosixPath(name).suffix.lower() != suffix:
-        name += suffix
-    path = folder / "annotated" / name
+    """Where the annotated copy of input `name` goes: under annotated/ at the same relative path
+    (`reading.safe_name`: never outside it, whatever a zip member is called), with `suffix` added
+    unless it ends so already (a.png -> a.png.jpg, b.jpg -> b.jpg)."""
+    relative = safe_name(name).as_posix()
+    if PurePosixPath(relative).suffix.lower() != suffix:
+        relative += suffix
+    path = folder / "annotated" / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -3,7 +3,9 @@
 Images are read with Spark's ``binaryFile`` source: a folder (searched recursively), a glob, or
 either on any Hadoop file system (``s3a://``, ``abfss://``, ``hdfs://``); or, when `input` ends in
 ``.parquet``, a table with ``path`` and ``content`` (the encoded image) columns. Photos only
-(`media.PHOTO_SUFFIXES`, any case); hidden files and ``__MACOSX`` are left out. Two ways to score:
+(`media.PHOTO_SUFFIXES`, any case); what `reading.junk` leaves out (hidden files, ``__MACOSX``,
+``Thumbs.db``) is left out here too, and a file over `reading.MAX_FILE_BYTES` is never read: it
+gives an error row, as a null or unreadable ``content`` does. Two ways to score:
 
 - ``mode=faces`` (default): ``mapInPandas`` over the partitions. Each image takes the served
   model's own path (`pyfunc_model.predict_photos`: decoded, its faces found with `detector`, each
@@ -13,9 +15,12 @@ either on any Hadoop file system (``s3a://``, ``abfss://``, ``hdfs://``); or, wh
   row. For face crops, and the way to call the model from Spark code of one's own
   (``udf(struct(col("content").alias("image")))``); one unreadable file fails its whole batch.
 
-The model is downloaded once, on the driver, and shipped to the executors with
-``SparkContext.addFile``; each Python worker loads it once and keeps it. The `fer_mlflow` package
-goes with it as a zip (``addPyFile``), so executors need only the model's pip requirements.
+The model is downloaded once, on the driver, and shipped to the executors as a zip with
+``SparkContext.addArchive`` (unpacked there; a cluster refuses a local folder); each Python worker
+loads it once and keeps it. The `fer_mlflow` package goes with it as a zip (``addPyFile``), so
+executors need only the model's pip requirements. On a ``local`` master the Python workers run the
+driver's interpreter; on a cluster, the cluster's own (`PYSPARK_PYTHON` or ``spark.pyspark.python``
+as its users set it), since the driver's path need not exist there.
 
 Output: Parquet at `output` (which must not exist yet): ``path``, ``face``, ``x``, ``y``, ``w``,
 ``h``, ``face_confidence``, ``label``, ``probability``, one ``prob_<class>`` per class, ``error``.
@@ -44,7 +49,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from fer_mlflow import pyfunc_model
+from fer_mlflow import pyfunc_model, reading
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.faces import BOX_COLUMNS, CHOICES, MAX_FACES, MIN_FACE
 from fer_mlflow.limits import check_params
@@ -57,6 +62,8 @@ MODES = ("faces", "udf")
 BATCH = 64  # images per predict call within a partition
 MODEL_FOLDER = "fer-score-model"  # the model's folder name among the files Spark ships
 _LOADED: dict[str, object] = {}  # per Python worker: the model, loaded once
+# A path with a part `reading.junk` leaves out (hidden, __MACOSX, Thumbs.db, desktop.ini).
+JUNK_PATH = r"(?i)/(\.[^/]*|" + "|".join(name.replace(".", r"\.") for name in reading.JUNK_NAMES) + r")(/|$)"
 
 
 @dataclass
@@ -109,8 +116,8 @@ def run(model_uri: str, input: str, output: str, master: str = "auto", mode: str
             log_params({"model_uri": model_uri, "input": input, "output": output, "mode": mode,
                         "master": master, "master_resolved": spark.sparkContext.master, **params})
             if mode == "faces":
-                _ship(spark, local, Path(folder))
-                scored = images.mapInPandas(_Scorer(local.name, params, class_names), _schema(class_names))
+                shipped = _ship(spark, local, Path(folder))
+                scored = images.mapInPandas(_Scorer(shipped, params, class_names), _schema(class_names))
             else:
                 scored = _with_udf(spark, images, str(local), params, class_names)
             started = time.perf_counter()
@@ -141,13 +148,14 @@ def session(master: str = "auto"):
         raise ConfigError("score runs on Apache Spark: pip install 'fer-mlflow[spark]' (pyspark; Java 17 or "
                           "newer too)") from error
 
-    # Python workers run this interpreter (its packages), not whatever `python3` is first on PATH.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName("fer-mlflow score")
-    if master != "auto":
-        builder = builder.master(master)
-    elif not SparkConf().contains("spark.master"):
-        builder = builder.master("local[*]")
+    if master == "auto":
+        master = SparkConf().get("spark.master", "local[*]")
+    if master.startswith("local"):
+        # Local Python workers run this interpreter (its packages), not whatever `python3` is first
+        # on PATH. Not on a cluster: this path need not exist on its machines, whose Python is theirs
+        # to choose (PYSPARK_PYTHON, or spark.pyspark.python through spark-submit).
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName("fer-mlflow score").master(master)
     # Arrow batches of encoded images: a smaller batch keeps a partition's memory in bounds.
     try:
         return builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", str(BATCH * 4)).getOrCreate()
@@ -186,15 +194,25 @@ def _read(spark, input: str):
     except Exception as error:  # AnalysisException: Path does not exist
         raise DataError(f"input {input} could not be listed ({str(error).splitlines()[0][:200]}); give a folder, "
                         "a glob or a .parquet table of images") from error
-    return files.where(~F.col("path").rlike(r"/(\.|__MACOSX/)")).select("path", "content")
+    # The reader's own filter and limit (`reading`): a file over the limit is listed (its length is
+    # pushed down to the listing) but its content is never read, and it gives an error row.
+    listed = files.where(~F.col("path").rlike(JUNK_PATH))
+    within = listed.where(F.col("length") <= reading.MAX_FILE_BYTES).select("path", "content")
+    over = listed.where(F.col("length") > reading.MAX_FILE_BYTES).select(
+        "path", F.lit(None).cast("binary").alias("content"))
+    return within.unionByName(over)
 
 
-def _ship(spark, model: Path, folder: Path) -> None:
-    """Send the model and the fer_mlflow package to every executor."""
+def _ship(spark, model: Path, folder: Path) -> str:
+    """Send the model and the fer_mlflow package to every executor; the name the model's folder has
+    there (`SparkFiles.get`). The model goes as an archive: Spark ships a local folder to local
+    masters only (UNSUPPORTED_ADD_FILE.LOCAL_DIRECTORY on a cluster)."""
     package = Path(__file__).resolve().parent
     archive = shutil.make_archive(str(folder / f"fer_mlflow-{model.name}"), "zip", root_dir=package.parent, base_dir=package.name)
     spark.sparkContext.addPyFile(archive)
-    spark.sparkContext.addFile(str(model), recursive=True)
+    shipped = shutil.make_archive(str(folder / model.name), "zip", root_dir=model)
+    spark.sparkContext.addArchive(shipped)
+    return Path(shipped).name
 
 
 def output_types(class_names) -> dict[str, str]:
@@ -239,9 +257,12 @@ def score_images(model, frame: pd.DataFrame, params: dict, class_names) -> pd.Da
     photos, paths, errors = [], [], []
     for path, content in zip(frame["path"], frame["content"]):
         try:
+            if content is None:  # a null in a table, or a file over the reader's limit (`_read`)
+                raise DataError(f"image 0 has no content (a null row, or a file over the "
+                                f"{reading.MAX_FILE_BYTES / 1e6:g} MB limit)")
             photos.append(open_rgb(bytes(content)))
             paths.append(path)
-        except DataError as error:
+        except (DataError, TypeError) as error:  # TypeError: content that is not bytes
             errors.append((path, str(error).removeprefix("image 0 ")))
     types = output_types(class_names)
     columns = list(types)

@@ -17,15 +17,10 @@ train with a fixed seed.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import logging
-import os
-import stat
 import tempfile
-import zipfile
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -38,6 +33,8 @@ from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE, Dataset
 from fer_mlflow.errors import DataError
 from fer_mlflow.faces import whole
 from fer_mlflow.images import FORMATS, gray, open_rgb
+from fer_mlflow import reading
+from fer_mlflow.reading import Tree, gunzip, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +44,6 @@ SPLIT_FOLDERS = {
     "test": "test", "testing": "test",
 }
 CSV_USAGE = {"training": "train", "publictest": "val", "privatetest": "test"}
-MAX_FILE_BYTES = 50_000_000  # a face image; larger files (and zip members) are skipped unread
 _ORIENTATION = 0x0112  # the EXIF tag of a photo stored sideways
 WARNINGS = 20  # files skipped are warned of one by one up to this many, then counted
 ARTIFACT_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "file://", "s3://", "gs://", "dbfs:/")
@@ -84,10 +80,10 @@ def read_source(data: str, *, val_fraction: float = 0.1, seed: int = 0) -> tuple
                 f"data path {data} does not exist; pass a FER2013 folder, .zip or fer2013.csv, "
                 "a clean run's dataset URI, or 'demo'"
             )
-        if path.is_dir():
-            dataset, report = _read_images(_folder_entries(path), "folder", str(path))
-        elif path.suffix.lower() == ".zip":
-            dataset, report = _read_zip(path)
+        if path.is_dir() or path.suffix.lower() == ".zip":
+            with Tree(path) as tree:  # the one reader of folders and zips, with its filters and limits
+                entries = ((entry.name, partial(tree.read, entry)) for entry in tree.entries)
+                dataset, report = _read_images(entries, "folder" if path.is_dir() else "zip", str(path))
         elif path.suffix.lower() == ".csv":
             dataset, report = _read_csv(path)
         else:
@@ -134,75 +130,8 @@ def _take_val_from_train(dataset: Dataset, fraction: float, seed: int) -> Datase
     return Dataset(dataset.images, dataset.labels, splits, dataset.ids, dataset.class_names)
 
 
-# An entry is (relative posix path, a function returning the file's bytes).
+# An entry is (safe relative posix path, a function returning the file's bytes or raising OSError).
 Entry = tuple[PurePosixPath, Callable[[], bytes]]
-
-
-def _folder_entries(root: Path) -> Iterator[Entry]:
-    """Every file under `root`, hidden ones left out. Symlinked folders are followed (a class folder
-    is often a link to where the images are); a link back into a folder being walked is a loop,
-    refused as a DataError. What is not a regular file (a FIFO, a device) is given as unreadable
-    rather than opened, since reading one can block for ever."""
-    for directory, subdirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(directory)
-        if any(os.path.realpath(parent) == real for parent in Path(directory).parents):
-            raise DataError(f"{directory} is a symlink loop (it leads back to a folder above it); "
-                            "remove the link or point data at a folder without it")
-        subdirs[:] = sorted(d for d in subdirs if not _junk(d))
-        for name in sorted(files):
-            if not _junk(name):
-                full = Path(directory) / name
-                yield PurePosixPath(_printable(full.relative_to(root).as_posix())), partial(_read_regular, full)
-
-
-def _junk(name: str) -> bool:
-    """Files and folders operating systems leave beside images: hidden ones (.DS_Store, ._*),
-    __MACOSX, Thumbs.db, desktop.ini."""
-    return name.startswith(".") or name == "__MACOSX" or name.lower() in ("thumbs.db", "desktop.ini")
-
-
-def _printable(name: str) -> str:
-    """A file name as text that can be written anywhere: bytes that are not UTF-8 (kept by Python
-    as surrogates) become U+FFFD."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _read_regular(path: Path, limit: int | None = None) -> bytes:
-    """The bytes of `path` if it is a regular file (a link to one is fine) of at most `limit` bytes
-    (default `MAX_FILE_BYTES`, a face image's); OSError naming why not."""
-    limit = limit or MAX_FILE_BYTES
-    info = path.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise OSError(f"not a regular file (mode {stat.filemode(info.st_mode)})")
-    if info.st_size > limit:
-        raise OSError(f"{info.st_size / 1e6:g} MB, over the {limit / 1e6:g} MB limit for a face image")
-    return path.read_bytes()
-
-
-def _read_zip(path: Path) -> tuple[Dataset, SourceReport]:
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as error:
-        raise DataError(f"{path} is not a readable zip file ({error}); re-download it") from error
-    with archive:
-        entries = (
-            (PurePosixPath(info.filename), partial(_read_member, archive, info))
-            for info in archive.infolist()
-            if not info.is_dir() and not any(_junk(part) for part in PurePosixPath(info.filename).parts)
-        )
-        return _read_images(entries, "zip", str(path))
-
-
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
-    """A member's bytes if it inflates to at most `MAX_FILE_BYTES` (a zip bomb declares far more);
-    OSError naming why not, a bad CRC included."""
-    if info.file_size > MAX_FILE_BYTES:
-        raise OSError(f"inflates to {info.file_size / 1e6:g} MB, over the {MAX_FILE_BYTES / 1e6:g} MB "
-                      "limit for a face image")
-    try:
-        return archive.read(info)
-    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as error:
-        raise OSError(f"damaged in the zip ({error})") from error
 
 
 def _layout(parts: tuple[str, ...]) -> tuple[str, str] | None:
@@ -224,11 +153,10 @@ def _strip_wrapper(paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
     return paths
 
 
-def _read_images(entries: Iterator[Entry], kind: str, location: str) -> tuple[Dataset, SourceReport]:
+def _read_images(entries: Iterable[Entry], kind: str, location: str) -> tuple[Dataset, SourceReport]:
     report = SourceReport(kind, location)
     # Sorted by path, so a folder and its zip give the same order (and the same digests and splits).
-    entries = sorted(((p, read) for p, read in entries if not any(part.startswith(".") for part in p.parts)),
-                     key=lambda entry: entry[0].parts)
+    entries = sorted(entries, key=lambda entry: entry[0].parts)
     relative = _strip_wrapper([p.parts for p, _ in entries])
     placed = [(parts, _layout(parts), read) for parts, (_, read) in zip(relative, entries)]
     layouts = {"split" if len(parts) == 3 else "class" for parts, where, _ in placed if where}
@@ -251,7 +179,7 @@ def _read_images(entries: Iterator[Entry], kind: str, location: str) -> tuple[Da
     images, labels, splits, ids = [], [], [], []
     for parts, where, read in placed:
         member = "/".join(parts)
-        if where is None or ".." in parts:
+        if where is None:
             report.skipped.append(f"{member}: not in the layout")
             continue
         try:
@@ -300,12 +228,12 @@ def _decode(raw: bytes, member: str, report: SourceReport) -> np.ndarray | None:
 def _csv_text(path: Path) -> io.StringIO:
     """The CSV's text: UTF-8 (a byte-order mark allowed), UTF-16 with its mark, or either gzipped."""
     try:
-        raw = _read_regular(path, limit=2**62)  # the whole dataset: no image's limit
+        raw = read_regular(path, limit=reading.MAX_CSV_BYTES)
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            raw = gunzip(raw)  # within the same bounds as a zip member: size and ratio
         encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
         return io.StringIO(raw.decode(encoding), newline="")
-    except (OSError, EOFError, zlib.error) as error:
+    except OSError as error:
         raise DataError(f"{path} could not be read ({error}); pass a readable fer2013.csv") from error
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not UTF-8 or UTF-16 text ({error.reason} at byte {error.start}); "

@@ -18,7 +18,7 @@ import pytest
 from conftest import face, write_csv
 from PIL import Image
 
-from fer_mlflow import sources
+from fer_mlflow import reading
 from fer_mlflow.cli import main
 from fer_mlflow.dataset import CLASS_NAMES
 from fer_mlflow.errors import DataError
@@ -149,7 +149,7 @@ def test_a_symlink_loop_is_one_clear_error(tmp_path):
 
 
 def test_a_messy_zip_skips_damaged_and_oversized_members(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 100_000)
+    monkeypatch.setattr(reading, "MAX_FILE_BYTES", 100_000)
     path = tmp_path / "messy.zip"
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in {**good_files(), **odd_images(), **broken_files()}.items():
@@ -166,7 +166,7 @@ def test_a_messy_zip_skips_damaged_and_oversized_members(tmp_path, monkeypatch):
     reasons = dict(entry.split(": ", 1) for entry in report.skipped)
     assert set(reasons) == {"train/HAPPY/empty.jpg", "train/HAPPY/truncated.jpg", "train/SAD/huge.png",
                             "train/SAD/bomb.jpg", "train/SAD/crc.jpg"}
-    assert "over the 0.1 MB limit" in reasons["train/SAD/bomb.jpg"] and "damaged" in reasons["train/SAD/crc.jpg"]
+    assert "a zip bomb" in reasons["train/SAD/bomb.jpg"] and "damaged" in reasons["train/SAD/crc.jpg"]
     assert len(dataset) == 2 * 2 * len(CLASS_NAMES) + 3
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -192,3 +193,69 @@ def test_mlflow_run_predict_with_the_registered_champion(model_path, photos, tra
     (run,) = all_runs("tags.`fer.stage` = 'predict'")
     assert run.info.status == "FINISHED" and run.data.tags["fer.model_version"] == "fer-emotion/1"
     assert list(logged_table(run.info.run_id)["face"]) == [0]
+
+
+def small_photo(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_annotated_copies_of_zip_members_stay_under_annotated_whatever_their_names(model_path, tmp_path,
+                                                                                  monkeypatch):
+    # The run's own temporary folder inside tmp_path, so that a copy escaping it would be seen here.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    outside = tmp_path / "outside" / "PWNED.jpg"
+    archive = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(archive, "w") as writer:
+        for index, name in enumerate([str(outside), "../../x.jpg", "..\\..\\y.jpg", "C:/z.jpg"]):
+            writer.writestr(name, small_photo(index))
+    outcome = stage.run(model_path, str(archive), detector="haar")
+    assert not outside.exists()
+    assert [p for p in scratch.rglob("*")] == []  # nothing left beside the run's folder, which is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.zip", "mlflow.db", "mlruns", "scratch"]
+    logged = mlflow.artifacts.download_artifacts(run_id=outcome.run_id, artifact_path="annotated",
+                                                 dst_path=str(tmp_path / "scratch"))
+    written = sorted(p.relative_to(logged).as_posix() for p in Path(logged).rglob("*.jpg"))
+    assert written == sorted([outside.relative_to("/").as_posix(), "x.jpg", "y.jpg", "z.jpg"])
+
+
+def test_zip_members_inflate_within_the_readers_bounds(model_path, tmp_path, monkeypatch, caplog):
+    from fer_mlflow import reading
+
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as writer:
+        writer.writestr("good.png", small_photo(0))
+        writer.writestr("bomb.png", b"\0" * 20_000_000)  # deflate packs it about 1000 to 1
+        writer.writestr("large.png", small_photo(1) + np.random.default_rng(2).bytes(len(small_photo(1))))
+    monkeypatch.setattr(reading, "MAX_FILE_BYTES", len(small_photo(0)) + 1000)  # good.png, not large.png
+    with caplog.at_level(logging.WARNING):
+        outcome = stage.run(model_path, str(archive), detector="haar")
+    assert sorted(outcome.skipped) == ["bomb.png", "large.png"]
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "bomb.png could not be read (inflates to over 100 times its compressed size" in warned
+    assert "large.png could not be read (inflates to over the" in warned
+    assert list(outcome.predictions["source"]) == ["good.png"]
+
+
+@pytest.mark.slow
+def test_a_video_in_a_zip_is_extracted_once(model_path, tmp_path, monkeypatch):
+    video = write_video(tmp_path / "clip.mp4")
+    archive = tmp_path / "clips.zip"
+    with zipfile.ZipFile(archive, "w") as writer:
+        writer.write(video, "clips/clip.mp4")
+    opened = []
+    original = zipfile.ZipFile.open
+
+    def counting(self, name, *args, **kwargs):
+        opened.append(getattr(name, "filename", name))  # the model's .keras file is a zip too
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", counting)
+    outcome = stage.run(model_path, str(archive), detector="haar")
+    assert list(outcome.predictions["frame"]) == [0, 6, 12, 18]  # read, analysed and annotated
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id, "annotated/clips")} == \
+        {"annotated/clips/clip.mp4"}
+    assert [name for name in opened if name.endswith(".mp4")] == ["clips/clip.mp4"]

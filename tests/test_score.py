@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -159,3 +163,108 @@ def test_mlflow_run_score_and_a_missing_input(images, model_uri, tracking, tmp_p
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert "could not be listed" in error
     assert not all_runs("attributes.status = 'RUNNING'")
+
+
+def test_a_null_or_unreadable_content_gives_an_error_row_not_a_failed_task(model_uri):
+    model = mlflow.pyfunc.load_model(model_uri)
+    frame = pd.DataFrame({"path": ["null.png", "junk.png", "face.png", "text.png"],
+                          "content": [None, b"\x89PNG\r\n\x1a\n cut", encoded(face(3, 3)), "not bytes"]})
+    rows = score.score_images(model, frame, {"detector": "none"}, CLASS_NAMES).set_index("path")
+    assert rows.loc["face.png", "face"] == 0 and rows.loc["face.png", "error"] is None
+    for path in ("null.png", "junk.png", "text.png"):
+        assert rows.loc[path, "face"] == -1 and rows.loc[path, "label"] == "", path
+    assert "no content" in rows.loc["null.png", "error"]
+    assert "could not be decoded" in rows.loc["junk.png", "error"]
+
+
+@pytest.fixture
+def spark_cluster(tmp_path):
+    """A Spark standalone cluster on loopback: a master and one worker (1 core, its executors in
+    processes of their own), started from pyspark's own scripts and stopped at the end. Executors
+    find `python3` on the worker's PATH, a wrapper that notes each start in `started.txt`: the
+    cluster's Python, as a real cluster has its own."""
+    import pyspark
+    from conftest import free_port, stop_group
+
+    home = Path(pyspark.__file__).parent
+    tools = tmp_path / "cluster-bin"
+    tools.mkdir()
+    started = tmp_path / "started.txt"
+    wrapper = tools / "python3"
+    wrapper.write_text(f'#!/bin/sh\necho "$$" >> {started}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1",
+           "PATH": f"{tools}:{os.environ['PATH']}"}
+    env.pop("PYSPARK_PYTHON", None)
+    port = free_port()
+    logs = []
+
+    def start(*args: str) -> subprocess.Popen:
+        log = open(tmp_path / f"spark-{len(logs)}.log", "wb")
+        logs.append(log)
+        return subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    processes = [start("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+                       "--webui-port", str(free_port()))]
+    try:
+        processes.append(start("org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
+                               "--host", "127.0.0.1", "--cores", "1", "--memory", "1g",
+                               "--webui-port", str(free_port()), "--work-dir", str(tmp_path / "work")))
+        deadline = time.monotonic() + 120
+        while b"Registering worker" not in (tmp_path / "spark-0.log").read_bytes():
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                pytest.fail("the Spark cluster did not start: " +
+                            (tmp_path / "spark-1.log").read_text(errors="replace")[-2000:])
+            time.sleep(0.5)
+        yield f"spark://127.0.0.1:{port}", started, tmp_path / "work"
+    finally:
+        for process in reversed(processes):
+            stop_group(process)
+        for log in logs:
+            log.close()
+
+
+@pytest.mark.slow
+def test_score_on_a_standalone_cluster_with_the_clusters_python(spark_cluster, model_uri, tracking, tmp_path):
+    master, started, work = spark_cluster
+    table = tmp_path / "table.parquet"
+    pd.DataFrame({"path": ["face.png", "null.png", "junk.png"],
+                  "content": [encoded(face(2, 2)), None, b"not an image"]}).to_parquet(table)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "SPARK_LOCAL_IP": "127.0.0.1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("PYSPARK_PYTHON", None)
+    done = subprocess.run([sys.executable, "-m", "fer_mlflow", "score", "--model-uri", model_uri,
+                           "--input", str(table), "--output", str(tmp_path / "out"), "--master", master,
+                           "--detector", "none"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = pd.read_parquet(tmp_path / "out").set_index("path")
+    expected = mlflow.pyfunc.load_model(model_uri).predict(
+        pd.DataFrame({"image": [encoded(face(2, 2))]}), params={"detector": "none"})
+    assert written.loc["face.png", "label"] == expected["label"].iloc[0]
+    assert "no content" in written.loc["null.png", "error"]
+    assert "could not be decoded" in written.loc["junk.png", "error"]
+    assert started.exists()  # the executors ran the cluster's python3, not the driver's path
+    assert list(work.glob("app-*/0/stderr"))  # an executor of its own, started by the worker
+    (run,) = all_runs("tags.`fer.stage` = 'score'")
+    assert run.info.status == "FINISHED" and run.data.params["master_resolved"] == master
+
+
+@pytest.mark.slow
+def test_a_file_over_the_readers_limit_is_an_error_row_and_never_read(model_uri, tmp_path, monkeypatch):
+    from fer_mlflow import reading
+
+    folder = tmp_path / "in"
+    (folder / "__MACOSX").mkdir(parents=True)
+    small, large = encoded(face(1, 1)), encoded(np.random.default_rng(0).integers(0, 255, (96, 96), np.uint8))
+    (folder / "small.png").write_bytes(small)
+    (folder / "large.png").write_bytes(large)
+    (folder / "__MACOSX" / "small.png").write_bytes(small)
+    monkeypatch.setattr(reading, "MAX_FILE_BYTES", (len(small) + len(large)) // 2)
+    score.run(model_uri, str(folder), str(tmp_path / "out"), master="local[2]", detector="none")
+    written = pd.read_parquet(tmp_path / "out")
+    written["name"] = written["path"].str.rsplit("/", n=1).str[-1]
+    assert sorted(written["name"]) == ["large.png", "small.png"]  # __MACOSX/ left out
+    rows = written.set_index("name")
+    assert rows.loc["small.png", "face"] == 0 and pd.isna(rows.loc["small.png", "error"])
+    assert rows.loc["large.png", "face"] == -1 and "no content" in rows.loc["large.png", "error"]
