@@ -15,7 +15,9 @@ Logged, with ``<split>`` = ``test`` or ``val``: ``<split>_accuracy``;
 (precision, recall, F1, support); the confusion matrix as counts and row-normalised
 (``confusion_matrix.json``, ``figures/confusion_matrix*.png``); ``predictions.csv`` (id, true,
 predicted, one probability per class); ``figures/confident_mistakes.png``; the data as a run input
-with its digest.
+with its digest. Calibration (`calibration`): ``<split>_ece`` of the probabilities as served and
+``<split>_ece_untempered`` before the model's temperature (``<split>_temperature``, fitted on
+validation data when it was trained), and ``figures/reliability.png`` showing both.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from fer_mlflow import figures, pyfunc_model
+from fer_mlflow import calibration, figures, pyfunc_model
 from fer_mlflow.dataset import Dataset
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.limits import check_params
@@ -118,13 +120,14 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
             served_uri = pyfunc_model.log_model(
                 model.unwrap_python_model().keras_model, name="served_model",
                 class_names=model.unwrap_python_model().class_names, example_image=part.images[0],
-                settings=settings).model_uri
+                settings=settings, temperature=pyfunc_model.temperature_of(model)).model_uri
             model = load_model(served_uri)
         mlflow.set_tag("fer.served_model_uri", served_uri)
         # No params, so the served model's own settings: batch size changes memory, not the answer.
         probabilities = _probabilities(model, part.images,
                                        None if batch_size == BATCH_SIZE else {"batch_size": batch_size})
         metrics = _log_results(part, probabilities, split)
+        metrics.update(_log_calibration(part, probabilities, split, pyfunc_model.temperature_of(model)))
         outcome = EvaluateOutcome(active.info.run_id, metrics, part.digest(), settings, served_uri)
     return outcome
 
@@ -258,4 +261,22 @@ def _log_results(test: Dataset, probabilities: np.ndarray, split: str) -> dict[s
     ):
         mlflow.log_figure(fig, f"figures/{name}")
         plt.close(fig)
+    return metrics
+
+
+def _log_calibration(part: Dataset, served: np.ndarray, split: str, temperature: float) -> dict[str, float]:
+    """Log the expected calibration error of the `served` probabilities and of the same before the
+    model's `temperature` (undone: tempering by 1 / T), and the reliability diagram of both."""
+    untempered = calibration.tempered(served, 1.0 / temperature)
+    metrics = {f"{split}_ece": calibration.expected_calibration_error(served, part.labels),
+               f"{split}_ece_untempered": calibration.expected_calibration_error(untempered, part.labels),
+               f"{split}_temperature": temperature}
+    mlflow.log_metrics(metrics)
+    fig = figures.reliability({f"before scaling (T = 1), ECE {metrics[f'{split}_ece_untempered']:.3f}":
+                               calibration.reliability(untempered, part.labels),
+                               f"as served (T = {temperature:.2f}), ECE {metrics[f'{split}_ece']:.3f}":
+                               calibration.reliability(served, part.labels)},
+                              f"Reliability on {split} ({len(part)} faces)")
+    mlflow.log_figure(fig, "figures/reliability.png")
+    plt.close(fig)
     return metrics

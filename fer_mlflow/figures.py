@@ -143,3 +143,20 @@ def emotion_over_time(times: np.ndarray, probabilities: np.ndarray, classes: lis
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return fig
+
+
+def reliability(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], title: str) -> Figure:
+    """A reliability diagram: for each named curve (mean confidence, accuracy, count per confidence
+    bin, as `calibration.reliability` gives), accuracy against confidence; the diagonal is calibrated."""
+    fig, ax = plt.subplots(figsize=(6, 6), layout="constrained")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for label, (confidence, accuracy, counts) in curves.items():
+        filled = counts > 0
+        ax.plot(confidence[filled], accuracy[filled], marker="o", label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title)
+    return fig

@@ -64,6 +64,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+from fer_mlflow.calibration import tempered
 from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE
 from fer_mlflow.errors import ConfigError, DataError, FerError
 from fer_mlflow.faces import BOX_COLUMNS, MAX_FACES, MIN_FACE, crop_boxes, face_crops, whole
@@ -231,6 +232,8 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         self.class_names = tuple(config.get("class_names", CLASS_NAMES))
         # Models logged before settings were part of the config predict on the face alone.
         self.settings = Settings.from_mapping(config.get(SETTINGS_KEY))
+        # Fitted on validation data (`calibration`); models logged before it predict untempered.
+        self.temperature = float(config.get("temperature", 1.0))
         # A public endpoint's work budget: for `mlflow models serve` the environment
         # (FER_MAX_PIXELS, ...); else the model config, which load_model(...,
         # model_config={"max_pixels": ...}) overrides; models logged before limits get the defaults.
@@ -289,7 +292,8 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         batch_size = int(params.get("batch_size") or BATCH_SIZE)
         found = np.full((len(boxes), len(self.class_names)), np.nan)
         if len(crops):  # every face of the call in one batch
-            found[boxes["face"].to_numpy() >= 0] = probabilities(self.keras_model, crops, settings, batch_size)
+            found[boxes["face"].to_numpy() >= 0] = tempered(
+                probabilities(self.keras_model, crops, settings, batch_size), self.temperature)
         return _prediction_frame(found, self.class_names, boxes)
 
 
@@ -361,6 +365,11 @@ def class_names_of(model: mlflow.pyfunc.PyFuncModel) -> tuple[str, ...]:
     return _fer_model(model).class_names
 
 
+def temperature_of(model: mlflow.pyfunc.PyFuncModel) -> float:
+    """The temperature a loaded model's probabilities are divided by (`calibration.tempered`); 1: none."""
+    return _fer_model(model).temperature
+
+
 def settings_of(model: mlflow.pyfunc.PyFuncModel) -> Settings:
     """The settings a model loaded by `mlflow.pyfunc.load_model` predicts with when given no params."""
     return _fer_model(model).settings
@@ -421,11 +430,13 @@ def log_model(
     registered_model_name: str | None = None,
     example_image: np.ndarray | None = None,
     settings: Settings = Settings(),
+    temperature: float = 1.0,
 ) -> mlflow.models.model.ModelInfo:
     """Log `keras_model` (pixels (N, 48, 48, 1) 0..255 in, (N, len(class_names)) softmax out) as a
     pyfunc model named `name` in the active run (with none, MLflow 3 logs a run-less model), with the
     signature, a base64 PNG input example (`example_image`, 48x48 uint8, or a synthetic face) and
-    pinned pip requirements; it predicts with `settings` unless a call's params say otherwise.
+    pinned pip requirements; it predicts with `settings` unless a call's params say otherwise, and
+    divides its log-probabilities by `temperature` (`calibration.tempered`; the argmax is unchanged).
     Registers it as `registered_model_name` if given. Returns ModelInfo."""
     if keras_model.output_shape[-1] != len(class_names):
         raise ConfigError(
@@ -443,7 +454,8 @@ def log_model(
             python_model=str(code_path),
             artifacts={"keras_model": str(keras_path)},
             model_config={"class_names": list(class_names), SETTINGS_KEY: asdict(settings),
-                          **asdict(Limits()), "detector": DEFAULT_DETECTOR},
+                          **asdict(Limits()), "detector": DEFAULT_DETECTOR,
+                          "temperature": float(temperature)},
             code_paths=[str(Path(__file__).resolve().parent)],
             signature=signature(class_names, settings),
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png_base64(example)]}),

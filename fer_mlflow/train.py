@@ -31,7 +31,7 @@ import tensorflow as tf
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from fer_mlflow import interrupts, models, pyfunc_model
+from fer_mlflow import calibration, interrupts, models, pyfunc_model, views
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.inputs import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking import (
@@ -229,8 +229,9 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
             mlflow.log_figure(figure, "figures/training_curves.png")
             plt.close(figure)
             mlflow.log_text(_summary_text(model), "model_summary.txt")
+            temperature = _fit_temperature(model, val)
             info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
-                                          example_image=val.images[0])
+                                          example_image=val.images[0], temperature=temperature)
             mlflow.set_tag("fer.model_uri", info.model_uri)
             run_id = active.info.run_id
             if not interrupts.pending():
@@ -238,6 +239,20 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
             interrupts.raise_pending()
     return TrainOutcome(run_id, f"runs:/{run_id}/model", history["val_accuracy"][best],
                         len(history["val_accuracy"]), data_uri)
+
+
+def _fit_temperature(model, val) -> float:
+    """The temperature the logged model divides its log-probabilities by, fitted on the validation
+    split by log-loss (`calibration`); logged with the validation ECE before and after it."""
+    probabilities = views.probabilities(model, val.images.astype(np.float32)[..., np.newaxis], views.Settings())
+    temperature = calibration.fit_temperature(probabilities, val.labels)
+    mlflow.log_metrics({
+        "temperature": temperature,
+        "val_ece_untempered": calibration.expected_calibration_error(probabilities, val.labels),
+        "val_ece": calibration.expected_calibration_error(calibration.tempered(probabilities, temperature),
+                                                          val.labels),
+    })
+    return temperature
 
 
 # Params that may differ between a run and its resumption.

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
 from fer_mlflow import dataset as ds
+from fer_mlflow.calibration import expected_calibration_error, tempered
 from fer_mlflow import evaluate, promote, train, views
 from fer_mlflow.cli import main
 from fer_mlflow.demo import make_demo
@@ -58,7 +59,14 @@ def test_evaluate_logs_metrics_that_match_sklearn_on_its_predictions(trained):
     assert list(per_class["support"]) == np.bincount(true, minlength=7).tolist()
     figures = {a.path for a in MlflowClient().list_artifacts(outcome.run_id, "figures")}
     assert figures == {"figures/confusion_matrix.png", "figures/confusion_matrix_normalised.png",
-                       "figures/confident_mistakes.png"}
+                       "figures/confident_mistakes.png", "figures/reliability.png"}
+    # Calibration: the served probabilities carry the training run's temperature, fitted on val.
+    temperature = MlflowClient().get_run(trained.run_id).data.metrics["temperature"]
+    assert metrics["test_temperature"] == pytest.approx(temperature)
+    assert metrics["test_ece"] == pytest.approx(expected_calibration_error(probs, true.to_numpy()), abs=1e-4)
+    untempered = tempered(probs, 1 / temperature)
+    assert metrics["test_ece_untempered"] == pytest.approx(
+        expected_calibration_error(untempered, true.to_numpy()), abs=1e-3)
     inputs = run.inputs.dataset_inputs
     assert len(inputs) == 1 and inputs[0].dataset.digest == test.digest() == outcome.test_digest
 
