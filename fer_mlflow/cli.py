@@ -152,6 +152,13 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
               help="Log the whole training state to the run at most this often (0: after every epoch).")
 @click.option("--resume", default="", help="The id of a stopped (KILLED or FAILED) training run: go on from its "
                                            "last checkpoint in that same run, with the same parameters.")
+@click.option("--teacher", default="", help="Knowledge distillation: a logged model or ensemble (runs:/<id>/model, "
+                                            "models:/<name>@<alias>) whose served probabilities join the labels "
+                                            "as soft targets.")
+@click.option("--distill-alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="With a teacher: its share of each training target; the label has the rest.")
+@click.option("--distill-temperature", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="With a teacher: its probabilities are softened by this temperature first.")
 def train(**options) -> None:
     """Train one model on DATA and log parameters, per-epoch metrics, figures and the model."""
     from fer_mlflow import train as stage

@@ -40,7 +40,7 @@ from fer_mlflow.tracking import (
 from fer_mlflow.training import (
     CHECKPOINT, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget,
     TrainingState, save_arrays, class_weights, curves_figure, load_arrays, load_training_data, make_strategy,
-    optimizer, restore_model,
+    optimizer, restore_model, soft_targets,
 )
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,9 @@ class TrainConfig:
     strategy: str = "default"  # default | mirrored | multi_worker (TF_CONFIG: `workers`)
     checkpoint_minutes: float = 5.0  # log the training state at most this often (0: every epoch)
     resume: str = ""  # a stopped training run's id: go on from its last checkpoint, in that run
+    teacher: str = ""  # a logged model (or ensemble) whose served probabilities are soft targets
+    distill_alpha: float = 0.5  # the teacher's share of each target, the labels' the rest
+    distill_temperature: float = 2.0  # the teacher's probabilities softened by this (`calibration.tempered`)
 
     @property
     def augmentation(self) -> Augmentation:
@@ -108,8 +111,14 @@ class TrainConfig:
                                      ("strategy", self.strategy, ("default", "mirrored", "multi_worker"))):
             if value not in allowed:
                 raise ConfigError(f"{name}={value} is not one of {', '.join(allowed)}")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            raise ConfigError(f"distill_alpha={self.distill_alpha} must lie in 0..1 and distill_temperature="
+                              f"{self.distill_temperature} be above 0")
         if self.time_budget < 0:
             raise ConfigError(f"time_budget={self.time_budget} is negative; give minutes of training, or 0 for none")
+        if self.strategy == "multi_worker" and self.teacher:
+            raise ConfigError("strategy=multi_worker does not take a teacher (its followers cannot reach the "
+                              "chief's store); distil with strategy=default or mirrored")
         if self.strategy == "multi_worker" and (self.time_budget or self.resume):
             # Each worker would stop on its own clock, and the others then wait for it forever.
             raise ConfigError("strategy=multi_worker trains for a number of epochs on every worker alike: "
@@ -171,6 +180,7 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
     with tempfile.TemporaryDirectory(prefix="fer-checkpoint-") as folder:
         plan = _Checkpoints(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
         previous = _resumable(config, plan) if config.resume else None
+        teacher = _load_teacher(config.teacher) if config.teacher else None  # a bad URI: before any run
         with stage_run("train", run_name(config, label), tags, nested=nested, experiment=experiment,
                        resume=config.resume or None) as active:
             if previous is not None:
@@ -195,6 +205,7 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
                 raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
                                   f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")
             log_machine_params({"replicas": strategy.num_replicas_in_sync})
+            teaching = _teacher_targets(config, teacher, dataset, train) if teacher is not None else None
             plan.started = time.perf_counter() - (plan.resumed.train_seconds if plan.resumed else 0.0)
             # SIGINT / SIGTERM end the fit after the current batch: the best model so far is logged
             # below as usual, and the run then ends KILLED.
@@ -205,7 +216,7 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
             try:
                 with strategy.scope(), interrupts.deferred():
                     model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan,
-                                                tuple(callbacks))
+                                                tuple(callbacks), teaching)
             except Stopped:
                 raise
             except BaseException:
@@ -239,6 +250,32 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
             interrupts.raise_pending()
     return TrainOutcome(run_id, f"runs:/{run_id}/model", history["val_accuracy"][best],
                         len(history["val_accuracy"]), data_uri)
+
+
+def _load_teacher(model_uri: str):
+    """The teacher, loaded as any served model is; ConfigError in one line when it cannot be."""
+    from fer_mlflow.evaluate import load_model
+
+    return load_model(model_uri)
+
+
+def _teacher_targets(config: TrainConfig, teacher, dataset, train) -> np.ndarray:
+    """Knowledge distillation: the train split's targets, each `distill_alpha` the teacher's served
+    probabilities (its own views and temperature, as `predict` answers) softened by
+    `distill_temperature`, and the rest the one-hot label (`training.soft_targets`). Validation
+    keeps the labels alone, so `val_accuracy` stays comparable with any other run's."""
+    classes = pyfunc_model.class_names_of(teacher)
+    if tuple(classes) != tuple(dataset.class_names):
+        raise ConfigError(f"teacher {config.teacher} predicts the classes {', '.join(classes)}, not this data's "
+                          f"{', '.join(dataset.class_names)}; pass a teacher trained on the same classes")
+    started = time.perf_counter()
+    frame = pyfunc_model.predict_crops(teacher, train.images)
+    probabilities = frame[[f"prob_{name}" for name in classes]].to_numpy()
+    log.info("teacher %s labelled %d training faces in %.0f s (%s)", config.teacher, len(train),
+             time.perf_counter() - started, pyfunc_model.settings_of(teacher).describe())
+    mlflow.set_tag("fer.teacher", config.teacher)
+    mlflow.log_metric("teacher_train_accuracy", float(np.mean(probabilities.argmax(axis=1) == train.labels)))
+    return soft_targets(train.labels, probabilities, config.distill_alpha, config.distill_temperature)
 
 
 def _fit_temperature(model, val) -> float:
@@ -381,12 +418,13 @@ class _Checkpoints:
 
 
 def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints,
-         extra: tuple = ()) -> tuple[keras.Model, dict, int]:
+         extra: tuple = (), teaching: np.ndarray | None = None) -> tuple[keras.Model, dict, int]:
     """Build and fit the model (from `plan.resumed` on, if given), with the caller's `extra`
     callbacks in every phase; returns it with the weights of its best validation epoch (over both
-    phases of a pretrained ResNet), the merged history and the images seen."""
+    phases of a pretrained ResNet), the merged history and the images seen. `teaching`: the
+    train split's targets mixed with a teacher's (`_teacher_targets`), else the labels alone."""
     x_train, x_val = as_inputs(train.images), as_inputs(val.images)
-    y_train, y_val = one_hot(train.labels, 7), one_hot(val.labels, 7)
+    y_train, y_val = one_hot(train.labels, 7) if teaching is None else teaching, one_hot(val.labels, 7)
     weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
     sample_weights = _sample(weights, train.labels)
     logger = EpochLogger()

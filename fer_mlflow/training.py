@@ -40,6 +40,15 @@ def load_training_data(data: str, val_fraction: float, seed: int) -> tuple[Datas
     return outcome.result.dataset, outcome.dataset_uri
 
 
+def soft_targets(labels: np.ndarray, teacher: np.ndarray, alpha: float, temperature: float) -> np.ndarray:
+    """Distillation targets (N x classes, float32, rows summing to 1): `alpha` of the `teacher`'s
+    probabilities softened by `temperature` (`calibration.tempered`), 1 - `alpha` of the one-hot label."""
+    from fer_mlflow.calibration import tempered
+
+    one_hot = np.eye(teacher.shape[1], dtype=np.float64)[labels]
+    return ((1 - alpha) * one_hot + alpha * tempered(teacher, temperature)).astype(np.float32)
+
+
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     """'balanced' weights, n / (classes * count): each class then carries the same total weight."""
     counts = np.bincount(labels, minlength=num_classes).astype(float)

@@ -1,0 +1,58 @@
+"""Knowledge distillation: `train -P teacher=<model>` mixes the teacher's served probabilities into
+the training targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from fer_mlflow import dataset as ds
+from fer_mlflow import evaluate, pyfunc_model, train
+from fer_mlflow.calibration import tempered
+from fer_mlflow.cli import main
+from fer_mlflow.training import soft_targets
+
+
+def test_soft_targets_mix_the_softened_teacher_with_the_label():
+    teacher = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    labels = np.array([1, 2])
+    targets = soft_targets(labels, teacher, alpha=0.25, temperature=2.0)
+    softened = tempered(teacher, 2.0)
+    assert softened[0, 0] < 0.7  # softened: the teacher's top class loses weight
+    assert np.allclose(targets, 0.75 * np.eye(3)[labels] + 0.25 * softened)
+    assert np.allclose(targets.sum(axis=1), 1) and targets.dtype == np.float32
+    assert np.allclose(soft_targets(labels, teacher, alpha=0.0, temperature=2.0), np.eye(3)[labels])
+
+
+@pytest.mark.slow
+def test_a_student_trains_on_its_teachers_served_probabilities(tiny_npz, monkeypatch):
+    teacher = train.run(train.TrainConfig(model="cnn", data=tiny_npz, epochs=1, batch_size=32))
+    seen = {}
+    original = train._fit
+
+    def recording_fit(config, train_split, val, replicas, plan, extra=(), teaching=None):
+        seen["targets"], seen["labels"] = teaching, train_split.labels
+        return original(config, train_split, val, replicas, plan, extra, teaching)
+
+    monkeypatch.setattr(train, "_fit", recording_fit)
+    student = train.run(train.TrainConfig(model="cnn", data=teacher.data_uri, epochs=1, batch_size=32,
+                                          teacher=teacher.model_uri, distill_alpha=0.5, distill_temperature=3.0))
+    run = MlflowClient().get_run(student.run_id)
+    assert run.data.tags["fer.teacher"] == teacher.model_uri
+    assert run.data.params["teacher"] == teacher.model_uri and run.data.params["distill_temperature"] == "3.0"
+    images = ds.load(teacher.data_uri).split("train").images
+    served = pyfunc_model.predict_crops(evaluate.load_model(teacher.model_uri), images)
+    served = served[[c for c in served.columns if c.startswith("prob_")]].to_numpy()
+    assert np.allclose(seen["targets"], soft_targets(seen["labels"], served, 0.5, 3.0), atol=1e-5)
+    assert run.data.metrics["teacher_train_accuracy"] == pytest.approx(
+        np.mean(served.argmax(axis=1) == seen["labels"]))
+
+
+def test_a_teacher_that_cannot_be_loaded_is_one_line_and_no_run(tiny_npz, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", tiny_npz, "--epochs", "1", "--teacher", "runs:/0123456789abcdef/model"])
+    assert exit_info.value.code != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "runs:/0123456789abcdef/model" in errors[0]
+    assert not MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
