@@ -13,7 +13,9 @@ trained model is, and it loads, predicts (crops, photos, params such as ``tta``,
 every member), serves, evaluates (``evaluate -P run_id=<ensemble run>``) and is promoted exactly as
 one is. Weights are ``equal``, ``fitted`` (the weights on the simplex that minimise the log-loss of
 the validation split; its accuracy is then slightly optimistic, having been fitted there), or given
-numbers, normalised to sum to 1.
+numbers, normalised to sum to 1. The members' raw probabilities (before their own temperatures) are
+averaged, and the ensemble fits one temperature of its own on the validation split
+(`calibration`; metrics ``temperature``, ``val_ece``, ``val_ece_untempered``), which it answers with.
 
 Logged to the run (tagged ``fer.stage=ensemble``, ``fer.model=ensemble``, ``fer.members``, and the
 members' data digest as ``fer.data_digest``): params ``members``, ``weights`` (as given),
@@ -35,6 +37,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from fer_mlflow import calibration
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.tracking import (
     DATA_EXPERIMENT, DEMO_TAG, data_context, log_params, log_split_inputs, run_params, stage_run,
@@ -107,6 +110,13 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         combined = np.tensordot(chosen, np.stack(probabilities), axes=1)
         metrics = {"val_accuracy": accuracy(combined, val.labels), "val_log_loss": log_loss(combined, val.labels)}
         metrics["best_val_accuracy"] = metrics["val_accuracy"]
+        # Its own temperature, as train fits one: the members' raw probabilities are averaged, and
+        # the mean's log-probabilities are divided by it when the ensemble answers.
+        temperature = calibration.fit_temperature(combined, val.labels)
+        metrics.update(temperature=temperature,
+                       val_ece_untempered=calibration.expected_calibration_error(combined, val.labels),
+                       val_ece=calibration.expected_calibration_error(
+                           calibration.tempered(combined, temperature), val.labels))
         params = {"data_uri": data_uri, "members": ",".join(names),
                   "weights_resolved": ",".join(f"{w:.6f}" for w in chosen)}
         for index, (member, found) in enumerate(zip(members, probabilities)):
@@ -123,7 +133,8 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         from fer_mlflow import pyfunc_model
 
         info = pyfunc_model.log_model(combine([m.keras_model for m in members], chosen), name="model",
-                                      class_names=members[0].class_names, example_image=val.images[0])
+                                      class_names=members[0].class_names, example_image=val.images[0],
+                                      temperature=temperature)
         mlflow.set_tag("fer.model_uri", info.model_uri)
         return EnsembleOutcome(active.info.run_id, f"runs:/{active.info.run_id}/model", names,
                                [float(w) for w in chosen], metrics["val_accuracy"])

@@ -12,10 +12,11 @@ from skimage import data as photos
 
 from fer_mlflow import dataset as ds
 from fer_mlflow import ensemble, evaluate, promote, train
+from fer_mlflow.calibration import fit_temperature, tempered
 from fer_mlflow.cli import main
 from fer_mlflow.dataset import CLASS_NAMES
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.pyfunc_model import log_model
+from fer_mlflow.pyfunc_model import log_model, temperature_of
 from fer_mlflow.tracking import DEMO_EXPERIMENT, DEMO_TAG, experiment_id
 
 PROBABILITIES = [f"prob_{name}" for name in CLASS_NAMES]
@@ -95,23 +96,30 @@ def test_an_ensemble_of_two_trained_cnns_predicts_the_mean_of_their_probabilitie
     model = mlflow.pyfunc.load_model(outcome.model_uri)
     members = [member_model(run_id) for run_id in trained_pair]
     val = ds.load(tiny_npz).split("val")
-    mean = (probabilities(members[0].predict(val.images)) + probabilities(members[1].predict(val.images))) / 2
-    np.testing.assert_allclose(probabilities(model.predict(val.images)), mean, atol=1e-5)
+    # The members' raw probabilities (their served ones without their temperatures) averaged, then
+    # the ensemble's own temperature, fitted on val.
+    temperature = run.data.metrics["temperature"]
+
+    def mean_of_raw(frames: list[pd.DataFrame]) -> np.ndarray:
+        return sum(tempered(probabilities(f), 1 / temperature_of(m)) for f, m in zip(frames, members)) / 2
+
+    mean = mean_of_raw([m.predict(val.images) for m in members])
+    assert temperature == pytest.approx(fit_temperature(mean, val.labels), rel=1e-3)
+    np.testing.assert_allclose(probabilities(model.predict(val.images)), tempered(mean, temperature), atol=1e-5)
     labels_right = np.mean(mean.argmax(axis=1) == val.labels)
     assert run.data.metrics["val_accuracy"] == pytest.approx(labels_right)
     assert run.data.metrics["best_val_accuracy"] == run.data.metrics["val_accuracy"]
 
     # Test-time views and photos take the single model's path: each view through every member.
     views = probabilities(model.predict(val.images[:4], params={"tta": True}))
-    expected = sum(probabilities(m.predict(val.images[:4], params={"tta": True})) for m in members) / 2
-    np.testing.assert_allclose(views, expected, atol=1e-5)
+    expected = mean_of_raw([m.predict(val.images[:4], params={"tta": True}) for m in members])
+    np.testing.assert_allclose(views, tempered(expected, temperature), atol=1e-5)
     photo = pd.DataFrame({"image": [_png(photos.astronaut())]})
     found = model.predict(photo, params={"detector": "haar"})
     assert (found["face"] >= 0).sum() == 1
     each = [m.predict(photo, params={"detector": "haar"}) for m in members]
     assert found[["x", "y", "w", "h"]].equals(each[0][["x", "y", "w", "h"]])
-    np.testing.assert_allclose(probabilities(found), (probabilities(each[0]) + probabilities(each[1])) / 2,
-                               atol=1e-5)
+    np.testing.assert_allclose(probabilities(found), tempered(mean_of_raw(each), temperature), atol=1e-5)
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -139,7 +147,9 @@ def test_evaluate_and_promote_take_an_ensemble_like_any_model(tiny_npz):
     assert version.tags["source_run"] == outcome.run_id and version.tags["model"] == "ensemble"
     test = ds.load(tiny_npz).split("test")
     expected = sum(w * probabilities(member_model(r).predict(test.images)) for w, r in zip((0.75, 0.25), members))
-    np.testing.assert_allclose(probabilities(champion.predict(test.images)), expected, atol=1e-5)
+    temperature = MlflowClient().get_run(outcome.run_id).data.metrics["temperature"]
+    np.testing.assert_allclose(probabilities(champion.predict(test.images)), tempered(expected, temperature),
+                               atol=1e-5)
 
 
 @pytest.mark.slow
@@ -152,8 +162,9 @@ def test_fitted_weights_are_logged_and_used(tiny_npz):
     val = ds.load(tiny_npz).split("val")
     expected = sum(w * probabilities(member_model(r).predict(val.images)) for w, r in zip(outcome.weights, members))
     model = mlflow.pyfunc.load_model(outcome.model_uri)
-    np.testing.assert_allclose(probabilities(model.predict(val.images)), expected, atol=1e-5)
-    metrics = MlflowClient().get_run(outcome.run_id).data.metrics
+    metrics = MlflowClient().get_run(outcome.run_id).data.metrics  # members at temperature 1: raw = served
+    np.testing.assert_allclose(probabilities(model.predict(val.images)), tempered(expected, metrics["temperature"]),
+                               atol=1e-5)
     equal = sum(probabilities(member_model(r).predict(val.images)) for r in members) / 3
     assert metrics["val_log_loss"] <= ensemble.log_loss(equal, val.labels) + 1e-6
 
