@@ -296,6 +296,20 @@ def promote(registered_model_name, metric, split, test_digest, rollback, include
 
 
 @cli.command()
+@click.option("--data", default="", help="Test data to score the shipped model on afresh (any source evaluate "
+                                         "reads); empty: its recorded PublicTest scores.")
+def pretrained(data) -> None:
+    """Register the model shipped with the project (trained on FER2013) under fer-emotion, alias
+    'pretrained'; it becomes champion only by promote's rules."""
+    from fer_mlflow import pretrained as stage
+
+    outcome = stage.run(data)
+    click.echo(outcome.message)
+    click.echo(f"models:/fer-emotion@pretrained is version {outcome.version}"
+               + (" (and champion)" if outcome.champion else ""))
+
+
+@cli.command()
 @click.option("--runs", default="", help="Comma-separated ids of the training runs to combine.")
 @click.option("--top", default=0, show_default=True, type=click.IntRange(min=0),
               help="Or the best N finished training runs of the experiment on one data digest.")
@@ -317,7 +331,8 @@ def ensemble(runs, top, metric, data_digest, weights) -> None:
 
 @cli.command()
 @click.option("--model-uri", default="models:/fer-emotion@champion", show_default=True,
-              help="The model: a models:/<name>@<alias> or /<version> URI, or runs:/<run_id>/model.")
+              help="The model: a models:/<name>@<alias> or /<version> URI, or runs:/<run_id>/model; "
+                   "the default with no champion registered yet: the shipped model.")
 @click.option("--input", default="", help="A photo, a folder of photos and videos (searched recursively), "
                                           "a .zip of them, or a video (mp4, avi, webm, ...).")
 @click.option("--detector", default="auto", show_default=True, type=click.Choice(CHOICES),

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fer_mlflow import annotate, figures, media, pyfunc_model
+from fer_mlflow import annotate, figures, media, pretrained, pyfunc_model
 from fer_mlflow.reading import safe_name
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.evaluate import load_model, registered_version
@@ -85,10 +85,19 @@ def run(model_uri: str = DEFAULT_MODEL_URI, input: str = "", detector: str = "au
         sources = found.sources
         if len(sources) == 1 and sources[0].kind == "video":
             media.Video(sources[0], every).close()  # a video given alone must be readable: else an error now
-        model = load_model(model_uri)
+        shipped = model_uri == DEFAULT_MODEL_URI and not _champion_registered()
+        if shipped:
+            log.info("no %s in the registry at %s yet: using %s; `fer-mlflow pretrained` registers it",
+                     DEFAULT_MODEL_URI, mlflow.get_registry_uri(), pretrained.describe())
+            model = pretrained.served_model()
+        else:
+            model = load_model(model_uri)
         tags = {"fer.model_uri": model_uri, "fer.input": str(input)}
         model_label = model_uri.removeprefix("models:/")
-        if model_uri.startswith("models:/"):
+        if shipped:
+            tags.update({"fer.model_uri": "shipped", pretrained.SHA_TAG: pretrained.record()["sha256"]})
+            model_label = "the shipped model"
+        elif model_uri.startswith("models:/"):
             source_run, version = registered_version(model_uri)
             tags.update({key: value for key, value in (("fer.model_version", version), ("fer.source_run", source_run))
                          if value})
@@ -98,7 +107,7 @@ def run(model_uri: str = DEFAULT_MODEL_URI, input: str = "", detector: str = "au
         name = f"predict {Path(str(input).rstrip('/')).name} with {model_label}"
         with stage_run("predict", name, tags, experiment=PREDICT_EXPERIMENT) as active, \
                 tempfile.TemporaryDirectory() as folder:
-            log_params({"model_uri": model_uri, "input": input, "detector": detector,
+            log_params({"model_uri": "shipped" if shipped else model_uri, "input": input, "detector": detector,
                         "every": "auto" if every is None else every, "max_annotated": max_annotated,
                         "min_face": min_face, "max_faces": max_faces})
             if detector == "auto":
@@ -127,6 +136,25 @@ def run(model_uri: str = DEFAULT_MODEL_URI, input: str = "", detector: str = "au
                 log.warning("skipped %d unreadable file(s) of %d", len(reader.skipped), len(sources))
             outcome = PredictOutcome(active.info.run_id, table, reader.skipped)
     return outcome
+
+
+def _champion_registered() -> bool:
+    """Whether `DEFAULT_MODEL_URI` names a version: the registry answers that the model or alias
+    does not exist (and only that: any other failure is raised, `registry.alias_version`)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from fer_mlflow.registry import alias_version
+
+    from fer_mlflow.errors import RegistryError
+    from fer_mlflow.registry import first_line
+
+    name, alias = DEFAULT_MODEL_URI.removeprefix("models:/").split("@")
+    try:
+        return alias_version(MlflowClient(), name, alias) is not None
+    except MlflowException as error:
+        raise RegistryError(f"the registry at {mlflow.get_registry_uri()} failed ({first_line(error)}); run "
+                            "again once it answers, or pass --model-uri runs:/<run_id>/model") from error
 
 
 def _estimate(sources: list[media.Source], every: int | None) -> int:

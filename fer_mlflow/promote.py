@@ -132,6 +132,26 @@ def run(registered_model_name: str = AUTO, metric: str = AUTO, test_digest: str 
                             f"({first_line(error)}); {done}; run it again once it answers") from error
 
 
+def consider(evaluation: Run, metric: str, name: str, evaluate_champion: bool = True) -> tuple[str, bool, str]:
+    """Register the served model of one finished `evaluation` under `name` and make it champion by
+    promote's rules (`_Decision`): when there is none, or when it scores better by `metric` on the same
+    data and split. With `evaluate_champion` False, a champion with no score on that data is not
+    evaluated there: the version is registered and the champion kept, and the message says how to
+    compare them. Returns the candidate's version, whether the champion changed, and a message."""
+    client = MlflowClient()
+    tags = evaluation.data.tags
+    split, digest = tags.get("fer.split", "test"), tags["fer.test_digest"]
+    decision = _Decision(client, name, Candidate(evaluation, evaluation.data.metrics[metric]), metric, split, digest)
+    version = str(decision._registered().version)  # registered whatever the champion: it has its own alias
+    champion = alias_version(client, name, CHAMPION)
+    if champion is not None and not evaluate_champion and _key(champion) not in decision._search():
+        return version, False, (
+            f"kept champion {name} v{champion.version}: it has no {metric} on this {split} data ({digest}); "
+            "score both on the same data to compare them (pass the data, or evaluate the champion on it)")
+    _, changed, message = decision.make()
+    return version, changed, message
+
+
 def _best_candidate(client, experiment_id, name, metric, split, test_digest, include_rejected):
     """The best non-rejected candidate of the experiment's evaluations, and the test digest."""
     evaluations = client.search_runs(

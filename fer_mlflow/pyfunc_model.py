@@ -49,8 +49,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 from importlib.metadata import version
@@ -438,6 +440,24 @@ def log_model(
     pinned pip requirements; it predicts with `settings` unless a call's params say otherwise, and
     divides its log-probabilities by `temperature` (`calibration.tempered`; the argmax is unchanged).
     Registers it as `registered_model_name` if given. Returns ModelInfo."""
+    with _model_arguments(keras_model, class_names, example_image, settings, temperature) as arguments:
+        return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name, **arguments)
+
+
+def save_model(keras_model, path: str | Path, *, class_names: Sequence[str] = CLASS_NAMES,
+               example_image: np.ndarray | None = None, settings: Settings = Settings(),
+               temperature: float = 1.0) -> None:
+    """`log_model`'s model saved to the new folder `path` instead of a run: loads with
+    ``mlflow.pyfunc.load_model(path)`` and serves with ``mlflow models serve -m path``."""
+    with _model_arguments(keras_model, class_names, example_image, settings, temperature) as arguments:
+        mlflow.pyfunc.save_model(str(path), **arguments)
+
+
+@contextmanager
+def _model_arguments(keras_model, class_names: Sequence[str], example_image: np.ndarray | None,
+                     settings: Settings, temperature: float):
+    """The arguments of `mlflow.pyfunc.log_model` / `save_model` for `keras_model`, its files
+    written to a temporary folder that lives as long as the block."""
     if keras_model.output_shape[-1] != len(class_names):
         raise ConfigError(
             f"the Keras model has {keras_model.output_shape[-1]} outputs but "
@@ -449,16 +469,25 @@ def log_model(
         keras_model.save(keras_path)
         code_path = Path(folder) / "fer_emotion_model.py"
         code_path.write_text(_MODEL_CODE)
-        return mlflow.pyfunc.log_model(
-            name=name,
+        package = Path(folder) / "fer_mlflow"  # the code the model runs, without the shipped model's files
+        shutil.copytree(Path(__file__).resolve().parent, package, ignore=_not_code)
+        yield dict(
             python_model=str(code_path),
             artifacts={"keras_model": str(keras_path)},
             model_config={"class_names": list(class_names), SETTINGS_KEY: asdict(settings),
                           **asdict(Limits()), "detector": DEFAULT_DETECTOR,
                           "temperature": float(temperature)},
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[str(package)],
             signature=signature(class_names, settings),
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png_base64(example)]}),
             pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENT_PACKAGES],
-            registered_model_name=registered_model_name,
         )
+
+
+def _not_code(folder: str, names: list[str]) -> set[str]:
+    """What a logged model's copy of the package leaves out: caches and the shipped model's files
+    (`pretrained`), which would add megabytes to every model."""
+    left_out = {name for name in names if name == "__pycache__"}
+    if Path(folder).name == "pretrained":
+        left_out.add("files")
+    return left_out

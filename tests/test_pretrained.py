@@ -1,0 +1,146 @@
+"""The shipped model: its file and record, the `pretrained` stage, and `predict` with no registry."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+from skimage import data as photos
+
+from conftest import SHARED_ZIP, all_runs, tiny_keras_model
+from fer_mlflow import evaluate, pretrained, predict, promote, pyfunc_model
+from fer_mlflow.cli import main
+from fer_mlflow.tracking import DATA_MODEL, experiment_id
+
+RECORD = pretrained.record()
+TEST = RECORD["evaluation"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """The served copy of the shipped model goes to the test's own cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_the_shipped_file_is_the_recorded_one_and_small_enough_for_a_wheel():
+    assert hashlib.sha256(pretrained.MODEL_FILE.read_bytes()).hexdigest() == RECORD["sha256"]
+    assert pretrained.MODEL_FILE.stat().st_size <= 15 * 2**20
+    made, training = RECORD["made"], RECORD["training"]
+    assert made["commit"] and made["commands"] and training["data_digest"] and training["minutes"] > 0
+    assert len(training["history"]["val_accuracy"]) == training["epochs"] > 0
+    # The serving choice was made on validation data: the chosen settings scored best there.
+    choices = RECORD["validation"]["choices"]
+    assert RECORD["validation"]["chosen"] == max(choices, key=lambda k: choices[k]["val_accuracy"])
+    counts = np.array(TEST["confusion_matrix"])
+    assert counts.sum() == TEST["images"]
+    assert np.trace(counts) / counts.sum() == pytest.approx(TEST["metrics"]["test_accuracy"])
+
+
+def test_a_changed_shipped_file_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    damaged = tmp_path / "model.keras"
+    shutil.copy(pretrained.MODEL_FILE, damaged)
+    with damaged.open("r+b") as file:
+        file.seek(1000)
+        byte = file.read(1)
+        file.seek(1000)
+        file.write(bytes([byte[0] ^ 1]))
+    monkeypatch.setattr(pretrained, "MODEL_FILE", damaged)
+    with pytest.raises(SystemExit) as stopped:
+        main(["pretrained"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "not the recorded" in error and "reinstall" in error
+    assert all(r.info.status != "RUNNING" for r in all_runs())
+
+
+@pytest.mark.slow
+def test_pretrained_registers_the_shipped_model_once_as_served():
+    first = pretrained.run()
+    assert first.version == "1" and first.champion
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(DATA_MODEL, pretrained.ALIAS)
+    assert str(version.version) == "1" and "champion" in version.aliases
+    assert f"{TEST['metrics']['test_accuracy']:.4f}" in version.description
+    run = client.get_run(first.run_id)
+    assert run.data.tags[pretrained.SHA_TAG] == RECORD["sha256"]
+    assert run.data.tags["fer.data_digest"] == RECORD["training"]["data_digest"]
+    assert client.get_experiment(run.info.experiment_id).name == "fer2013"
+    assert len(client.get_metric_history(first.run_id, "val_accuracy")) == RECORD["training"]["epochs"]
+
+    again = pretrained.run()
+    assert (again.version, again.run_id) == ("1", first.run_id) and "nothing new" in again.message
+    assert len(client.search_model_versions(f"name = '{DATA_MODEL}'")) == 1
+
+    served = mlflow.pyfunc.load_model(f"models:/{DATA_MODEL}@champion")
+    assert pyfunc_model.temperature_of(served) == pytest.approx(RECORD["temperature"])
+    assert pyfunc_model.settings_of(served).key == RECORD["validation"]["chosen"]
+    crops = np.random.default_rng(0).integers(0, 256, (3, 48, 48)).astype(np.uint8)
+    np.testing.assert_allclose(evaluate.predict_probabilities(f"models:/{DATA_MODEL}@pretrained", crops),
+                               evaluate.predict_probabilities(f"runs:/{first.run_id}/model", crops), atol=1e-6)
+
+
+def _champion_scoring(score: float) -> str:
+    """Registers a tiny model as champion of `DATA_MODEL` with `score` on the shipped model's test data."""
+    with mlflow.start_run(experiment_id=experiment_id("fer2013")) as trained:
+        info = pyfunc_model.log_model(tiny_keras_model(0))
+        mlflow.set_tags({"fer.stage": "train", "fer.model_uri": info.model_uri})
+    with mlflow.start_run(experiment_id=experiment_id("fer2013")):
+        mlflow.set_tags({"fer.stage": "evaluate", "fer.source_run": trained.info.run_id, "fer.settings": "tta=false",
+                         "fer.split": "test", "fer.test_digest": TEST["digest"], "fer.demo_data": "false",
+                         "fer.served_model_uri": f"runs:/{trained.info.run_id}/model"})
+        mlflow.log_params({"data_uri": TEST["data_uri"]})
+        mlflow.log_metric("test_accuracy", score)
+    return promote.run().champion_version
+
+
+@pytest.mark.slow
+def test_pretrained_takes_the_champion_only_from_a_worse_model_on_the_same_data():
+    better = _champion_scoring(TEST["metrics"]["test_accuracy"] + 0.01)
+    kept = pretrained.run()
+    client = MlflowClient()
+    assert kept.version != better and not kept.champion and "kept champion" in kept.message
+    assert str(client.get_model_version_by_alias(DATA_MODEL, "champion").version) == better
+    assert str(client.get_model_version_by_alias(DATA_MODEL, pretrained.ALIAS).version) == kept.version
+
+
+@pytest.mark.slow
+def test_pretrained_beats_a_worse_champion_and_leaves_it_previous():
+    worse = _champion_scoring(TEST["metrics"]["test_accuracy"] - 0.01)
+    taken = pretrained.run()
+    client = MlflowClient()
+    assert taken.champion and str(client.get_model_version_by_alias(DATA_MODEL, "previous").version) == worse
+
+
+@pytest.mark.slow
+def test_predict_with_no_registry_uses_the_shipped_model_and_says_so(tmp_path, caplog):
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(photos.astronaut()).save(photo)
+    with caplog.at_level("INFO"):
+        outcome = predict.run(input=str(photo), detector="haar")
+    said = [r.getMessage() for r in caplog.records if "shipped model" in r.getMessage()]
+    assert len(said) == 1 and "pretrained" in said[0]
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.data.tags[pretrained.SHA_TAG] == RECORD["sha256"] and run.data.params["model_uri"] == "shipped"
+    faces = outcome.predictions[outcome.predictions["face"] >= 0]
+    assert len(faces) == 1
+    expected = pretrained.served_model().predict(pd.DataFrame({"image": [photo.read_bytes()]}),
+                                                 params={"detector": "haar"})
+    assert faces["label"].tolist() == expected.loc[expected["face"] >= 0, "label"].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+@pytest.mark.skipif(not SHARED_ZIP.exists(), reason="the shared FER2013 zip is not here")
+def test_the_registered_shipped_model_scores_its_recorded_publictest_accuracy():
+    pretrained.run()
+    scored = evaluate.run(model_uri=f"models:/{DATA_MODEL}@{pretrained.ALIAS}", data=str(SHARED_ZIP))
+    assert scored.test_digest == TEST["digest"]
+    assert scored.metrics["test_accuracy"] == pytest.approx(TEST["metrics"]["test_accuracy"], abs=1e-9)
+    assert scored.metrics["test_f1_macro"] == pytest.approx(TEST["metrics"]["test_f1_macro"], abs=1e-9)
