@@ -152,3 +152,10 @@ def test_a_logged_model_carries_the_code_but_not_the_shipped_files(tmp_path):
     assert (code / "pretrained" / "__init__.py").exists() and (code / "pyfunc_model.py").exists()
     assert not (code / "pretrained" / "files").exists() and not list(code.rglob("__pycache__"))
     assert sum(f.stat().st_size for f in (tmp_path / "model").rglob("*") if f.is_file()) < 2**20
+
+
+def test_the_model_card_is_what_the_record_renders():
+    from fer_mlflow.pretrained import card
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "model-card.md"
+    assert page.read_text() == card.render(), "run: python -m fer_mlflow.pretrained.card > docs/model-card.md"

@@ -1,0 +1,136 @@
+"""The shipped model's card (docs/model-card.md), written from its record so that the page and the
+model cannot disagree: `python -m fer_mlflow.pretrained.card > docs/model-card.md`, and a test
+checks that the page is what this renders."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fer_mlflow.pretrained import record
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _standard_error(accuracy: float, count: int) -> float:
+    return float(np.sqrt(accuracy * (1 - accuracy) / count))
+
+
+def render(found: dict | None = None) -> str:
+    """The model card of the shipped model described by `found` (default: its record)."""
+    found = found or record()
+    training, test, made = found["training"], found["evaluation"], found["made"]
+    metrics, classes = test["metrics"], test["classes"]
+    per_class = test["per_class"]
+    counts = np.array(test["confusion_matrix"])
+    normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    recall = dict(zip(classes, per_class["recall"]))
+    weakest = sorted(classes, key=recall.get)[:2]
+    confusions = sorted(((normalised[i, j], classes[i], classes[j]) for i in range(len(classes))
+                         for j in range(len(classes)) if i != j), reverse=True)[:3]
+    choices = found["validation"]["choices"]
+    lines = [
+        "# Model card: the shipped model",
+        "",
+        "<!-- Written by `python -m fer_mlflow.pretrained.card` from fer_mlflow/pretrained/files/record.json;"
+        " tests/test_pretrained.py checks that this page is what it renders. -->",
+        "",
+        f"**{found['title']}**: a convolutional network of {found['parameters']:,} parameters "
+        f"({found['bytes'] / 2**20:.1f} MiB), trained by this project with its own `train` entry point. "
+        "It takes a 48x48 grey face (pixels 0..255) and answers seven probabilities: "
+        + ", ".join(found["class_names"]) + ".",
+        f"It serves {found['settings_described']} by default, with its probabilities divided by a temperature of "
+        f"{found['temperature']:.3f} fitted on validation data (`calibration`).",
+        "",
+        "`fer-mlflow pretrained` registers it as `models:/fer-emotion@pretrained` (and `@champion` when it "
+        "is the best on the same test data); `fer-mlflow predict` uses it when no champion is registered.",
+        "",
+        "## How it was made",
+        "",
+        f"- Data: `{training['data']}` (data digest `{training['data_digest']}`), FER2013's Training split "
+        "cleaned by the `clean` entry point (outliers by mean pixel value, blank images, duplicates, "
+        f"leakage into the test splits, conflicting labels removed), {training['params'].get('train_images', '?')} "
+        f"images to train and {training['params'].get('val_images', '?')} held out for validation. "
+        "PublicTest was not seen in training or in any choice.",
+        f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes on a "
+        f"{made['machine']}, run `{training['run_id']}`; best val_accuracy "
+        f"{training['metrics'].get('best_val_accuracy', float('nan')):.4f}.",
+        f"- Made at commit `{made['commit']}` on {made['date']}, with:",
+        "",
+        *(f"      {command}" for command in made["commands"]),
+        "",
+        "- Serving choice, on validation data ("
+        + "; ".join(f"`{key}`: val_accuracy {c['val_accuracy']:.4f}" for key, c in choices.items())
+        + f"): `{found['validation']['chosen']}`.",
+        f"- SHA-256 of `model.keras`: `{found['sha256']}` (checked each time it is loaded).",
+        "",
+        f"## Accuracy on PublicTest ({test['images']:,} faces, as served)",
+        "",
+        f"Accuracy **{metrics['test_accuracy']:.4f}**, macro F1 {metrics['test_f1_macro']:.4f}, weighted F1 "
+        f"{metrics['test_f1_weighted']:.4f} (test digest `{test['digest']}`; the standard error of an accuracy on "
+        f"{test['images']:,} faces is {100 * _standard_error(metrics['test_accuracy'], test['images']):.1f} points). For scale: always answering the most common class "
+        f"({classes[int(np.argmax(counts.sum(axis=1)))]}) scores {counts.sum(axis=1).max() / counts.sum():.4f}.",
+        "",
+        *_table(["class", "precision", "recall", "F1", "faces"],
+                [[c, f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(int(s))] for c, p, r, f, s in
+                 zip(classes, per_class["precision"], per_class["recall"], per_class["f1"], per_class["support"])]),
+        "",
+        "Confusion matrix (rows: the true class, share of its faces; columns: the answer):",
+        "",
+        *_table(["true \\ answer", *classes],
+                [[c, *(f"{v:.2f}" for v in row)] for c, row in zip(classes, normalised)]),
+        "",
+        "## Calibration",
+        "",
+        f"Expected calibration error (15 bins) on PublicTest: {metrics.get('test_ece', float('nan')):.4f} as served, "
+        f"{metrics.get('test_ece_untempered', float('nan')):.4f} before the temperature. A `prob_<class>` of "
+        "0.8 is right about 80% of the time: thresholds on it mean what they say (on faces like FER2013's).",
+        "",
+        "## Where it fails",
+        "",
+        f"- Weakest classes by recall: {weakest[0]} ({recall[weakest[0]]:.2f}) and {weakest[1]} "
+        f"({recall[weakest[1]]:.2f}). Disgust is 1.5% of the training faces.",
+        "- Most frequent confusions: " + "; ".join(f"{a} answered as {b} ({v:.0%} of {a})" for v, a, b in confusions)
+        + ".",
+        "- FER2013's own labels are noisy: human accuracy on it was estimated at 65 +/- 5% when it was "
+        "published (Goodfellow et al., 2013), so part of the remaining error is in the labels.",
+        "- Photos: the network sees only what the face detector finds and cuts. How many faces the "
+        "detectors find in photos, and the accuracy on them, is measured by `benchmarks/photo_path.py` "
+        "(BENCHMARKS.md). Faces far from FER2013's (profile, very small, occluded, "
+        "non-photographic) are outside what it was trained on.",
+        "",
+        "## The data and what is unknown about it",
+        "",
+        "FER2013 was made for the ICML 2013 workshop \"Challenges in Representation Learning\" "
+        "(Goodfellow et al., \"Challenges in Representation Learning: A report on three machine learning "
+        "contests\", 2013) and published through that challenge on Kaggle: 35,887 48x48 grey faces found by "
+        "web image searches for emotion keywords, cropped automatically and labelled with one of seven "
+        "expressions. What is known of its terms is that it was released for that challenge and has been "
+        "used since for research; no licence for the images themselves is known (they came from the web, and "
+        "their rights belong to their owners), and the challenge's rules are not part of the data. This project "
+        "ships weights trained on it, not the images. Whether a use beyond research is permitted is unknown: "
+        "decide that with your own counsel.",
+        "",
+        "The data has no labels of age, gender, skin tone or ethnicity, so how the model's accuracy differs "
+        "between groups of people is **unmeasured**. Web images of 2013 over-represent some groups; expect "
+        "the accuracy above not to hold equally for everyone.",
+        "",
+        "## Intended and unintended uses",
+        "",
+        "- Intended: learning and teaching; research and benchmarking on FER2013-like faces; a first model to "
+        "compare one's own against; aggregate analysis of posed or acted expressions in media one has the "
+        "right to analyse.",
+        "- Not intended: inferring what a person feels (a facial expression is not an inner state); any "
+        "decision about a person (hiring, grading, insurance, credit, policing, border control, medical or "
+        "psychological assessment); surveillance; use on people who have not agreed to it. In the European "
+        "Union, emotion recognition in workplaces and schools is prohibited with narrow exceptions "
+        "(AI Act, Article 5(1)(f)); elsewhere the Act lists emotion recognition as high-risk (Annex III).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(), end="")
