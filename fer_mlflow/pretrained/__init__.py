@@ -127,11 +127,25 @@ def run(data: str = "") -> PretrainedOutcome:
     """Put the shipped model into this tracking store and registry (see the module docstring).
     `data`: test data to score it on afresh (any source `evaluate` reads); empty: its recorded
     PublicTest scores."""
+    found = record()
+    checked_model_file()
+    try:
+        return _run(found, data)
+    except MlflowException as error:
+        from fer_mlflow.errors import FerError, RegistryError
+        from fer_mlflow.registry import first_line
+
+        if isinstance(error.__context__, FerError):  # ending the run failed too: the first error counts
+            raise error.__context__ from error
+        raise RegistryError(f"the tracking server or registry at {mlflow.get_tracking_uri()} failed "
+                            f"({first_line(error)}); run it again once it answers (it registers nothing "
+                            "twice, and promote's aliases are put back when their writing fails)") from error
+
+
+def _run(found: dict, data: str) -> PretrainedOutcome:
     from fer_mlflow import promote
     from fer_mlflow.registry import alias_version
 
-    found = record()
-    checked_model_file()
     client = MlflowClient()
     with stage_run(STAGE, f"pretrained {found['title']}", {SHA_TAG: found["sha256"]},
                    experiment=DATA_EXPERIMENT) as active:
