@@ -15,7 +15,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from fer_mlflow import dataset as ds
 from fer_mlflow.calibration import expected_calibration_error, tempered
-from fer_mlflow import evaluate, promote, train, views
+from fer_mlflow import calibration, evaluate, promote, pyfunc_model, train, views
 from fer_mlflow.cli import main
 from fer_mlflow.demo import make_demo
 from fer_mlflow.pyfunc_model import log_model
@@ -87,14 +87,23 @@ def test_tta_with_every_kind_off_averages_with_the_mirrored_image(trained):
     tta = evaluate.predict_probabilities(trained.model_uri, test.images,
                                          Settings(tta=True, tta_shift=0, tta_rotation=0, tta_zoom=0))
     mirrored = evaluate.predict_probabilities(trained.model_uri, test.images[:, :, ::-1])
-    assert np.allclose(tta, (plain + mirrored) / 2, atol=1e-6)
+    raw = _untempered(trained)  # the views' raw probabilities are averaged, then tempered
+    assert np.allclose(raw(tta), (raw(plain) + raw(mirrored)) / 2, atol=1e-6)
+
+
+def _untempered(trained):
+    """The served probabilities before the model's temperature (`calibration`)."""
+    temperature = pyfunc_model.temperature_of(mlflow.pyfunc.load_model(trained.model_uri))
+    return lambda probabilities: calibration.tempered(probabilities, 1 / temperature)
 
 
 def _mean_over_views(trained, images, views):
     def predict(view):
         return evaluate.predict_probabilities(trained.model_uri, view[..., 0])
 
-    return sum(predict(v) + predict(v[:, :, ::-1]) for v in views) / (2 * len(views))
+    raw = _untempered(trained)
+    return calibration.tempered(sum(raw(predict(v)) + raw(predict(v[:, :, ::-1])) for v in views) / (2 * len(views)),
+                                pyfunc_model.temperature_of(mlflow.pyfunc.load_model(trained.model_uri)))
 
 
 @pytest.mark.slow
