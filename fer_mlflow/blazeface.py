@@ -8,8 +8,11 @@ run time. They are run by `ai_edge_litert` (LiteRT, TensorFlow Lite's successor:
 relative to them, a sigmoid score, then non-maximum suppression (OpenCV's ``NMSBoxes``; MediaPipe
 blends the overlapping boxes instead, which moves a box by a few pixels at most).
 
-A photo is letterboxed into the model's square input (padded right and below), so a face must be at
-least about a tenth of the photo's longer side to be found (the short-range model's smallest anchors).
+`detect` runs both of MediaPipe's models and keeps the best boxes of the two: the short-range one
+(128x128, faces within about 2 m of a phone's camera) finds large faces, the full-range one (192x192,
+within 5 m) smaller ones, and neither alone finds what the other does (BENCHMARKS.md). A photo is
+letterboxed into each model's square input (padded right and below), so a face narrower than about a
+tenth of the photo's longer side is missed.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ VARIANTS = {
     "short": Variant("face_detection_short_range.tflite", 128, ((8, 2), (16, 6))),
     "full": Variant("face_detection_full_range.tflite", 192, ((4, 1),)),
 }
-MIN_SCORE = 0.6  # MediaPipe uses 0.5; 0.6 left 16 faces in the backgrounds of 600 validation photos, not 112 (BENCHMARKS.md)
+MIN_SCORE = 0.6  # MediaPipe's is 0.5: chosen on validation photos (BENCHMARKS.md), far fewer false faces
 OVERLAP = 0.3  # MediaPipe's min_suppression_threshold (IoU)
 SCORE_CLIP = 80.0  # raw scores clipped before the sigmoid, as MediaPipe (100) but safe in float32
 
@@ -65,7 +68,7 @@ def anchors(variant: Variant) -> np.ndarray:
 
 
 class BlazeFace:
-    """A loaded BlazeFace `variant`; call `detect` with a batch of RGB photos. One interpreter per
+    """A loaded BlazeFace `variant`; `candidates` searches a batch of RGB photos. One interpreter per
     instance, guarded by a lock (a LiteRT interpreter must not be invoked from two threads)."""
 
     def __init__(self, variant: str = "short"):
@@ -80,9 +83,9 @@ class BlazeFace:
         self.batch = 0
         self.lock = threading.Lock()
 
-    def detect(self, photos: list[np.ndarray]) -> list[list[tuple[np.ndarray, float, np.ndarray]]]:
-        """Per photo (H x W x 3 uint8), its faces as (box x, y, w, h in the photo's pixels, score,
-        keypoints 6 x 2 in pixels), most confident first, in one batched call of the network."""
+    def candidates(self, photos: list[np.ndarray]) -> list[list[tuple[np.ndarray, float, np.ndarray]]]:
+        """Per photo (H x W x 3 uint8), the boxes this model scores over `MIN_SCORE` (x, y, w, h in
+        the photo's pixels, score, keypoints 6 x 2 in pixels), in one batched call of the network."""
         if not photos:
             return []
         tensor = np.stack([self._letterbox(photo) for photo in photos])
@@ -122,24 +125,37 @@ class BlazeFace:
         return square
 
     def _decode(self, raw: np.ndarray, raw_scores: np.ndarray, photo_side: int) -> list:
-        import cv2
-
+        """The candidate faces over `MIN_SCORE`, before non-maximum suppression."""
         scores = 1 / (1 + np.exp(-np.clip(raw_scores, -SCORE_CLIP, SCORE_CLIP)))
         keep = np.flatnonzero(scores >= MIN_SCORE)
-        if not len(keep):
-            return []
         # Centre offsets, sizes and keypoints are in input pixels, centres relative to the anchor.
-        points = raw[keep].reshape(len(keep), -1, 2) / self.variant.side
+        points = raw[keep].reshape(len(keep), raw.shape[-1] // 2, 2) / self.variant.side
         points[:, [0] + list(range(2, points.shape[1]))] += self.anchors[keep, np.newaxis]
         centre, size = points[:, 0], points[:, 1]
         boxes = np.concatenate([centre - size / 2, size], axis=1) * photo_side
-        chosen = cv2.dnn.NMSBoxes(boxes.tolist(), scores[keep].tolist(), MIN_SCORE, OVERLAP)
-        chosen = sorted(np.ravel(chosen).tolist(), key=lambda i: -scores[keep[i]])
-        return [(boxes[i], float(scores[keep[i]]), points[i, 2:] * photo_side) for i in chosen
+        return [(boxes[i], float(scores[keep[i]]), points[i, 2:] * photo_side) for i in range(len(keep))
                 if size[i].min() > 0]
 
 
+def suppress(candidates: list) -> list:
+    """`candidates` (box, score, keypoints) after non-maximum suppression, most confident first."""
+    import cv2
+
+    if not candidates:
+        return []
+    boxes, scores = [box.tolist() for box, _, _ in candidates], [score for _, score, _ in candidates]
+    chosen = np.ravel(cv2.dnn.NMSBoxes(boxes, scores, MIN_SCORE, OVERLAP)).tolist()
+    return [candidates[i] for i in sorted(chosen, key=lambda i: -scores[i])]
+
+
 @cache
-def detector(variant: str = "short") -> BlazeFace:
+def model(variant: str) -> BlazeFace:
     """The process's BlazeFace `variant`, loaded once."""
     return BlazeFace(variant)
+
+
+def detect(photos: list[np.ndarray]) -> list[list[tuple[np.ndarray, float, np.ndarray]]]:
+    """Per photo (H x W x 3 uint8), its faces as (box x, y, w, h in the photo's pixels, score,
+    keypoints 6 x 2 in pixels), most confident first: both models' candidates, suppressed together."""
+    both = zip(model("short").candidates(photos), model("full").candidates(photos))
+    return [suppress(near + far) for near, far in both]

@@ -3,8 +3,8 @@
 Three detectors, each with its weights inside its pip wheel, so nothing is downloaded at run time:
 ``mtcnn`` (the `mtcnn` package on the project's TensorFlow; it also finds the eyes), ``haar``
 (OpenCV 4's frontal-face cascade, ``cv2.data.haarcascades``) and ``blazeface`` (MediaPipe's
-short-range BlazeFace, `blazeface`: the fastest; it finds the eyes too, and searches a batch of
-photos in one call). Each is loaded once per process.
+short- and full-range BlazeFace models, `blazeface`: the fastest; it finds the eyes too, and searches
+a batch of photos in one call). Each is loaded once per process.
 
 FER2013's 48x48 images hold the whole face with a little forehead and chin, a frame larger than
 any detector's box. `FRAMING` says, per detector, how large that frame is and where its centre
@@ -100,11 +100,11 @@ def _best(found: list[Face], min_face: int, max_faces: int) -> list[Face]:
 
 
 def _blazeface(photos: list[np.ndarray]) -> list[list[Face]]:
-    from fer_mlflow.blazeface import detector
+    from fer_mlflow import blazeface
 
     faces = []
     for start in range(0, len(photos), BATCH):
-        for found in detector().detect(photos[start:start + BATCH]):
+        for found in blazeface.detect(photos[start:start + BATCH]):
             # The first two keypoints are the eyes; `_tilt` wants them in the photo's left-right order.
             faces.append([Face(*(int(round(v)) for v in box), score, tuple(sorted(map(tuple, points[:2].tolist()))))
                           for box, score, points in found])

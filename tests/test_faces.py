@@ -34,8 +34,8 @@ def test_mtcnn_also_finds_the_eyes_level_on_her_face():
     assert face.x < left_x < right_x < face.x + face.w and abs(left_y - right_y) < 0.1 * face.w
 
 
-# BlazeFace searches the whole photo at 128x128, so it misses the smallest face here (a tenth of
-# the photo's width): its own test below.
+# BlazeFace searches the whole photo at 128 and 192 pixels a side, so it misses the smallest face here
+# (a fifteenth of the photo's width): its own test below.
 @pytest.mark.parametrize("detector", ["mtcnn", "haar"])
 def test_several_faces_of_several_sizes_in_one_photo_are_each_found(detector):
     astronaut = Image.fromarray(data.astronaut())
@@ -55,7 +55,7 @@ def test_several_faces_of_several_sizes_in_one_photo_are_each_found(detector):
     assert len(faces.detect(np.asarray(canvas), detector, min_face=120)) == 1  # only the largest
 
 
-def test_blazeface_finds_faces_of_a_seventh_of_the_photo_and_more_in_one_call_with_their_eyes():
+def test_blazeface_finds_several_faces_in_one_photo_and_a_batch_of_photos_in_one_call():
     head = Image.fromarray(data.astronaut()).crop((140, 20, 310, 210))
     canvas = Image.new("RGB", (640, 300), (120, 120, 120))
     placed = []
