@@ -80,8 +80,11 @@ def unlevelled(face: faces.Face) -> faces.Face:
 def labels_of(model, crops: np.ndarray, class_names: list[str]) -> np.ndarray:
     if not len(crops):
         return np.zeros(0, int)
-    frame = model.predict(np.stack(crops))
-    return np.array([class_names.index(label) for label in frame["label"]])
+    crops = np.stack(crops)
+    labels = []
+    for start in range(0, len(crops), 256):  # the served model's request limit (limits.MAX_IMAGES)
+        labels += list(model.predict(crops[start:start + 256])["label"])
+    return np.array([class_names.index(label) for label in labels])
 
 
 def main() -> None:
