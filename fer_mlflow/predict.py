@@ -200,13 +200,17 @@ def _annotate_video(source: media.Source, info: media.VideoInfo, table: pd.DataF
     writer = None
     try:
         with media.Video(source, info.every) as video:
-            current = rows.iloc[:0]
+            current, painted, size = rows.iloc[:0], None, None
             for index, _, rgb in video.frames(analysed_only=False):
-                current = by_frame.get(index, current)
+                if index in by_frame or rgb.shape[:2] != size:  # drawn once, pasted on each frame till the next
+                    current, size = by_frame.get(index, current), rgb.shape[:2]
+                    painted = annotate.layer(*size, current)
                 if writer is None:  # sized by the decoded frames, which the header may not match
                     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), info.fps or 30.0,
                                              (rgb.shape[1], rgb.shape[0]))
-                writer.write(cv2.cvtColor(annotate.draw(rgb, current), cv2.COLOR_RGB2BGR))
+                where, colours = painted
+                rgb[where] = colours
+                writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     finally:
         if writer is not None:
             writer.release()

@@ -160,6 +160,18 @@ def test_a_video_is_analysed_every_nth_frame_with_times_and_written_back_annotat
     assert not mlflow.MlflowClient().list_artifacts(again.run_id, "annotated")
 
 
+def test_an_annotated_video_frame_pasted_from_its_layer_is_the_frame_drawn():
+    from fer_mlflow import annotate
+
+    rgb = data.astronaut()
+    faces = pd.DataFrame({"face": [0, 1, -1], "x": [170, 10, 0], "y": [5, 300, 0], "w": [100, 60, 0],
+                          "h": [100, 60, 0], "label": ["happy", "sad", ""], "probability": [0.84, 0.5, np.nan]})
+    where, colours = annotate.layer(*rgb.shape[:2], faces)
+    pasted = rgb.copy()
+    pasted[where] = colours
+    assert np.array_equal(pasted, annotate.draw(rgb, faces)) and len(colours)
+
+
 def write_two_faces(path: Path, frames: int = 16, fps: float = 8.0) -> Path:
     """The astronaut's head twice on grey (640 x 300), moving apart 6 pixels a frame."""
     head = Image.fromarray(data.astronaut()).crop((140, 20, 310, 210))  # 170 x 190
