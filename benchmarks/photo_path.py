@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--model-uri", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="test", choices=["test", "val"])
-    parser.add_argument("--limit", type=int, default=0, help="Only the first N faces (0: all).")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="Only N faces drawn at random (--seed; the zip lists its faces class by class), 0: all.")
     parser.add_argument("--level", action="store_true")
     parser.add_argument("--detectors", default=",".join(faces.DETECTORS))
     parser.add_argument("--seed", type=int, default=0)
@@ -101,7 +102,8 @@ def main() -> None:
     part = dataset.split(args.split)
     images, truth = part.images, part.labels
     if args.limit:
-        images, truth = images[:args.limit], truth[:args.limit]
+        chosen = np.sort(np.random.default_rng(args.seed).choice(len(images), args.limit, replace=False))
+        images, truth = images[chosen], truth[chosen]
     model = mlflow.pyfunc.load_model(args.model_uri)
     class_names = list(part.class_names)
     plain = labels_of(model, list(images), class_names) == truth
