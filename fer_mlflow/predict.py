@@ -3,7 +3,7 @@ it found, face by face.
 
 The photos and frames (`media`) go through the model's own path from decoding on
 (`pyfunc_model.predict_photos`, what ``model.predict`` does for an encoded photo), `CHUNK` of them a
-call so that the network sees all their faces in one batch. The run goes to the experiment
+call so that the network sees all their faces in one batch (and BlazeFace searches them in one). The run goes to the experiment
 ``fer-predictions`` unless the user chose one, and logs:
 
 - params ``model_uri``, ``input``, ``detector``, ``every``, ``max_annotated``, ``min_face``,

