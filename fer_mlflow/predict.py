@@ -238,7 +238,7 @@ def _by_track(rows: pd.DataFrame, classes: list[str]) -> dict[str, tuple[np.ndar
         own = faces[faces["track"] == track].set_index("frame")
         span = times.loc[own.index.min():own.index.max()]
         probabilities = own[[f"prob_{c}" for c in classes]].reindex(span.index).to_numpy(dtype=float)
-        series[f"face {track} ({len(own)} frames)"] = (span.to_numpy(dtype=float), probabilities)
+        series[f"track {track} ({len(own)} frames)"] = (span.to_numpy(dtype=float), probabilities)
     return series
 
 
