@@ -34,3 +34,15 @@ def test_a_face_missed_for_a_frame_keeps_its_id_and_one_gone_longer_gets_a_new_o
 
 def test_a_face_that_jumps_away_is_a_new_track():
     assert [list(each) for each in track([np.array([[0, 0, 40, 40]]), np.array([[200, 0, 40, 40]])])] == [[0], [1]]
+
+
+def test_a_face_moving_more_than_half_its_width_between_sampled_frames_keeps_its_id():
+    # 40 pixels a frame for a 60-pixel box: consecutive boxes overlap by IoU 0.2.
+    frames = [np.array([[20 + 40 * step, 100, 60, 60]]) for step in range(10)]
+    assert [int(each[0]) for each in track(frames)] == [0] * 10
+
+
+def test_a_face_that_speeds_up_is_found_where_its_last_move_predicts():
+    # 30 pixels, then 55 a frame: 55 from the last box is IoU 0.04, 25 from the predicted one 0.41.
+    frames = [np.array([[x, 100, 60, 60]]) for x in (0, 30, 85, 140, 195, 250)]
+    assert [int(each[0]) for each in track(frames)] == [0] * 6
