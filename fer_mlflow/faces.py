@@ -40,7 +40,7 @@ BATCH = 16  # photos per BlazeFace call: a batch of another size reallocates its
 SEARCH_SIDE = 1280  # pixels: larger photos are searched downscaled to this (the search grows with area)
 
 # detector -> (frame side, frame centre x offset, y offset), in box widths: medians over 449 (haar),
-# 537 (mtcnn) and 595 (blazeface) FER2013 training images (benchmarks/fit_framing.py, BENCHMARKS.md).
+# 537 (mtcnn) and 594 (blazeface) FER2013 training images (benchmarks/fit_framing.py, BENCHMARKS.md).
 # BlazeFace's box sits low on the face (brows to chin), so FER2013's frame is centred above it.
 FRAMING = {"haar": (1.04, 0.0, 0.0), "mtcnn": (1.27, 0.01, -0.01), "blazeface": (1.18, 0.0, -0.11)}
 
