@@ -147,10 +147,9 @@ class Video:
             every=every or every_for(fps))
         self._capture.release()
 
-    def frames(self, analysed_only: bool = True, rgb: bool = True) -> Iterator[tuple[int, float, np.ndarray | None]]:
+    def frames(self, analysed_only: bool = True) -> Iterator[tuple[int, float, np.ndarray | None]]:
         """(frame index, time in seconds, RGB) for each frame from the first: every `info.every`-th
-        decoded, the others skipped (None) unless `analysed_only` is False, when all are decoded.
-        `rgb` False: OpenCV's BGR as decoded, for a caller that writes the frames back with OpenCV."""
+        decoded, the others skipped (None) unless `analysed_only` is False, when all are decoded."""
         import cv2
 
         capture = cv2.VideoCapture(str(self._path))
@@ -161,7 +160,7 @@ class Video:
                 if wanted or not analysed_only:
                     ok, bgr = capture.retrieve()
                     if ok:
-                        yield index, self.time_of(index), cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if rgb else bgr
+                        yield index, self.time_of(index), cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
                 index += 1
         finally:
             capture.release()

@@ -201,17 +201,16 @@ def _annotate_video(source: media.Source, info: media.VideoInfo, table: pd.DataF
     try:
         with media.Video(source, info.every) as video:
             current, painted, size = rows.iloc[:0], None, None
-            # Frames stay in OpenCV's BGR from decoding to writing; the drawing's colours are turned instead.
-            for index, _, bgr in video.frames(analysed_only=False, rgb=False):
-                if index in by_frame or bgr.shape[:2] != size:  # drawn once, pasted on each frame till the next
-                    current, size = by_frame.get(index, current), bgr.shape[:2]
-                    where, colours = annotate.layer(*size, current)
-                    painted = where, colours[:, ::-1]
+            for index, _, rgb in video.frames(analysed_only=False):
+                if index in by_frame or rgb.shape[:2] != size:  # drawn once, pasted on each frame till the next
+                    current, size = by_frame.get(index, current), rgb.shape[:2]
+                    painted = annotate.layer(*size, current)
                 if writer is None:  # sized by the decoded frames, which the header may not match
                     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), info.fps or 30.0,
-                                             (bgr.shape[1], bgr.shape[0]))
-                bgr[painted[0]] = painted[1]
-                writer.write(bgr)
+                                             (rgb.shape[1], rgb.shape[0]))
+                where, colours = painted
+                rgb[where] = colours
+                writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     finally:
         if writer is not None:
             writer.release()
