@@ -6,7 +6,7 @@ MTCNN), training images (never PublicTest) are searched with each detector; for 
 exactly one face found, the frame (the 192x192 image) is expressed in units of the box's width: its
 side, and its centre's offset from the box's centre. Medians over the images are the framing.
 
-    python benchmarks/fit_framing.py ../shared/data/fer2013-public.zip --images 600
+    python benchmarks/fit_framing.py ../shared/data/fer2013-public.zip --images 600 [--detectors blazeface]
 """
 
 import argparse
@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from fer_mlflow.faces import detect
+from fer_mlflow.faces import DETECTORS, detect
 
 UPSCALE = 4
 
@@ -41,10 +41,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("zip")
     parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--detectors", default=",".join(DETECTORS))
     args = parser.parse_args()
     images = frames(args.zip, args.images)
     side, border = 48 * UPSCALE, 24 * UPSCALE
-    for detector in ("haar", "mtcnn"):
+    for detector in args.detectors.split(","):
         started, rows = time.perf_counter(), []
         for image in images:
             found = detect(image, detector, min_face=side // 4)

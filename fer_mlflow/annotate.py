@@ -20,6 +20,22 @@ def draw(rgb: np.ndarray, faces: pd.DataFrame) -> np.ndarray:
     """A copy of `rgb` (H x W x 3 uint8) with each face of `faces` (rows of the predictions, for
     this image: x, y, w, h, label, probability) boxed and labelled; rows without a face are left out."""
     image = Image.fromarray(rgb)
+    _paint(image, faces)
+    return np.asarray(image)
+
+
+def layer(height: int, width: int, faces: pd.DataFrame) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """What `draw` paints for `faces` on any image of this size: the (rows, columns) it covers and
+    their RGB values (K x 3), so a video's frames that show the same faces are painted by one
+    assignment each (``frame[where] = colours``), not drawn again."""
+    image = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    _paint(image, faces)
+    pixels = np.asarray(image)
+    where = np.nonzero(pixels[..., 3])
+    return where, pixels[where][:, :3]
+
+
+def _paint(image: Image.Image, faces: pd.DataFrame) -> None:
     canvas = ImageDraw.Draw(image)
     side = min(image.size)
     width = max(2, round(side / 250))
@@ -34,7 +50,6 @@ def draw(rgb: np.ndarray, faces: pd.DataFrame) -> np.ndarray:
         y = face.y - height if face.y >= height else face.y + face.h  # above the box, else below
         canvas.rectangle((face.x, y, face.x + right - left + 2 * width, y + height), fill=colour)
         canvas.text((face.x + width - left, y + width - top), text, fill=(255, 255, 255), font=font)
-    return np.asarray(image)
 
 
 @cache

@@ -1,15 +1,17 @@
 """Finding faces in photos, and cutting each out as FER2013 frames its faces.
 
-Two detectors, each with its weights inside its pip wheel, so nothing is downloaded at run time:
-``mtcnn`` (the `mtcnn` package on the project's TensorFlow; it also finds the eyes) and ``haar``
-(OpenCV 4's frontal-face cascade, ``cv2.data.haarcascades``). Both are loaded once per process.
+Three detectors, each with its weights inside its pip wheel, so nothing is downloaded at run time:
+``mtcnn`` (the `mtcnn` package on the project's TensorFlow; it also finds the eyes), ``haar``
+(OpenCV 4's frontal-face cascade, ``cv2.data.haarcascades``) and ``blazeface`` (MediaPipe's
+short- and full-range BlazeFace models, `blazeface`: the fastest; it finds the eyes too, and searches
+a batch of photos in one call). Each is loaded once per process.
 
 FER2013's 48x48 images hold the whole face with a little forehead and chin, a frame larger than
-either detector's box. `FRAMING` says, per detector, how large that frame is and where its centre
+any detector's box. `FRAMING` says, per detector, how large that frame is and where its centre
 lies, in units of the box's width: fitted on upscaled FER2013 training images by
 ``benchmarks/fit_framing.py`` (BENCHMARKS.md). `crop` cuts that square from the grayscale photo,
-padding with the edge pixels at the border, turned so the eyes are level when MTCNN found them,
-and resizes it to 48x48.
+padding with the edge pixels at the border, turned so the eyes are level when the detector found
+them, and resizes it to 48x48.
 """
 
 from __future__ import annotations
@@ -27,18 +29,20 @@ from fer_mlflow.errors import ConfigError
 from fer_mlflow.images import gray
 from fer_mlflow.limits import DETECTOR_CHOICES
 
-DETECTORS = ("mtcnn", "haar")
+DETECTORS = ("mtcnn", "haar", "blazeface")
 CHOICES = DETECTOR_CHOICES  # auto: crops as they are, larger photos searched; one list with the param check
 CROP_SIDE = 64  # auto: a photo at most this many pixels a side is one face crop
 BOX_COLUMNS = ("image", "face", "x", "y", "w", "h", "face_confidence")
 MIN_FACE = 20  # pixels: the smallest face searched for
 MAX_FACES = 20  # per image, the most confident first
-MIN_CONFIDENCE = 0.9  # mtcnn's own threshold for a face
+MIN_CONFIDENCE = 0.9  # mtcnn's own threshold for a face (BlazeFace's: `blazeface.MIN_SCORE`)
+BATCH = 16  # photos per BlazeFace call: a batch of another size reallocates its tensors
 SEARCH_SIDE = 1280  # pixels: larger photos are searched downscaled to this (the search grows with area)
 
-# detector -> (frame side, frame centre x offset, y offset), in box widths: medians over 449 (haar)
-# and 537 (mtcnn) FER2013 training images (benchmarks/fit_framing.py, BENCHMARKS.md).
-FRAMING = {"haar": (1.04, 0.0, 0.0), "mtcnn": (1.27, 0.01, -0.01)}
+# detector -> (frame side, frame centre x offset, y offset), in box widths: medians over 449 (haar),
+# 537 (mtcnn) and 594 (blazeface) FER2013 training images (benchmarks/fit_framing.py, BENCHMARKS.md).
+# BlazeFace's box sits low on the face (brows to chin), so FER2013's frame is centred above it.
+FRAMING = {"haar": (1.04, 0.0, 0.0), "mtcnn": (1.27, 0.01, -0.01), "blazeface": (1.18, 0.0, -0.11)}
 
 
 @dataclass(frozen=True)
@@ -56,16 +60,30 @@ class Face:
 def detect(rgb: np.ndarray, detector: str = "mtcnn", min_face: int = MIN_FACE,
            max_faces: int = MAX_FACES) -> list[Face]:
     """The faces in `rgb` (H x W x 3 uint8) at least `min_face` pixels wide, most confident first,
-    at most `max_faces` of them. A photo over `SEARCH_SIDE` pixels a side is searched at that size
-    (faces small in it are then searched at no less than `MIN_FACE` pixels there), and the boxes are
-    given in its own pixels."""
+    at most `max_faces` of them (`detect_all` for one photo)."""
+    return detect_all([rgb], detector, min_face, max_faces)[0]
+
+
+def detect_all(photos: list[np.ndarray], detector: str = "mtcnn", min_face: int = MIN_FACE,
+               max_faces: int = MAX_FACES) -> list[list[Face]]:
+    """The faces of each photo (H x W x 3 uint8), as `detect` gives them; BlazeFace searches
+    `BATCH` photos a call, the others one at a time. A photo over `SEARCH_SIDE` pixels a side is
+    searched by mtcnn and haar at that size (faces small in it are then searched at no less than
+    `MIN_FACE` pixels there); BlazeFace scales every photo to its own input. The boxes are given
+    in each photo's own pixels."""
     if detector not in DETECTORS:
         raise ConfigError(f"detector={detector} is not one of {', '.join(DETECTORS)}")
+    if detector == "blazeface":
+        return [_best(found, min_face, max_faces) for found in _blazeface(photos)]
+    return [_search(rgb, detector, min_face, max_faces) for rgb in photos]
+
+
+def _search(rgb: np.ndarray, detector: str, min_face: int, max_faces: int) -> list[Face]:
     scale = SEARCH_SIDE / max(rgb.shape[:2])
     if scale < 1:
         size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
         small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
-        found = detect(small, detector, max(MIN_FACE, round(min_face * scale)), max_faces)
+        found = _search(small, detector, max(MIN_FACE, round(min_face * scale)), max_faces)
         return [Face(round(f.x / scale), round(f.y / scale), round(f.w / scale), round(f.h / scale),
                      f.confidence, None if f.eyes is None else
                      tuple((x / scale, y / scale) for x, y in f.eyes))
@@ -73,8 +91,24 @@ def detect(rgb: np.ndarray, detector: str = "mtcnn", min_face: int = MIN_FACE,
     # MTCNN starts its image pyramid at min_face: a large one leaves too coarse a pyramid to find
     # faces of that size, so it searches from MIN_FACE and the small ones are dropped below.
     found = _mtcnn(rgb, min(min_face, MIN_FACE)) if detector == "mtcnn" else _haar(rgb, min_face)
+    return _best(found, min_face, max_faces)
+
+
+def _best(found: list[Face], min_face: int, max_faces: int) -> list[Face]:
     found = [f for f in found if f.w >= min_face and f.h >= min_face]
     return sorted(found, key=lambda f: -f.confidence)[:max_faces]
+
+
+def _blazeface(photos: list[np.ndarray]) -> list[list[Face]]:
+    from fer_mlflow import blazeface
+
+    faces = []
+    for start in range(0, len(photos), BATCH):
+        for found in blazeface.detect(photos[start:start + BATCH]):
+            # The first two keypoints are the eyes; `_tilt` wants them in the photo's left-right order.
+            faces.append([Face(*(int(round(v)) for v in box), score, tuple(sorted(map(tuple, points[:2].tolist()))))
+                          for box, score, points in found])
+    return faces
 
 
 def _haar(rgb: np.ndarray, min_face: int) -> list[Face]:
@@ -122,8 +156,9 @@ def _mtcnn_detector():
 def crop(gray: np.ndarray, face: Face, detector: str = "mtcnn") -> np.ndarray:
     """The 48x48 uint8 face of `gray` (H x W) framed as FER2013 frames faces (`FRAMING`): a square
     around `face`'s box, edge pixels repeated where it passes the border. When the detector found
-    the eyes (MTCNN), the square is turned about its centre so that they are level first: on
-    FER2013 validation faces set in photos that scored 1.4 points higher (BENCHMARKS.md)."""
+    the eyes (MTCNN, BlazeFace), the square is turned about its centre so that they are level
+    first: on FER2013 validation faces set in photos that scored 1.4 points higher with MTCNN
+    (BENCHMARKS.md)."""
     side_ratio, offset_x, offset_y = FRAMING[detector]
     side = max(2, int(round(side_ratio * face.w)))
     cx = face.x + face.w / 2 + offset_x * face.w
@@ -169,18 +204,21 @@ def face_crops(photos: list[np.ndarray], detector: str = "auto", default: str = 
     """
     if detector not in CHOICES:
         raise ConfigError(f"detector={detector} is not one of {', '.join(CHOICES)}")
+    uses = [detector if detector != "auto" else "none" if max(rgb.shape[:2]) <= CROP_SIDE else default
+            for rgb in photos]
+    searched = {}  # photo index -> its faces; each detector searches its photos in one call
+    for use in set(uses) - {"none"}:
+        indices = [index for index, each in enumerate(uses) if each == use]
+        searched.update(zip(indices, detect_all([photos[index] for index in indices], use, min_face, max_faces)))
     crops, rows = [], []
-    for index, rgb in enumerate(photos):
+    for index, (rgb, use) in enumerate(zip(photos, uses)):
         height, width = rgb.shape[:2]
-        use = detector
-        if detector == "auto":
-            use = "none" if height <= CROP_SIDE and width <= CROP_SIDE else default
         luma = gray(rgb)
         if use == "none":
             crops.append(whole(luma))
             rows.append((index, 0, 0, 0, width, height, np.nan))
             continue
-        found = detect(rgb, use, min_face, max_faces)
+        found = searched[index]
         rows += [(index, number, f.x, f.y, f.w, f.h, f.confidence) for number, f in enumerate(found)]
         crops += [crop(luma, f, use) for f in found]
         if not found:

@@ -132,16 +132,23 @@ def label_counts(labels: list[str], classes: list[str], title: str = "Faces per 
     return fig
 
 
-def emotion_over_time(times: np.ndarray, probabilities: np.ndarray, classes: list[str], title: str) -> Figure:
-    """Each class's probability (N x classes; NaN where no face was found) against time in seconds."""
-    fig, ax = plt.subplots(figsize=(10, 4), layout="constrained")
-    for column, name in enumerate(classes):
-        ax.plot(times, probabilities[:, column], label=name, linewidth=1.2)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("probability")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+def emotion_over_time(series: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str], title: str) -> Figure:
+    """One panel per entry of `series` (its title -> times in seconds, and probabilities N x classes,
+    NaN where it has none), each class's probability against time; no entry gives one empty panel."""
+    panels = max(1, len(series))
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 1.2 + 2.4 * panels), sharex=True, squeeze=False,
+                             layout="constrained")
+    for ax, (label, (times, probabilities)) in zip(axes[:, 0], series.items()):
+        for column, name in enumerate(classes):  # a class keeps its colour in every panel
+            ax.plot(times, probabilities[:, column], label=name, color=f"C{column}", linewidth=1.2)
+        ax.set_title(label, loc="left", fontsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("probability")
+        ax.set_ylim(0, 1)
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.suptitle(title)
+    if series:
+        axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return fig
 
 

@@ -32,7 +32,7 @@ PARAM_RANGES: dict[str, tuple[float, float, type]] = {
     "max_faces": (1, 100, int),  # per image, the most confident first
 }
 # auto: crops as they are, larger photos searched; none: each image whole (`faces.CHOICES` is this)
-DETECTOR_CHOICES = ("auto", "none", "mtcnn", "haar")
+DETECTOR_CHOICES = ("auto", "none", "mtcnn", "haar", "blazeface")
 
 MAX_PIXELS = 40_000_000  # per image (all its frames), from its header, before decoding
 MAX_IMAGES = 256  # per request: encoded images and pixel-array crops alike

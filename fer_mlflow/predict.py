@@ -3,20 +3,21 @@ it found, face by face.
 
 The photos and frames (`media`) go through the model's own path from decoding on
 (`pyfunc_model.predict_photos`, what ``model.predict`` does for an encoded photo), `CHUNK` of them a
-call so that the network sees all their faces in one batch. The run goes to the experiment
+call so that the network sees all their faces in one batch (and BlazeFace searches them in one). The run goes to the experiment
 ``fer-predictions`` unless the user chose one, and logs:
 
 - params ``model_uri``, ``input``, ``detector``, ``every``, ``max_annotated``, ``min_face``,
   ``max_faces``, and ``detector_resolved`` / ``every_resolved`` where those were ``auto``;
-- ``predictions.csv``: a row per face (``source`` file, video ``frame`` and ``time_s``, then the
-  served model's columns: ``image``, a running index over all photos and frames, ``face``, the box
+- ``predictions.csv``: a row per face (``source`` file, video ``frame`` and ``time_s``, the face's
+  ``track`` in its video (`tracks`: the boxes of one person through the analysed frames share an
+  id, from 0 per video; empty for photos), then the served model's columns: ``image``, a running index over all photos and frames, ``face``, the box
   ``x``, ``y``, ``w``, ``h``, ``face_confidence``, ``label``, ``probability``, ``prob_<class>``); an
   image without a face has one row with face -1 and an empty label;
 - ``annotated/``: the first `max_annotated` inputs with each face boxed and labelled (photos as
   JPEG, videos as MP4 at their own frame rate, each frame showing the latest analysed one's faces);
 - ``figures/label_counts.png`` and, per video, ``figures/emotion_over_time/<video>.png`` (each
-  class's probability for the most confident face, against time); ``videos.json`` (fps, frames,
-  size and `every` of each video);
+  class's probability against time, a panel per track: the `MAX_TRACKS_SHOWN` longest);
+  ``videos.json`` (fps, frames, size and `every` of each video);
 - metrics: ``photos``, ``videos``, ``frames`` (analysed), ``faces``, ``images_without_face``,
   ``skipped_files``, ``seconds``, ``images_per_second`` and ``faces_<label>``.
 
@@ -42,7 +43,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fer_mlflow import annotate, figures, media, pretrained, pyfunc_model
+from fer_mlflow import annotate, figures, media, pretrained, pyfunc_model, tracks
 from fer_mlflow.reading import safe_name
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.evaluate import load_model, registered_version
@@ -56,7 +57,8 @@ PREDICT_EXPERIMENT = "fer-predictions"
 DEFAULT_MODEL_URI = "models:/fer-emotion@champion"
 MAX_ANNOTATED = 50
 CHUNK = 16  # photos or frames per predict call
-SOURCE_COLUMNS = ("source", "frame", "time_s")
+SOURCE_COLUMNS = ("source", "frame", "time_s", "track")
+MAX_TRACKS_SHOWN = 6  # panels in a video's emotion-over-time figure: its longest tracks
 
 
 @dataclass
@@ -117,6 +119,7 @@ def run(model_uri: str = DEFAULT_MODEL_URI, input: str = "", detector: str = "au
             annotated = {source.name for source in sources[:max_annotated]}
             table = _predict(model, reader, {"detector": detector, "min_face": min_face, "max_faces": max_faces},
                              Path(folder), annotated, _estimate(sources, every))
+            table.insert(SOURCE_COLUMNS.index("track"), "track", _tracks(table))
             classes = list(pyfunc_model.class_names_of(model))
             for source in sources:
                 if source.name in reader.videos and source.name in annotated:
@@ -225,26 +228,56 @@ def _annotate_video(source: media.Source, info: media.VideoInfo, table: pd.DataF
     writer = None
     try:
         with media.Video(source, info.every) as video:
-            current = rows.iloc[:0]
+            current, painted, size = rows.iloc[:0], None, None
             for index, _, rgb in video.frames(analysed_only=False):
-                current = by_frame.get(index, current)
+                if index in by_frame or rgb.shape[:2] != size:  # drawn once, pasted on each frame till the next
+                    current, size = by_frame.get(index, current), rgb.shape[:2]
+                    painted = annotate.layer(*size, current)
                 if writer is None:  # sized by the decoded frames, which the header may not match
                     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), info.fps or 30.0,
                                              (rgb.shape[1], rgb.shape[0]))
-                writer.write(cv2.cvtColor(annotate.draw(rgb, current), cv2.COLOR_RGB2BGR))
+                where, colours = painted
+                rgb[where] = colours
+                writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     finally:
         if writer is not None:
             writer.release()
 
 
+def _tracks(table: pd.DataFrame) -> pd.Series:
+    """The track of each face of each video in `table` (`tracks.track` over its analysed frames,
+    those without a face included); <NA> for photos and for rows without a face."""
+    ids = pd.Series(pd.NA, index=table.index, dtype="Int64")
+    for _, rows in table[table["frame"].notna()].groupby("source", sort=False):
+        frames = [group[group["face"] >= 0] for _, group in rows.groupby("frame", sort=True)]
+        for group, found in zip(frames, tracks.track(group[["x", "y", "w", "h"]].to_numpy() for group in frames)):
+            ids[group.index] = found
+    return ids
+
+
+def _by_track(rows: pd.DataFrame, classes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A video's rows as `figures.emotion_over_time` series: its `MAX_TRACKS_SHOWN` longest tracks,
+    each over the analysed frames from its first to its last (NaN where it was not found)."""
+    times = rows.drop_duplicates("frame").set_index("frame")["time_s"].sort_index()
+    faces = rows[rows["face"] >= 0]
+    longest = faces["track"].value_counts(sort=False).sort_values(ascending=False, kind="stable")
+    series = {}
+    for track in sorted(longest.index[:MAX_TRACKS_SHOWN]):
+        own = faces[faces["track"] == track].set_index("frame")
+        span = times.loc[own.index.min():own.index.max()]
+        probabilities = own[[f"prob_{c}" for c in classes]].reindex(span.index).to_numpy(dtype=float)
+        series[f"track {track} ({len(own)} frames)"] = (span.to_numpy(dtype=float), probabilities)
+    return series
+
+
 def _log_figures(table: pd.DataFrame, classes: list[str], videos: dict[str, media.VideoInfo]) -> None:
     shown = [(figures.label_counts(table["label"].tolist(), classes), "figures/label_counts.png")]
     for name in videos:
-        # The most confident face of each analysed frame (face 0), or NaN where there was none.
-        rows = table[(table["source"] == name) & (table["face"] <= 0)].sort_values("frame")
-        probabilities = rows[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
-        shown.append((figures.emotion_over_time(rows["time_s"].to_numpy(dtype=float), probabilities, classes,
-                                                f"{name}: the most confident face, every {videos[name].every} frames"),
+        rows = table[table["source"] == name]
+        count = rows["track"].nunique()
+        title = f"{name}: each face tracked, every {videos[name].every} frames" + (
+            f" (the {MAX_TRACKS_SHOWN} longest of {count} tracks)" if count > MAX_TRACKS_SHOWN else "")
+        shown.append((figures.emotion_over_time(_by_track(rows, classes), classes, title),
                       f"figures/emotion_over_time/{name}.png"))
     for fig, path in shown:
         mlflow.log_figure(fig, path)

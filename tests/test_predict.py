@@ -25,7 +25,7 @@ from fer_mlflow.dataset import CLASS_NAMES
 
 # The astronaut's face in astronaut.png (512 x 512), as in test_faces.py.
 FACE_LEFT, FACE_RIGHT, FACE_TOP, FACE_BOTTOM = 165, 285, 50, 180
-COLUMNS = ["source", "frame", "time_s", *faces.BOX_COLUMNS, "label", "probability",
+COLUMNS = ["source", "frame", "time_s", "track", *faces.BOX_COLUMNS, "label", "probability",
            *(f"prob_{name}" for name in CLASS_NAMES)]
 
 
@@ -152,12 +152,60 @@ def test_a_video_is_analysed_every_nth_frame_with_times_and_written_back_annotat
     assert len(frames) == 24  # every frame, each showing the latest analysed frame's faces
     original = cv2.VideoCapture(str(video))
     first = original.read()[1]
-    assert np.abs(frames[1].astype(int) - first).sum(axis=2).max() > 100  # a box drawn on frame 1
+    drawn = np.abs(frames[1].astype(int) - first).sum(axis=2) > 100
+    assert drawn.any()  # a box drawn on frame 1, in its label's colour (mostly the label's filled band)
+    from fer_mlflow.annotate import COLOURS
+
+    colour = np.median(frames[1][drawn][:, ::-1], axis=0)  # BGR as read, to RGB
+    assert np.abs(colour - COLOURS[table.loc[0, "label"]]).max() < 40, (colour, table.loc[0, "label"])
     figures = {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id, "figures/emotion_over_time")}
     assert figures == {"figures/emotion_over_time/clip.mp4.png"}
     again = stage.run(model_path, str(video), detector="haar", every=12, max_annotated=0)
     assert list(again.predictions["frame"]) == [0, 12]
     assert not mlflow.MlflowClient().list_artifacts(again.run_id, "annotated")
+
+
+def test_an_annotated_video_frame_pasted_from_its_layer_is_the_frame_drawn():
+    from fer_mlflow import annotate
+
+    rgb = data.astronaut()
+    faces = pd.DataFrame({"face": [0, 1, -1], "x": [170, 10, 0], "y": [5, 300, 0], "w": [100, 60, 0],
+                          "h": [100, 60, 0], "label": ["happy", "sad", ""], "probability": [0.84, 0.5, np.nan]})
+    where, colours = annotate.layer(*rgb.shape[:2], faces)
+    pasted = rgb.copy()
+    pasted[where] = colours
+    assert np.array_equal(pasted, annotate.draw(rgb, faces)) and len(colours)
+
+
+def write_two_faces(path: Path, frames: int = 16, fps: float = 8.0) -> Path:
+    """The astronaut's head twice on grey (640 x 300), moving apart 6 pixels a frame."""
+    head = Image.fromarray(data.astronaut()).crop((140, 20, 310, 210))  # 170 x 190
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (640, 300))
+    for index in range(frames):
+        canvas = Image.new("RGB", (640, 300), (118, 118, 118))
+        canvas.paste(head, (140 - 6 * index, 40))
+        canvas.paste(head, (330 + 6 * index, 60))
+        writer.write(cv2.cvtColor(np.asarray(canvas), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+@pytest.mark.slow
+def test_two_faces_moving_apart_in_a_video_are_two_tracks_with_stable_ids(model_path, tmp_path):
+    video = write_two_faces(tmp_path / "two.mp4")
+    outcome = stage.run(model_path, str(video), detector="blazeface", every=1, max_annotated=0)
+    table = logged_table(outcome.run_id)
+    found = table[table["face"] >= 0]
+    assert found.groupby("frame").size().tolist() == [2] * 16  # both faces in every frame
+    assert sorted(found["track"].unique()) == [0, 1]
+    x = found.pivot(index="frame", columns="track", values="x")
+    left = x.columns[np.argmin(x.iloc[0])]  # the track of the face on the left in the first frame
+    right = 1 - left
+    assert (x[left] < x[right]).all()  # each track stays with one person: never the other's box
+    assert x[left].iloc[-1] - x[left].iloc[0] < -60 and x[right].iloc[-1] - x[right].iloc[0] > 60  # 90 apart
+    assert table["track"].isna().sum() == 0
+    figures = {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id, "figures/emotion_over_time")}
+    assert figures == {"figures/emotion_over_time/two.mp4.png"}
 
 
 @pytest.mark.parametrize("make, message", [

@@ -204,7 +204,7 @@ def test_served_model_answers_a_photo_with_a_row_per_face_and_takes_the_detector
     buffer = io.BytesIO()
     Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
     photo = base64.b64encode(buffer.getvalue()).decode("ascii")
-    for params in ({}, {"detector": "haar"}, {"detector": "mtcnn", "min_face": 40}):
+    for params in ({}, {"detector": "haar"}, {"detector": "mtcnn", "min_face": 40}, {"detector": "blazeface"}):
         body = {"dataframe_split": {"columns": ["image"], "data": [[photo]]}, "params": params}
         status, text = post(server.url, json.dumps(body).encode())
         assert status == 200, text
