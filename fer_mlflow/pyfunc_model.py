@@ -331,14 +331,16 @@ def _prediction_frame(probabilities: np.ndarray, class_names: Sequence[str],
     """The output table: the face columns (`faces.BOX_COLUMNS`), the argmax label and its
     probability, then one probability column per class; a row without a face has an empty label and
     NaN probabilities."""
-    frame = boxes.reset_index(drop=True).copy()
     has_face = ~np.isnan(probabilities).any(axis=1)
     best = np.where(has_face, np.nan_to_num(probabilities, nan=-1.0).argmax(axis=1), 0)
-    frame["label"] = np.where(has_face, np.asarray(class_names, dtype=object)[best], "")
-    frame["probability"] = np.where(has_face, probabilities[np.arange(len(best)), best], np.nan)
+    columns = {name: boxes[name].to_numpy() for name in boxes.columns}
+    columns["label"] = np.where(has_face, np.asarray(class_names, dtype=object)[best], "")
+    columns["probability"] = np.where(has_face, probabilities[np.arange(len(best)), best], np.nan)
     for column, name in enumerate(class_names):
-        frame[f"prob_{name}"] = probabilities[:, column]
-    return frame
+        columns[f"prob_{name}"] = probabilities[:, column]
+    # Built at once: pandas adds columns one at a time at ~0.5 ms each, more than the network
+    # takes for one face.
+    return pd.DataFrame(columns)
 
 
 def predict_pixels(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray) -> pd.DataFrame:
