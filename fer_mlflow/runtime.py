@@ -1,0 +1,104 @@
+"""The served network without Keras' per-call machinery.
+
+Keras' `model.predict` costs milliseconds a call whatever the batch (its data adapter, callbacks and
+step function are set up each time): more than the network's own work on one face. The served model
+(`pyfunc_model`) therefore runs the network through the runtime that measured fastest on the CPU
+serving it (benchmarks/bench_runtimes.py, BENCHMARKS.md "Serving runtime") with the same answer:
+
+- ``onnxruntime``: the Keras model exported to ONNX (`export_onnx`, `keras.Model.export`) when the
+  model is logged, an extra artifact of the logged model, checked at export against Keras' own
+  answer on random pixels (`TOLERANCE`); an export that fails or disagrees is left out with a warning.
+- ``tf.function``: the Keras model called inside one traced TensorFlow function with a fixed-rank
+  input signature, for a model logged without the ONNX artifact (before it existed, or when its
+  export failed) or where onnxruntime cannot be imported.
+
+Both take float32 pixels (N, 48, 48, 1) in 0..255, run them `batch_size` at a time, and answer what
+the Keras model's `predict` answers to within `TOLERANCE` (float rounding: the runtimes order the
+same sums differently). TensorFlow and onnxruntime are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+ONNX_ARTIFACT = "onnx_model"  # the logged model's artifact key of the ONNX file
+TOLERANCE = 1e-5  # largest difference from Keras' probabilities a runtime may answer
+CHECK_IMAGES = 16  # random faces the export is checked on
+
+_logger = logging.getLogger(__name__)
+
+
+class Network:
+    """A network runtime with Keras' predict contract: `predict(pixels, batch_size)` returns the
+    probabilities (N x classes, float32) of float32 `pixels` (N x H x W x C); `name` says which
+    runtime runs it."""
+
+    def __init__(self, name: str, call):
+        self.name = name
+        self._call = call
+
+    def predict(self, pixels: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
+        """The probabilities of `pixels`, `batch_size` images a call (changes memory, not the answer);
+        `verbose` is accepted, and ignored, so that this stands where a Keras model did."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        return np.concatenate([np.asarray(self._call(pixels[start:start + batch_size]))
+                               for start in range(0, len(pixels), max(1, int(batch_size)))])
+
+
+def export_onnx(keras_model, path: Path) -> Path | None:
+    """Export `keras_model` to the ONNX file `path` and check that onnxruntime answers Keras'
+    probabilities on `CHECK_IMAGES` random images to within `TOLERANCE`. Returns `path`, or None
+    (with a warning saying why) when the export fails or disagrees: the model then serves through
+    `tf.function`, slower on small batches but the same answer."""
+    try:
+        import keras
+
+        # Given, not read off the model: a model built but never called has no signature to read.
+        spec = keras.InputSpec(shape=(None, *keras_model.input_shape[1:]), dtype="float32")
+        keras_model.export(str(path), format="onnx", verbose=False, input_signature=[spec])
+        network = onnx_network(path)
+        pixels = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, *keras_model.input_shape[1:]))
+        pixels = pixels.astype(np.float32)
+        difference = float(np.abs(network.predict(pixels) - keras_model.predict(pixels, verbose=0)).max())
+    except Exception as error:  # noqa: BLE001 -- any failure to export leaves the slower, exact path
+        _logger.warning("the model is logged without its ONNX export, which failed (%s); it serves through "
+                        "tf.function", error)
+        return None
+    if not difference <= TOLERANCE:
+        _logger.warning("the model is logged without its ONNX export, whose probabilities differ from "
+                        "Keras' by %.2g (over %g); it serves through tf.function", difference, TOLERANCE)
+        return None
+    return path
+
+
+def onnx_network(path: str | Path) -> Network:
+    """The ONNX file at `path` run by onnxruntime on the CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return Network("onnxruntime", lambda pixels: session.run(None, {name: pixels})[0])
+
+
+def compiled_network(keras_model) -> Network:
+    """`keras_model` called inside one `tf.function` traced for any batch size: no retracing, and
+    none of `predict`'s per-call set-up."""
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec((None, *keras_model.input_shape[1:]), tf.float32)]
+    call = tf.function(lambda pixels: keras_model(pixels, training=False), input_signature=signature)
+    return Network("tf.function", lambda pixels: call(pixels).numpy())
+
+
+def fastest(keras_model, onnx_path: str | None) -> Network:
+    """The runtime a loaded model serves with: onnxruntime on its ONNX artifact (`onnx_path`) when
+    there is one and onnxruntime imports, else `compiled_network`."""
+    if onnx_path and Path(onnx_path).is_file():
+        try:
+            return onnx_network(onnx_path)
+        except ImportError as error:
+            _logger.warning("onnxruntime cannot be imported (%s); the model serves through tf.function", error)
+    return compiled_network(keras_model)

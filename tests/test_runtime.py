@@ -1,0 +1,133 @@
+"""The served network's runtime: onnxruntime on the logged ONNX export, tf.function for models
+logged without one, each answering the Keras model's probabilities for crops, views and photos."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from skimage import data as photos
+
+from conftest import SHARED_ZIP, tiny_keras_model
+
+from fer_mlflow import pyfunc_model
+from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.runtime import TOLERANCE
+
+PROB_COLUMNS = [f"prob_{name}" for name in CLASS_NAMES]
+CALLS = [  # (name, input, params): crops, the default test-time views, and a photo searched by haar
+    ("crops", lambda: np.random.default_rng(0).integers(0, 256, (40, 48, 48), dtype=np.uint8), None),
+    ("views", lambda: np.random.default_rng(1).integers(0, 256, (6, 48, 48), dtype=np.uint8), {"tta": True}),
+    ("photo", lambda: pd.DataFrame({"image": [_png(photos.astronaut())]}), {"detector": "haar"}),
+]
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_and_load(keras_model, model_config: dict | None = None) -> tuple[mlflow.pyfunc.PyFuncModel, Path]:
+    with mlflow.start_run():
+        info = pyfunc_model.log_model(keras_model)
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    return mlflow.pyfunc.load_model(info.model_uri, model_config=model_config), local
+
+
+def keras_answer(model: mlflow.pyfunc.PyFuncModel, model_input, params, monkeypatch) -> pd.DataFrame:
+    """What `model` answers when its network runs through Keras' own `predict`."""
+    python_model = model.unwrap_python_model()
+    with monkeypatch.context() as patch:
+        patch.setattr(python_model, "network", python_model.keras_model)
+        return model.predict(model_input, params=params)
+
+
+def assert_same_answer(model, model_input, params, monkeypatch) -> None:
+    served, expected = model.predict(model_input, params=params), keras_answer(model, model_input, params, monkeypatch)
+    assert (expected["face"] >= 0).any(), "the call must reach the network"
+    pd.testing.assert_frame_equal(served.drop(columns=[*PROB_COLUMNS, "probability"]),
+                                  expected.drop(columns=[*PROB_COLUMNS, "probability"]))
+    np.testing.assert_allclose(served[PROB_COLUMNS], expected[PROB_COLUMNS], atol=TOLERANCE, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """A tiny model logged and loaded back once for the module (logging takes seconds)."""
+    folder = tmp_path_factory.mktemp("runtime")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}/mlflow.db")
+        mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
+        yield log_and_load(tiny_keras_model())
+
+
+def test_a_logged_model_carries_its_onnx_export_and_serves_through_onnxruntime(logged):
+    model, local = logged
+    assert (local / "artifacts" / "model.onnx").is_file()
+    assert "onnxruntime" in (local / "requirements.txt").read_text()
+    assert pyfunc_model.runtime_of(model) == "onnxruntime"
+
+
+@pytest.mark.parametrize("name, make_input, params", CALLS, ids=[call[0] for call in CALLS])
+def test_served_probabilities_are_the_keras_models(logged, monkeypatch, name, make_input, params):
+    assert_same_answer(logged[0], make_input(), params, monkeypatch)
+
+
+def test_the_served_call_does_not_go_through_keras_predict(logged, monkeypatch):
+    """Keras' predict costs milliseconds a call: the served path must not use it."""
+    model, _ = logged
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("keras predict was called")
+
+    monkeypatch.setattr(model.unwrap_python_model().keras_model, "predict", refuse)
+    assert len(model.predict(np.zeros((3, 48, 48), np.uint8))) == 3
+
+
+@pytest.mark.slow  # logs a second model
+def test_a_model_logged_without_the_onnx_export_serves_through_tf_function(monkeypatch):
+    """As a model logged before the export existed: only the Keras file among its artifacts."""
+    with monkeypatch.context() as patch:
+        patch.setattr(pyfunc_model, "export_onnx", lambda keras_model, path: None)
+        model, local = log_and_load(tiny_keras_model(1))
+    assert not (local / "artifacts" / "model.onnx").exists()
+    assert pyfunc_model.runtime_of(model) == "tf.function"
+    for _, make_input, params in CALLS[:2]:
+        assert_same_answer(model, make_input(), params, monkeypatch)
+
+
+def test_without_onnxruntime_the_model_loads_and_serves_through_tf_function(logged, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    model = mlflow.pyfunc.load_model(str(logged[1]))
+    assert pyfunc_model.runtime_of(model) == "tf.function"
+    assert_same_answer(model, CALLS[0][1](), None, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+@pytest.mark.skipif(not SHARED_ZIP.exists(), reason="the shared FER2013 zip is not here")
+def test_on_real_faces_the_default_network_serves_the_keras_probabilities(monkeypatch):
+    """The default cnn, fitted one epoch on 1,024 real training faces so that its answers are not
+    flat, serves PublicTest faces (crops and views) as Keras predicts them."""
+    import keras
+
+    from fer_mlflow.models import build_model
+    from fer_mlflow.sources import read_source
+
+    dataset, _ = read_source(str(SHARED_ZIP))
+    train, test = dataset.split("train"), dataset.split("test")
+    picked = np.random.default_rng(0).choice(len(train.images), 1024, replace=False)
+    keras.utils.set_random_seed(0)
+    network = build_model("cnn", image_size=48)
+    network.compile("adam", "sparse_categorical_crossentropy")
+    network.fit(train.images[picked][..., None].astype(np.float32), train.labels[picked], epochs=1, verbose=0)
+    model, _ = log_and_load(network, {"max_images": 1024})  # a request of 1,024 faces
+    assert pyfunc_model.runtime_of(model) == "onnxruntime"
+    assert_same_answer(model, test.images[:1024], None, monkeypatch)
+    assert_same_answer(model, test.images[1024:1280], {"tta": True}, monkeypatch)
