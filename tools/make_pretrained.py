@@ -82,8 +82,7 @@ def main() -> None:
 
     FILES.mkdir(parents=True, exist_ok=True)
     served.save(MODEL_FILE)
-    history = {key: [m.value for m in sorted(client.get_metric_history(args.run_id, key), key=lambda m: m.step)]
-               for key in CURVES}
+    history = {key: _by_epoch(client.get_metric_history(args.run_id, key)) for key in CURVES}
     data_run = client.get_run(params["data_uri"].split("/")[1]) if params["data_uri"].startswith("runs:/") else None
     record = {
         "title": args.title,
@@ -101,10 +100,11 @@ def main() -> None:
                                      text=True).stdout.strip(),
             "date": datetime.now(timezone.utc).date().isoformat(),
             "commands": args.command,
-            "machine": "2-core Intel Xeon (AVX-512), 24 GiB, no GPU",
+            "machine": _machine(),
         },
         "training": {
             "run_id": args.run_id,
+            "commit": train.data.tags.get("mlflow.source.git.commit", "")[:7],
             "data": train.data.tags.get("fer.data", ""),
             "data_digest": train.data.tags.get("fer.data_digest", ""),
             "cleaned_in_run": data_run.info.run_id if data_run else "",
@@ -129,6 +129,19 @@ def main() -> None:
     RECORD_FILE.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {MODEL_FILE} ({record['bytes'] / 1e6:.1f} MB) and {RECORD_FILE}: "
           f"test_accuracy {record['evaluation']['metrics']['test_accuracy']:.4f} ({settings.describe()})")
+
+
+def _machine() -> str:
+    """The CPU's model name and core count, as /proc/cpuinfo gives them."""
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")]
+    return f"{len(names)}-core {names[0] if names else 'unknown CPU'}, no GPU"
+
+
+def _by_epoch(metrics) -> list[float]:
+    """One value per step, the last logged: a resumed run logs the epoch it resumed at again."""
+    last = {m.step: m.value for m in sorted(metrics, key=lambda m: (m.step, m.timestamp))}
+    return [last[step] for step in sorted(last)]
 
 
 if __name__ == "__main__":

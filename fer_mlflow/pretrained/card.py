@@ -55,7 +55,7 @@ def render(found: dict | None = None) -> str:
         f"images to train and {training['params'].get('val_images', '?')} held out for validation. "
         "PublicTest was not seen in training or in any choice.",
         f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes on a "
-        f"{made['machine']}, run `{training['run_id']}`; best val_accuracy "
+        f"{made['machine']}, run `{training['run_id']}` at commit `{training.get('commit', '?')}`; best val_accuracy "
         f"{training['metrics'].get('best_val_accuracy', float('nan')):.4f}.",
         f"- Made at commit `{made['commit']}` on {made['date']}, with:",
         "",
@@ -85,8 +85,12 @@ def render(found: dict | None = None) -> str:
         "## Calibration",
         "",
         f"Expected calibration error (15 bins) on PublicTest: {metrics.get('test_ece', float('nan')):.4f} as served, "
-        f"{metrics.get('test_ece_untempered', float('nan')):.4f} before the temperature. A `prob_<class>` of "
-        "0.8 is right about 80% of the time: thresholds on it mean what they say (on faces like FER2013's).",
+        f"{metrics.get('test_ece_untempered', float('nan')):.4f} before the temperature"
+        + (" (fitted on validation data, it did not lower the error on PublicTest)"
+           if metrics.get("test_ece", 0) > metrics.get("test_ece_untempered", 1) else "")
+        + f": the answer's probability is off its accuracy by {100 * metrics.get('test_ece', 0):.1f} points on "
+        "average over the bins, so a threshold on it means what it says, on faces like FER2013's. The "
+        "reliability diagram is `figures/reliability.png` of an evaluation run.",
         "",
         "## Where it fails",
         "",
