@@ -225,9 +225,9 @@ def test_bad_input_is_one_line_on_stderr_a_non_zero_exit_and_no_run(model_path, 
 
 def test_a_model_that_cannot_be_loaded_is_one_line_and_no_run(photos, capsys):
     with pytest.raises(SystemExit):
-        main(["predict", "--input", str(photos)])  # the default: models:/fer-emotion@champion
+        main(["predict", "--input", str(photos), "--model-uri", "models:/fer-emotion@staging"])
     (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
-    assert error.startswith("error: model models:/fer-emotion@champion could not be loaded")
+    assert error.startswith("error: model models:/fer-emotion@staging could not be loaded")
     assert all_runs() == []
 
 
