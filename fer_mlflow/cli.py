@@ -7,6 +7,7 @@ Commands parse and validate options, then call ``fer_mlflow.<stage>.run``. Error
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -418,9 +419,18 @@ def pipeline(data, models, epochs, image_size, weights, registered_model_name, m
     click.echo("  model.predict(images)  # N x 48 x 48 uint8 crops (or photos) -> a row per face: label, ...")
 
 
+def quiet_progress_bars() -> None:
+    """MLflow's artifact progress bars, off where no terminal shows them (a log file, CI, `mlflow run`'s
+    pipe): there they are dozens of lines a stage. ``FER_VERBOSE=1``, or MLflow's own
+    ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` set either way, decides instead."""
+    if os.environ.get("FER_VERBOSE") != "1" and not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user errors into one line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_progress_bars()
     interrupts.install()
     try:
         credentials.check_arguments(sys.argv[1:] if argv is None else list(argv))
