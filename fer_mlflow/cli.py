@@ -420,7 +420,7 @@ def pipeline(data, models, epochs, image_size, weights, registered_model_name, m
 
 
 def quiet_progress_bars() -> None:
-    """MLflow's artifact progress bars, off where no terminal shows them (a log file, CI, `mlflow run`'s
+    """MLflow's artifact progress bars, off where no terminal shows them (a log file, CI, a
     pipe): there they are dozens of lines a stage. ``FER_VERBOSE=1``, or MLflow's own
     ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` set either way, decides instead."""
     if os.environ.get("FER_VERBOSE") != "1" and not sys.stderr.isatty():
