@@ -110,7 +110,9 @@ def test_an_ensemble_of_two_trained_cnns_predicts_the_mean_of_their_probabilitie
         return sum(views_of(n, crops, settings) for n in networks) / 2
 
     mean = mean_of_raw(val.images)
-    assert temperature == pytest.approx(fit_temperature(mean, val.labels), rel=1e-3)
+    # The members answer through onnxruntime, the networks here through Keras (equal to 1e-5); the
+    # log-loss of a one-epoch model is flat around its temperature, so T itself agrees to 1%.
+    assert temperature == pytest.approx(fit_temperature(mean, val.labels), rel=1e-2)
     np.testing.assert_allclose(probabilities(model.predict(val.images)), tempered(mean, temperature), atol=1e-5)
     labels_right = np.mean(mean.argmax(axis=1) == val.labels)
     assert run.data.metrics["val_accuracy"] == pytest.approx(labels_right)
