@@ -104,11 +104,12 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 
 @cli.command()
 @click.option("--model", default="cnn", show_default=True,
-              type=MODELS)
+              type=MODELS, help="cnn: the project's network; cnn_shallow, cnn_deep: the report's two CNNs; ResNets.")
 @click.option("--data", default="demo", show_default=True, help=DATA_HELP + "; raw sources are cleaned first")
 @click.option("--epochs", default="auto", show_default=True, type=Auto(click.IntRange(min=1)),
               help="Epochs (of phase 1 for pretrained ResNets); auto: the model's default.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per training step (the global batch, over all replicas and workers).")
 @click.option("--optimizer", default="auto", show_default=True, type=Auto(click.Choice(["adamw", "sgd"])),
               help="sgd: Nesterov momentum 0.9; auto: sgd for cnn, adamw for the others.")
 @click.option("--learning-rate", default="auto", show_default=True,
@@ -116,7 +117,8 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
               help="Peak rate; auto: 0.05 for sgd, 0.001 for adamw.")
 @click.option("--weight-decay", default="auto", show_default=True, type=Auto(click.FloatRange(min=0)),
               help="Each step shrinks the weights by learning rate x this; auto: 0.005 for sgd, 0.0001 for adamw.")
-@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Soft targets: this share of each label spread over the classes (FER2013's labels are noisy).")
 @click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "constant"]),
               help="cosine: one-epoch warm-up then cosine decay to zero.")
 @click.option("--time-budget", default=0.0, show_default=True, type=click.FloatRange(min=0),
@@ -124,28 +126,36 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
                    "0: none. With it, epochs=auto means up to 1000.")
 @click.option("--patience", default=15, show_default=True, type=click.IntRange(min=1),
               help="Stop after this many epochs without a better val_accuracy (best weights restored).")
-@click.option("--class-weight", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
+@click.option("--class-weight", default="none", show_default=True, type=click.Choice(["none", "balanced"]),
+              help="balanced: weight classes by n / (7 x count) (disgust is ~1.5% of FER2013).")
 @click.option("--image-size", default="auto", show_default=True, type=Auto(click.IntRange(min=32)),
               help="Input size the model resizes 48x48 faces to; auto: the model's default.")
 @click.option("--weights", default="auto", show_default=True,
               help="ResNets: auto, imagenet, none, or a local weights file (.h5 / .weights.h5).")
-@click.option("--fine-tune-epochs", default=5, show_default=True, type=click.IntRange(min=0))
-@click.option("--fine-tune-layers", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--fine-tune-epochs", default=5, show_default=True, type=click.IntRange(min=0),
+              help="With pretrained weights: phase 2 epochs, the top of the backbone unfrozen; 0 skips it.")
+@click.option("--fine-tune-layers", default=30, show_default=True, type=click.IntRange(min=1),
+              help="How many top backbone layers phase 2 unfreezes (BatchNorm stays frozen).")
 @click.option("--fine-tune-learning-rate", default=1e-5, show_default=True,
-              type=click.FloatRange(min=0, min_open=True))
+              type=click.FloatRange(min=0, min_open=True), help="Phase 2 learning rate.")
 @click.option("--widths", default="20,40,80,160", show_default=True, type=Widths(),
               help="cnn only: channels of each of its blocks, e.g. 16,32,128,256 (one entry per block).")
 @click.option("--dropout", default="auto", show_default=True,
               type=Auto(click.FloatRange(0, 1, max_open=True)),
               help="Dropout rate (cnn: after each block; ResNets: in the head); auto: the model's default.")
-@click.option("--shift", default=0.1, show_default=True, type=click.FloatRange(0, 0.5))
-@click.option("--flip", default=True, show_default=True, type=bool)
-@click.option("--rotation", default=10.0, show_default=True, type=click.FloatRange(0, 180))
-@click.option("--zoom", default=0.1, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--shift", default=0.1, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Augmentation: random shift, a fraction of the size; 0: off.")
+@click.option("--flip", default=True, show_default=True, type=bool, help="Augmentation: random horizontal flip.")
+@click.option("--rotation", default=10.0, show_default=True, type=click.FloatRange(0, 180),
+              help="Augmentation: random rotation, in degrees; 0: off.")
+@click.option("--zoom", default=0.1, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Augmentation: random zoom, a fraction; 0: off.")
 @click.option("--erase", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="Probability of random erasing: a random rectangle painted mid-grey.")
-@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 0.5))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 0.5),
+              help="As for clean: the share of train taken as validation when the source has none.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the validation split, the demo data and Keras.")
 @click.option("--strategy", default="default", show_default=True,
               type=click.Choice(["default", "mirrored", "multi_worker"]),
               help="multi_worker: train on the machines of TF_CONFIG (README, Scale); the chief logs the run.")
@@ -200,7 +210,7 @@ def train_options(args: list[str]) -> dict:
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--model", default="cnn", show_default=True,
-              type=MODELS)
+              type=MODELS, help="cnn: the project's network; cnn_shallow, cnn_deep: the report's two CNNs; ResNets.")
 @click.option("--data", default="demo", show_default=True, help=DATA_HELP + "; raw sources are cleaned once")
 @click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1),
               help="Trials in the study, over all its workers.")
