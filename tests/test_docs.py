@@ -1,0 +1,84 @@
+"""The docs cannot drift: the site builds with `mkdocs build --strict` (a broken link fails it), its
+parameter reference lists every MLproject parameter and CLI option, and the README's links resolve."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from fer_mlflow.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+
+
+def reference_module():
+    """tools/docs_reference.py, the mkdocs hook that writes the reference page, imported by path."""
+    spec = importlib.util.spec_from_file_location("docs_reference", ROOT / "tools" / "docs_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sections(page: str) -> dict[str, str]:
+    """The reference page cut at its `## `name`` headings: entry point -> its text."""
+    parts = re.split(r"^## `([a-z_]+)`$", page, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def rows(section: str) -> list[list[str]]:
+    """A section's table rows, each as its cells (the header and rule left out)."""
+    lines = [line for line in section.splitlines() if line.startswith("| `")]
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+
+
+def test_the_reference_lists_every_mlproject_parameter_and_cli_option():
+    page = sections(reference_module().render())
+    assert set(page) == set(ENTRY_POINTS) | set(cli.commands)
+    for name, entry in ENTRY_POINTS.items():
+        table = rows(page[name])
+        assert {row[0] for row in table} >= {f"`{param}`" for param in entry["parameters"]}, name
+        options = [p for p in cli.commands[name].params if isinstance(p, click.Option) and not p.hidden]
+        assert {row[1] for row in table} >= {f"`{option.opts[0]}`" for option in options}, name
+        for row in table:
+            assert row[4], f"{name} {row[0]}: no meaning; give its click option a help text"
+
+
+def test_a_parameter_added_to_mlproject_alone_still_gets_its_row(tmp_path):
+    """The page is written from the files, not from a list kept by hand: a new MLproject parameter
+    appears at once, marked as missing from the CLI."""
+    mlproject = yaml.safe_load((ROOT / "MLproject").read_text())
+    mlproject["entry_points"]["train"]["parameters"]["new_knob"] = {"type": "float", "default": 0.5}
+    (tmp_path / "MLproject").write_text(yaml.safe_dump(mlproject))
+    table = rows(sections(reference_module().render(tmp_path))["train"])
+    assert ["`new_knob`", "(not in the CLI)", "float", "`0.5`", ""] in table
+
+
+def test_the_readme_links_resolve():
+    """GitHub shows the README: each relative link in it names a file of the project (the site's
+    own links are checked by `mkdocs build --strict`)."""
+    for target in re.findall(r"\]\(([^)#\s]+)", (ROOT / "README.md").read_text()):
+        if "://" not in target:
+            assert (ROOT / target).exists(), f"README links to {target}, which is not there"
+
+
+@pytest.mark.slow
+def test_the_site_builds_strictly(tmp_path):
+    pytest.importorskip("mkdocs", reason='mkdocs is not installed: pip install -e ".[docs]"')
+    pytest.importorskip("material", reason='mkdocs-material is not installed: pip install -e ".[docs]"')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = (tmp_path / "site" / "reference" / "parameters" / "index.html").read_text()
+    assert "distill_temperature" in reference and "--max-faces" in reference
+    # BENCHMARKS.md's table of current figures is included in the site, not copied into it.
+    assert "benchmarks/bench_serving.py" in (tmp_path / "site" / "benchmarks" / "index.html").read_text()
