@@ -70,6 +70,15 @@ def test_the_readme_links_resolve():
             assert (ROOT / target).exists(), f"README links to {target}, which is not there"
 
 
+@pytest.mark.parametrize("name", ["README.md", "BENCHMARKS.md"])
+def test_the_front_pages_speak_of_what_was_measured_not_of_the_tracker(name):
+    """A newcomer reads these first: figures and headings say what was measured and when, never a
+    tracker's words (an issue's number, a round of work, a run's letter)."""
+    text = (ROOT / name).read_text()
+    found = re.findall(r"\bissue\b|\bstop \d+|\bsession\b|\bruns? (?-i:[A-Z])\b", text, flags=re.I)
+    assert not found, f"{name}: {found}"
+
+
 @pytest.mark.slow
 def test_the_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs", reason='mkdocs is not installed: pip install -e ".[docs]"')
