@@ -11,6 +11,7 @@ name found on one side only still gets its row (and tests/test_mlproject.py fail
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -67,6 +68,9 @@ def entry_point_rows(name: str, entry: dict | None, command: click.Command | Non
 
 def render(root: Path = ROOT) -> str:
     """The whole reference page as Markdown, from `root`'s MLproject and `fer_mlflow.cli`."""
+    # The CLI of this checkout, not of another copy that may be installed (an editable install elsewhere).
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from fer_mlflow.cli import cli
 
     entry_points = yaml.safe_load((root / "MLproject").read_text())["entry_points"]
