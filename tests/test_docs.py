@@ -62,6 +62,53 @@ def test_a_parameter_added_to_mlproject_alone_still_gets_its_row(tmp_path):
     assert ["`new_knob`", "(not in the CLI)", "float", "`0.5`", ""] in table
 
 
+def guide_tables() -> list[tuple[str, list[list[str]]]]:
+    """Every hand-written parameter table of the guides ("| parameter | default | meaning |"), as
+    (page, rows of cells)."""
+    tables = []
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        lines = page.read_text().splitlines()
+        for start, line in enumerate(lines):
+            if line.startswith("| parameter | default |"):
+                body = []
+                for row in lines[start + 2:]:
+                    if not row.startswith("|"):
+                        break
+                    body.append([cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]])
+                tables.append((page.relative_to(ROOT).as_posix(), body))
+    return tables
+
+
+def same_default(written: str, default) -> bool:
+    """A default as a guide writes it against MLproject's (`0.00001` is 1e-05, `true` is True)."""
+    try:
+        return float(written) == float(default)
+    except ValueError:
+        return written.lower() == str(default).lower()
+
+
+def test_the_guides_parameter_tables_match_mlproject():
+    """The guides explain some entry points' parameters at length, by hand: each such table lists
+    exactly one entry point's parameters, with MLproject's defaults, so none goes missing or stale."""
+    tables = guide_tables()
+    assert len(tables) >= 4, "the clean, train, predict and sweep guides' tables were not found"
+    for page, body in tables:
+        names = [name for row in body for name in re.findall(r"`([a-z_]+)`", row[0])]
+        entry = max(ENTRY_POINTS, key=lambda e: len(set(ENTRY_POINTS[e]["parameters"]) & set(names)))
+        parameters = ENTRY_POINTS[entry]["parameters"]
+        assert set(names) == set(parameters), f"{page}, the table of {entry}: missing " \
+            f"{sorted(set(parameters) - set(names))}, not in MLproject {sorted(set(names) - set(parameters))}"
+        for row in body:
+            row_names = re.findall(r"`([a-z_]+)`", row[0])
+            written = re.findall(r"`([^`]*)`", row[1]) or [part.strip() for part in row[1].split(",")]
+            if len(written) != len(row_names):
+                continue
+            for name, value in zip(row_names, written):
+                if parameters[name].get("default", "") != "":  # an empty default is described in words
+                    assert same_default(value, parameters[name]["default"]), \
+                        f"{page}: {name} defaults to {parameters[name]['default']!r} in MLproject, not {value!r}"
+
+
 def test_the_readme_links_resolve():
     """GitHub shows the README: each relative link in it names a file of the project (the site's
     own links are checked by `mkdocs build --strict`)."""
