@@ -1,5 +1,6 @@
 """The docs cannot drift: the site builds with `mkdocs build --strict` (a broken link fails it), its
-parameter reference lists every MLproject parameter and CLI option, and the README's links resolve."""
+parameter reference lists every MLproject parameter and CLI option, the guides' own parameter tables
+agree with MLproject, the README's links resolve, and the front pages carry no tracker words."""
 
 from __future__ import annotations
 
