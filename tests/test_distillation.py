@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from fer_mlflow import dataset as ds
-from fer_mlflow import evaluate, pyfunc_model, train
-from fer_mlflow.calibration import tempered
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.stages import evaluate, train
+from fer_mlflow.serving import pyfunc_model
+from fer_mlflow.serving.calibration import tempered
 from fer_mlflow.cli import main
-from fer_mlflow.training import soft_targets
+from fer_mlflow.learning.loop import soft_targets
 
 
 def test_soft_targets_mix_the_softened_teacher_with_the_label():

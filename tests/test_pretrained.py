@@ -15,9 +15,11 @@ from PIL import Image
 from skimage import data as photos
 
 from conftest import SHARED_ZIP, all_runs, tiny_keras_model
-from fer_mlflow import evaluate, pretrained, predict, promote, pyfunc_model
+from fer_mlflow.stages import evaluate, predict, promote
+from fer_mlflow import pretrained
+from fer_mlflow.serving import pyfunc_model
 from fer_mlflow.cli import main
-from fer_mlflow.tracking import DATA_MODEL, experiment_id
+from fer_mlflow.tracking.runs import DATA_MODEL, experiment_id
 
 RECORD = pretrained.record()
 TEST = RECORD["evaluation"]

@@ -19,10 +19,10 @@ from PIL import Image
 
 from conftest import tiny_keras_model
 
-from fer_mlflow.dataset import CLASS_NAMES
-from fer_mlflow.faces import BOX_COLUMNS
+from fer_mlflow.data.dataset import CLASS_NAMES
+from fer_mlflow.serving.faces import BOX_COLUMNS
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.pyfunc_model import decode_images, log_model, predict_pixels
+from fer_mlflow.serving.pyfunc_model import decode_images, log_model, predict_pixels
 
 PROB_COLUMNS = [f"prob_{name}" for name in CLASS_NAMES]
 

@@ -21,7 +21,8 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from conftest import PROJECT, all_runs, mlflow_run
-from fer_mlflow import models, promote, search_space, studies, sweep, train
+from fer_mlflow.learning import models, search_space, studies
+from fer_mlflow.stages import promote, sweep, train
 from fer_mlflow.cli import main as cli_main, train_options
 from fer_mlflow.errors import ConfigError
 
@@ -437,7 +438,7 @@ def test_a_two_worker_sweep_takes_its_password_from_the_environment_and_shows_it
     ("sqlite:////tmp/study.db", False), ("/tmp/study.journal", False), ("models:/fer-emotion@champion", False),
 ])
 def test_a_password_is_told_from_a_port(url, carries):
-    from fer_mlflow import credentials
+    from fer_mlflow.tracking import credentials
 
     assert credentials.carries_password(url) == carries
     shown = credentials.masked(url)

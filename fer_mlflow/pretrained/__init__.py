@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.tracking import DATA_EXPERIMENT, DATA_MODEL, log_params, stage_run
+from fer_mlflow.tracking.runs import DATA_EXPERIMENT, DATA_MODEL, log_params, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def keras_model():
 def served_model() -> mlflow.pyfunc.PyFuncModel:
     """The shipped model as the served pyfunc model (its views and temperature by default), saved
     once to ``$XDG_CACHE_HOME/fer-mlflow`` (default ``~/.cache``) and loaded from there."""
-    from fer_mlflow import pyfunc_model
+    from fer_mlflow.serving import pyfunc_model
 
     folder = _cache_folder() / f"pretrained-{record()['sha256'][:16]}"
     if not (folder / "MLmodel").exists():
@@ -102,7 +102,7 @@ def describe() -> str:
 
 
 def _served_arguments() -> dict:
-    from fer_mlflow.views import Settings
+    from fer_mlflow.serving.views import Settings
 
     found = record()
     return {"class_names": found["class_names"], "settings": Settings(**found["settings"]),
@@ -133,7 +133,7 @@ def run(data: str = "") -> PretrainedOutcome:
         return _run(found, data)
     except MlflowException as error:
         from fer_mlflow.errors import FerError, RegistryError
-        from fer_mlflow.registry import first_line
+        from fer_mlflow.tracking.registry import first_line
 
         if isinstance(error.__context__, FerError):  # ending the run failed too: the first error counts
             raise error.__context__ from error
@@ -143,8 +143,8 @@ def run(data: str = "") -> PretrainedOutcome:
 
 
 def _run(found: dict, data: str) -> PretrainedOutcome:
-    from fer_mlflow import promote
-    from fer_mlflow.registry import alias_version
+    from fer_mlflow.stages import promote
+    from fer_mlflow.tracking.registry import alias_version
 
     client = MlflowClient()
     with stage_run(STAGE, f"pretrained {found['title']}", {SHA_TAG: found["sha256"]},
@@ -187,14 +187,14 @@ def _logged_before(client: MlflowClient, sha256: str, current: str):
 
 def _registered_before(client: MlflowClient, training: str) -> str | None:
     """The version of `DATA_MODEL` registered from run `training`, if any (the lowest)."""
-    from fer_mlflow.registry import versions
+    from fer_mlflow.tracking.registry import versions
 
     found = [v for v in versions(client, DATA_MODEL) if (v.tags.get("source_run") or v.run_id) == training]
     return str(found[0].version) if found else None
 
 
 def _set_alias(client: MlflowClient, version: str) -> None:
-    from fer_mlflow.registry import retrying
+    from fer_mlflow.tracking.registry import retrying
 
     retrying(client.set_registered_model_alias, DATA_MODEL, ALIAS, version)
 
@@ -205,8 +205,8 @@ def _log_training(found: dict) -> None:
     import matplotlib.pyplot as plt
     from mlflow.entities import Metric
 
-    from fer_mlflow import pyfunc_model
-    from fer_mlflow.training import curves_figure
+    from fer_mlflow.serving import pyfunc_model
+    from fer_mlflow.learning.loop import curves_figure
 
     training = found["training"]
     log_params(training["params"])
@@ -236,8 +236,8 @@ def _evaluation(found: dict, training: str, data: str):
     """The evaluation the shipped model is a candidate by: scored afresh on `data` (the evaluate
     stage, nested), or, with no data, its recorded PublicTest scores logged as an evaluation nested
     under the active run and tagged ``fer.recorded=true``."""
-    from fer_mlflow import evaluate
-    from fer_mlflow.views import Settings
+    from fer_mlflow.stages import evaluate
+    from fer_mlflow.serving.views import Settings
 
     if data:
         return mlflow.get_run(evaluate.run(run_id=training, data=data, nested=True).run_id)
@@ -267,7 +267,7 @@ def _log_confusion(scored: dict) -> None:
     import numpy as np
     import pandas as pd
 
-    from fer_mlflow import figures
+    from fer_mlflow.tracking import figures
 
     classes, counts = scored["classes"], np.array(scored["confusion_matrix"])
     normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)

@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fer_mlflow.dataset import IMAGE_SIZE
+from fer_mlflow.data.dataset import IMAGE_SIZE
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.images import gray
-from fer_mlflow.limits import DETECTOR_CHOICES
+from fer_mlflow.data.decode import gray
+from fer_mlflow.data.limits import DETECTOR_CHOICES
 
 DETECTORS = ("mtcnn", "haar", "blazeface")
 CHOICES = DETECTOR_CHOICES  # auto: crops as they are, larger photos searched; one list with the param check
@@ -100,7 +100,7 @@ def _best(found: list[Face], min_face: int, max_faces: int) -> list[Face]:
 
 
 def _blazeface(photos: list[np.ndarray]) -> list[list[Face]]:
-    from fer_mlflow import blazeface
+    from fer_mlflow.serving import blazeface
 
     faces = []
     for start in range(0, len(photos), BATCH):

@@ -34,15 +34,16 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from fer_mlflow import calibration, figures, pyfunc_model
-from fer_mlflow.dataset import Dataset
+from fer_mlflow.serving import calibration, pyfunc_model
+from fer_mlflow.tracking import figures
+from fer_mlflow.data.dataset import Dataset
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.limits import check_params
-from fer_mlflow.sources import read_source
-from fer_mlflow.tracking import (
+from fer_mlflow.data.limits import check_params
+from fer_mlflow.data.sources import read_source
+from fer_mlflow.tracking.runs import (
     DEMO_TAG, data_context, log_params, log_split_inputs, run_params, stage_run,
 )
-from fer_mlflow.views import BATCH_SIZE, Settings
+from fer_mlflow.serving.views import BATCH_SIZE, Settings
 
 EVALUATED_SPLITS = ("test", "val")
 TRAINED_ON_DEMO_TAG = "fer.trained_on_demo"

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fer_mlflow.errors import DataError
-from fer_mlflow.limits import MAX_IMAGES, MAX_PIXELS  # noqa: F401  (re-exported: their old home)
+from fer_mlflow.data.limits import MAX_IMAGES, MAX_PIXELS  # noqa: F401  (re-exported: their old home)
 
 # Pillow's format names; an animated GIF, PNG or WebP gives its first frame.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import mlflow
 
-from fer_mlflow import dataset as ds
-from fer_mlflow import figures
-from fer_mlflow.cleaning import CleanConfig, CleanResult, clean
-from fer_mlflow.sources import SourceReport, read_source
-from fer_mlflow.tracking import (
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.tracking import figures
+from fer_mlflow.data.rules import CleanConfig, CleanResult, clean
+from fer_mlflow.data.sources import SourceReport, read_source
+from fer_mlflow.tracking.runs import (
     data_context, log_params, log_split_inputs, stage_run,
 )
 

@@ -13,9 +13,9 @@ import optuna
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from fer_mlflow import models
+from fer_mlflow.learning import models
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.train import TrainConfig
+from fer_mlflow.stages.train import TrainConfig
 
 # The search space, written once. Learning rate and weight decay by optimizer (each default inside
 # its range), the rest by model family; `default_space` puts them together.

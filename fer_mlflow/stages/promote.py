@@ -44,12 +44,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.errors import ConfigError, FerError, RegistryError
-from fer_mlflow.evaluate import EVALUATED_SPLITS, TRAINED_ON_DEMO_TAG
-from fer_mlflow.registry import AliasWriter, alias_version, ensure_model, first_line, restoring, retrying, versions
-from fer_mlflow.tracking import (
+from fer_mlflow.stages.evaluate import EVALUATED_SPLITS, TRAINED_ON_DEMO_TAG
+from fer_mlflow.tracking.registry import AliasWriter, alias_version, ensure_model, first_line, restoring, retrying, versions
+from fer_mlflow.tracking.runs import (
     DATA_EXPERIMENT, DATA_MODEL, DEMO_EXPERIMENT, DEMO_MODEL, DEMO_TAG, log_params, run_params, stage_run,
 )
-from fer_mlflow.views import Settings
+from fer_mlflow.serving.views import Settings
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class _Decision:
 
     def _evaluate(self, champion: ModelVersion) -> None:
         """Score the champion as it serves on the candidate's data and split (a nested run)."""
-        from fer_mlflow import evaluate
+        from fer_mlflow.stages import evaluate
 
         data = self._candidate_data()
         log.info("champion %s v%s has no %s on this data: evaluating it first",

@@ -45,11 +45,12 @@ from mlflow import MlflowClient
 from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
-from fer_mlflow import evaluate, search_space, studies, train
+from fer_mlflow.stages import evaluate, train
+from fer_mlflow.learning import search_space, studies
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.sources import is_artifact
-from fer_mlflow.tracking import Stopped, data_context, log_params, param_text, stage_run
-from fer_mlflow.training import load_training_data
+from fer_mlflow.data.sources import is_artifact
+from fer_mlflow.tracking.runs import Stopped, data_context, log_params, param_text, stage_run
+from fer_mlflow.learning.loop import load_training_data
 
 log = logging.getLogger(__name__)
 

@@ -31,13 +31,14 @@ import tensorflow as tf
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from fer_mlflow import calibration, interrupts, models, pyfunc_model, views
+from fer_mlflow.serving import calibration, pyfunc_model, views
+from fer_mlflow.learning import interrupts, models
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.inputs import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
-from fer_mlflow.tracking import (
+from fer_mlflow.learning.inputs import Augmentation, as_inputs, eval_dataset, one_hot, train_dataset
+from fer_mlflow.tracking.runs import (
     Stopped, param_text, data_context, log_params, log_split_inputs, run_params, stage_run,
 )
-from fer_mlflow.training import (
+from fer_mlflow.learning.loop import (
     CHECKPOINT, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget,
     TrainingState, save_arrays, class_weights, curves_figure, load_arrays, load_training_data, make_strategy,
     optimizer, restore_model, soft_targets,
@@ -89,7 +90,7 @@ class TrainConfig:
     erase: float = 0.0
     val_fraction: float = 0.1  # raw sources without a validation split
     seed: int = 0
-    strategy: str = "default"  # default | mirrored | multi_worker (TF_CONFIG: `workers`)
+    strategy: str = "default"  # default | mirrored | multi_worker (TF_CONFIG: `learning.distribution`)
     checkpoint_minutes: float = 5.0  # log the training state at most this often (0: every epoch)
     resume: str = ""  # a stopped training run's id: go on from its last checkpoint, in that run
     teacher: str = ""  # a logged model (or ensemble) whose served probabilities are soft targets
@@ -155,17 +156,17 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False, tags: dict[st
     raises `tracking.Stopped` ends the run KILLED, no model logged).
 
     With ``strategy=multi_worker`` every worker of ``TF_CONFIG`` runs this; the chief logs the run
-    and the others train alike against a throw-away store (`workers`)."""
+    and the others train alike against a throw-away store (`learning.distribution`)."""
     config = config.resolved()
     strategy = None
     if config.strategy == "multi_worker":
-        from fer_mlflow import workers
+        from fer_mlflow.learning import distribution
 
-        cluster = workers.cluster()
+        cluster = distribution.cluster()
         strategy = make_strategy(config.strategy)  # first: collective ops are set up at program start
-        with workers.keras_mended(strategy):
-            if not workers.is_chief(cluster):
-                with workers.throwaway_store(config.data) as data:
+        with distribution.keras_mended(strategy):
+            if not distribution.is_chief(cluster):
+                with distribution.throwaway_store(config.data) as data:
                     return _run(replace(config, data=data), nested, tags, callbacks, strategy)
             return _run(config, nested, tags, callbacks, strategy)
     return _run(config, nested, tags, callbacks, strategy)
@@ -254,7 +255,7 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
 
 def _load_teacher(model_uri: str):
     """The teacher, loaded as any served model is; ConfigError in one line when it cannot be."""
-    from fer_mlflow.evaluate import load_model
+    from fer_mlflow.stages.evaluate import load_model
 
     return load_model(model_uri)
 

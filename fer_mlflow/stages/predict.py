@@ -43,13 +43,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fer_mlflow import annotate, figures, media, pretrained, pyfunc_model, tracks
-from fer_mlflow.reading import safe_name
+from fer_mlflow.serving import annotate, pyfunc_model, tracks
+from fer_mlflow.tracking import figures
+from fer_mlflow.data import media
+from fer_mlflow import pretrained
+from fer_mlflow.data.reading import safe_name
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.evaluate import load_model, registered_version
-from fer_mlflow.faces import CHOICES, MAX_FACES, MIN_FACE
-from fer_mlflow.limits import check_params
-from fer_mlflow.tracking import log_params, stage_run
+from fer_mlflow.stages.evaluate import load_model, registered_version
+from fer_mlflow.serving.faces import CHOICES, MAX_FACES, MIN_FACE
+from fer_mlflow.data.limits import check_params
+from fer_mlflow.tracking.runs import log_params, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +150,10 @@ def _champion_registered() -> bool:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from fer_mlflow.registry import alias_version
+    from fer_mlflow.tracking.registry import alias_version
 
     from fer_mlflow.errors import RegistryError
-    from fer_mlflow.registry import first_line
+    from fer_mlflow.tracking.registry import first_line
 
     name, alias = DEFAULT_MODEL_URI.removeprefix("models:/").split("@")
     try:
