@@ -31,8 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from fer_mlflow.data import dataset as ds
 from fer_mlflow.data.dataset import CLASS_NAMES, IMAGE_SIZE, Dataset
 from fer_mlflow.errors import DataError
-from fer_mlflow.serving.faces import whole
-from fer_mlflow.data.decode import FORMATS, gray, open_rgb
+from fer_mlflow.data.decode import FORMATS, gray, open_rgb, whole
 from fer_mlflow.data import reading
 from fer_mlflow.data.reading import Tree, gunzip, read_regular
 

@@ -71,8 +71,8 @@ from PIL import Image
 from fer_mlflow.serving.calibration import tempered
 from fer_mlflow.data.dataset import CLASS_NAMES, IMAGE_SIZE
 from fer_mlflow.errors import ConfigError, DataError, FerError
-from fer_mlflow.serving.faces import BOX_COLUMNS, MAX_FACES, MIN_FACE, crop_boxes, face_crops, whole
-from fer_mlflow.data.decode import declared_pixels, gray, open_rgb
+from fer_mlflow.serving.faces import BOX_COLUMNS, MAX_FACES, MIN_FACE, crop_boxes, face_crops
+from fer_mlflow.data.decode import declared_pixels, gray, open_rgb, whole
 from fer_mlflow.data.limits import MAX_IMAGES, MAX_PIXELS, MAX_REQUEST_PIXELS, Limits, check_params
 from fer_mlflow.serving.runtime import ONNX_ARTIFACT, export_onnx, fastest
 from fer_mlflow.serving.views import BATCH_SIZE, Settings, probabilities
