@@ -237,7 +237,7 @@ def sweep(context, **options) -> None:
     from fer_mlflow.stages import sweep as stage
 
     fixed = train_options(context.args)
-    outcome = stage.run(stage.SweepConfig(**options), fixed, tuple(context.args))
+    outcome = stage.run(stage.SweepConfig(**options), fixed, tuple(context.args), check=check_train_value)
     counts = ", ".join(f"{count} {state}" for state, count in outcome.counts.items() if count)
     click.echo(f"study {outcome.study} ({outcome.storage}): {counts}")
     if outcome.best_run_id:
@@ -303,7 +303,7 @@ def promote(registered_model_name, metric, split, test_digest, rollback, include
 def pretrained(data) -> None:
     """Register the model shipped with the project (trained on FER2013) under fer-emotion, alias
     'pretrained'; it becomes champion only by promote's rules."""
-    from fer_mlflow import pretrained as stage
+    from fer_mlflow.stages import pretrained as stage
 
     outcome = stage.run(data)
     click.echo(outcome.message)

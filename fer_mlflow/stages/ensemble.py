@@ -267,7 +267,7 @@ def _check_data(members: list[Member]) -> None:
 def _loaded(members: list[Member]) -> list[Member]:
     """`members` with their models loaded, once their data and class names are checked to agree."""
     from fer_mlflow.serving import pyfunc_model
-    from fer_mlflow.stages.evaluate import load_model
+    from fer_mlflow.tracking.registry import load_model
 
     _check_data(members)
     for member in members:

@@ -56,6 +56,7 @@ from fer_mlflow.serving.faces import BOX_COLUMNS, CHOICES, MAX_FACES, MIN_FACE
 from fer_mlflow.data.limits import check_params
 from fer_mlflow.data.media import PHOTO_SUFFIXES
 from fer_mlflow.tracking.runs import log_params, stage_run
+from fer_mlflow.tracking.names import PREDICT_EXPERIMENT
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,7 @@ def run(model_uri: str, input: str, output: str, master: str = "auto", mode: str
         batch_size: int = BATCH) -> ScoreOutcome:
     """Score every photo under `input` with the model at `model_uri` on Spark (`master`; ``auto``:
     the one spark-submit gave, else ``local[*]``) and write a row per face to Parquet at `output`."""
-    from fer_mlflow.stages.evaluate import load_model, registered_version
-    from fer_mlflow.stages.predict import PREDICT_EXPERIMENT
+    from fer_mlflow.tracking.registry import load_model, registered_version
 
     if not input or not output:
         raise ConfigError("pass -P input=<folder, glob or .parquet table of images> and -P output=<new folder>")
