@@ -152,7 +152,7 @@ def test_the_registered_shipped_model_scores_its_recorded_publictest_accuracy():
 def test_a_logged_model_carries_the_code_but_not_the_shipped_files(tmp_path):
     pyfunc_model.save_model(tiny_keras_model(0), tmp_path / "model")
     code = tmp_path / "model" / "code" / "fer_mlflow"
-    assert (code / "pretrained" / "__init__.py").exists() and (code / "pyfunc_model.py").exists()
+    assert (code / "pretrained" / "__init__.py").exists() and (code / "serving" / "pyfunc_model.py").exists()
     assert not (code / "pretrained" / "files").exists() and not list(code.rglob("__pycache__"))
     assert sum(f.stat().st_size for f in (tmp_path / "model").rglob("*") if f.is_file()) < 2**20
 

