@@ -32,6 +32,7 @@ from mlflow import MlflowClient
 
 from fer_mlflow.serving import calibration, pyfunc_model, views
 from fer_mlflow.stages import evaluate
+from fer_mlflow.tracking import registry
 from fer_mlflow.data.limits import Limits
 from fer_mlflow.pretrained import FILES, MODEL_FILE, RECORD_FILE
 from fer_mlflow.data.sources import read_source
@@ -53,7 +54,7 @@ def main() -> None:
     client = MlflowClient()
     train = client.get_run(args.run_id)
     params = run_params(train)
-    served = pyfunc_model.keras_model_of(evaluate.load_model(f"runs:/{args.run_id}/model"))
+    served = pyfunc_model.keras_model_of(registry.load_model(f"runs:/{args.run_id}/model"))
     val = read_source(params["data_uri"])[0].split("val")
     pixels = val.images.astype(np.float32)[..., np.newaxis]
 
