@@ -47,7 +47,7 @@ def test_a_space_file_is_checked_like_train_options(tmp_path):
     good = tmp_path / "space.yaml"
     good.write_text("learning_rate: {low: 0.01, high: 0.1, log: true}\nbatch_size: {choices: [32, 64]}\n"
                     "fine_tune_layers: {low: 10, high: 40, step: 10}\nwidths: {choices: ['16,32', '8,16,32']}\n")
-    searched = search_space.distributions(search_space.load_space(str(good), check_train_value))
+    searched = search_space.distributions(search_space.load_space(str(good), check_train_value), check_train_value)
     assert isinstance(searched["learning_rate"], optuna.distributions.FloatDistribution) and searched["learning_rate"].log
     assert isinstance(searched["fine_tune_layers"], optuna.distributions.IntDistribution)
     assert searched["widths"].choices == ("16,32", "8,16,32")
