@@ -18,8 +18,8 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from fer_mlflow.cleaning import clean
-from fer_mlflow.sources import read_source
+from fer_mlflow.data.rules import clean
+from fer_mlflow.data.sources import read_source
 
 
 def median_seconds(fn, repeats: int):

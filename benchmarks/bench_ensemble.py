@@ -25,9 +25,9 @@ def main() -> None:
     parser.add_argument("--views", nargs="+", choices=["plain", "tta"], default=["plain", "tta"],
                         help="which halves to time: one view, ten views, or both")
     args = parser.parse_args()
-    from fer_mlflow.ensemble import combine
-    from fer_mlflow.models import build_model
-    from fer_mlflow.pyfunc_model import log_model
+    from fer_mlflow.stages.ensemble import combine
+    from fer_mlflow.learning.models import build_model
+    from fer_mlflow.serving.pyfunc_model import log_model
 
     mlflow.set_tracking_uri("sqlite:///bench_ensemble.db")
     models = {}

@@ -70,9 +70,9 @@ def main() -> None:
     parser.add_argument("--video-repeats", type=int, default=3)
     parser.add_argument("--all-frames", action="store_true", help="Also predict with every=1 (BlazeFace).")
     args = parser.parse_args()
-    from fer_mlflow import faces
-    from fer_mlflow.models import build_model
-    from fer_mlflow.pyfunc_model import log_model
+    from fer_mlflow.serving import faces
+    from fer_mlflow.learning.models import build_model
+    from fer_mlflow.serving.pyfunc_model import log_model
 
     mlflow.set_tracking_uri("sqlite:///bench_faces.db")
     keras_model = build_model("cnn", image_size=48)  # the default network, untrained: same cost
@@ -96,7 +96,7 @@ def main() -> None:
         print(f"{detector}: {args.photos / seconds:.1f} photos/s (640x480, faces found in one: "
               f"{int((answer['face'] >= 0).sum())}); one photo a call: p50 {1000 * one:.1f} ms; faces found in "
               f"scikit-image's {', '.join(f'{name} {count}' for name, count in found.items())}")
-    from fer_mlflow import predict
+    from fer_mlflow.stages import predict
 
     with tempfile.TemporaryDirectory() as folder:
         clip = video(Path(folder) / "minute.mp4")

@@ -220,8 +220,8 @@ def main() -> None:
 
     import mlflow
 
-    from fer_mlflow.models import build_model
-    from fer_mlflow.pyfunc_model import log_model
+    from fer_mlflow.learning.models import build_model
+    from fer_mlflow.serving.pyfunc_model import log_model
 
     mlflow.set_tracking_uri("sqlite:///bench_hostile.db")
     with mlflow.start_run():

@@ -86,11 +86,11 @@ def main() -> None:
     if args.model_uri:
         import mlflow
 
-        from fer_mlflow.pyfunc_model import keras_model_of
+        from fer_mlflow.serving.pyfunc_model import keras_model_of
 
         keras_model = keras_model_of(mlflow.pyfunc.load_model(args.model_uri))
     else:
-        from fer_mlflow.models import build_model
+        from fer_mlflow.learning.models import build_model
 
         keras_model = build_model("cnn", image_size=48)
     pixels = np.random.default_rng(0).integers(0, 256, (3589, 48, 48, 1)).astype(np.float32)

@@ -26,13 +26,13 @@ SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013-
 
 SCORE = """
 import json, sys
-from fer_mlflow import score
+from fer_mlflow.stages import score
 outcome = score.run(sys.argv[1], sys.argv[2], sys.argv[3], master="local[2]")
 print(json.dumps({"seconds": outcome.seconds, "images": outcome.images, "faces": outcome.faces}))
 """
 PREDICT = """
 import json, sys, mlflow
-from fer_mlflow import predict
+from fer_mlflow.stages import predict
 outcome = predict.run(sys.argv[1], sys.argv[2], max_annotated=0)
 metrics = mlflow.get_run(outcome.run_id).data.metrics
 print(json.dumps({"seconds": metrics["seconds"], "images": metrics["photos"], "faces": metrics["faces"]}))
@@ -74,8 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     import mlflow
 
-    from fer_mlflow.models import build_model
-    from fer_mlflow.pyfunc_model import log_model
+    from fer_mlflow.learning.models import build_model
+    from fer_mlflow.serving.pyfunc_model import log_model
 
     mlflow.set_tracking_uri("sqlite:///bench_score.db")
     with mlflow.start_run():

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from bench_faces import photo
-from fer_mlflow.sources import read_source
+from fer_mlflow.data.sources import read_source
 
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013-public.zip"
 
@@ -77,7 +77,7 @@ def report(name: str, batch: float, crop: tuple, photo_ms: tuple) -> None:
 
 def relogged(model_uri: str, folder: Path) -> str:
     """The model at `model_uri` logged again by this checkout's `log_model` in a store under `folder`."""
-    from fer_mlflow import pyfunc_model as served
+    from fer_mlflow.serving import pyfunc_model as served
 
     model = mlflow.pyfunc.load_model(model_uri)
     mlflow.set_tracking_uri(f"sqlite:///{folder}/bench.db")
@@ -98,9 +98,9 @@ def fer_network(path: str, crops: np.ndarray, jpeg: bytes, args) -> None:
     import cv2
     import keras
 
-    from fer_mlflow.faces import MAX_FACES, MIN_FACE, face_crops
-    from fer_mlflow.images import open_rgb
-    from fer_mlflow.pyfunc_model import DEFAULT_DETECTOR
+    from fer_mlflow.serving.faces import MAX_FACES, MIN_FACE, face_crops
+    from fer_mlflow.data.decode import open_rgb
+    from fer_mlflow.serving.pyfunc_model import DEFAULT_DETECTOR
 
     network = keras.models.load_model(path, compile=False)
     # Keras 3 warns on every call that the old model's input was named as a list.

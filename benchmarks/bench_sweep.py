@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    from fer_mlflow import dataset as ds
-    from fer_mlflow.demo import make_demo
+    from fer_mlflow.data import dataset as ds
+    from fer_mlflow.data.demo import make_demo
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as root:
         data = str(ds.save(make_demo(seed=0), Path(root) / "demo.npz"))

@@ -24,8 +24,8 @@ import fer_mlflow  # noqa: F401  (sets TF_ENABLE_ONEDNN_OPTS before TensorFlow l
 import keras
 import numpy as np
 
-from fer_mlflow import models
-from fer_mlflow.inputs import Augmentation, as_inputs, one_hot, train_dataset
+from fer_mlflow.learning import models
+from fer_mlflow.learning.inputs import Augmentation, as_inputs, one_hot, train_dataset
 
 
 def timed(fn, repeats: int) -> float:

@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from fer_mlflow.faces import DETECTORS, detect
+from fer_mlflow.serving.faces import DETECTORS, detect
 
 UPSCALE = 4
 

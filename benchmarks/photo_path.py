@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image
 from skimage import data as photos
 
-from fer_mlflow import faces
-from fer_mlflow.images import gray
-from fer_mlflow.sources import read_source
+from fer_mlflow.serving import faces
+from fer_mlflow.data.decode import gray
+from fer_mlflow.data.sources import read_source
 
 SCALE, WIDTH, HEIGHT = 3, 480, 360
 

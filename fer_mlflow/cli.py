@@ -12,11 +12,12 @@ import sys
 
 import click
 
-from fer_mlflow import credentials, interrupts
+from fer_mlflow.tracking import credentials
+from fer_mlflow.learning import interrupts
 from fer_mlflow.errors import ConfigError, FerError, check_widths
-from fer_mlflow.faces import CHOICES, MAX_FACES, MIN_FACE
-from fer_mlflow.media import FRAMES_PER_SECOND
-from fer_mlflow.views import BATCH_SIZE, TTA_ROTATION, TTA_SHIFT, TTA_ZOOM
+from fer_mlflow.serving.faces import CHOICES, MAX_FACES, MIN_FACE
+from fer_mlflow.data.media import FRAMES_PER_SECOND
+from fer_mlflow.serving.views import BATCH_SIZE, TTA_ROTATION, TTA_SHIFT, TTA_ZOOM
 
 DATA_HELP = (
     "'demo', a FER2013 folder or .zip (Kaggle layout), fer2013.csv, "
@@ -86,8 +87,8 @@ def cli() -> None:
 def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, drop_conflicts,
           clean_test, val_fraction, seed) -> None:
     """Read FER2013 from DATA, clean it, and log the cleaned dataset, counts and figures."""
-    from fer_mlflow import clean as stage
-    from fer_mlflow.cleaning import CleanConfig
+    from fer_mlflow.stages import clean as stage
+    from fer_mlflow.data.rules import CleanConfig
 
     if mean_low >= mean_high:
         raise click.BadParameter(f"mean_low ({mean_low}) must be below mean_high ({mean_high})")
@@ -172,7 +173,7 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
               help="With a teacher: its probabilities are softened by this temperature first.")
 def train(**options) -> None:
     """Train one model on DATA and log parameters, per-epoch metrics, figures and the model."""
-    from fer_mlflow import train as stage
+    from fer_mlflow.stages import train as stage
 
     outcome = stage.run(stage.TrainConfig(**options))
     click.echo(f"best val_accuracy {outcome.best_val_accuracy:.4f} after {outcome.epochs_trained} epochs")
@@ -243,10 +244,10 @@ def train_options(args: list[str]) -> dict:
 def sweep(context, **options) -> None:
     """Search train's parameters with Optuna (TPE, median pruning): a parent run, a nested train run
     per trial. Any other train option (e.g. --epochs 10) is fixed for every trial."""
-    from fer_mlflow import sweep as stage
+    from fer_mlflow.stages import sweep as stage
 
     fixed = train_options(context.args)
-    outcome = stage.run(stage.SweepConfig(**options), fixed, tuple(context.args))
+    outcome = stage.run(stage.SweepConfig(**options), fixed, tuple(context.args), check=check_train_value)
     counts = ", ".join(f"{count} {state}" for state, count in outcome.counts.items() if count)
     click.echo(f"study {outcome.study} ({outcome.storage}): {counts}")
     if outcome.best_run_id:
@@ -277,7 +278,7 @@ def sweep(context, **options) -> None:
               help="Images per predict call: memory, not the answer.")
 def evaluate(run_id, model_uri, data, split, tta, tta_rotation, tta_zoom, tta_shift, batch_size) -> None:
     """Evaluate a model as it serves on test (or val) data; log metrics, confusion matrices and predictions."""
-    from fer_mlflow import evaluate as stage
+    from fer_mlflow.stages import evaluate as stage
 
     outcome = stage.run(run_id or None, model_uri or None, data or None, tta, batch_size, tta_shift,
                         tta_rotation, tta_zoom, split=split)
@@ -299,7 +300,7 @@ def evaluate(run_id, model_uri, data, split, tta, tta_rotation, tta_zoom, tta_sh
               help="Consider versions a rollback rejected.")
 def promote(registered_model_name, metric, split, test_digest, rollback, include_rejected) -> None:
     """Register the best evaluated model and make it the champion if it beats the current one."""
-    from fer_mlflow import promote as stage
+    from fer_mlflow.stages import promote as stage
 
     outcome = stage.run(registered_model_name, metric, test_digest, rollback, split, include_rejected)
     click.echo(outcome.message)
@@ -312,7 +313,7 @@ def promote(registered_model_name, metric, split, test_digest, rollback, include
 def pretrained(data) -> None:
     """Register the model shipped with the project (trained on FER2013) under fer-emotion, alias
     'pretrained'; it becomes champion only by promote's rules."""
-    from fer_mlflow import pretrained as stage
+    from fer_mlflow.stages import pretrained as stage
 
     outcome = stage.run(data)
     click.echo(outcome.message)
@@ -332,7 +333,7 @@ def pretrained(data) -> None:
               help="equal, fitted (minimise the validation log-loss), or one number per member, e.g. 2,1,1.")
 def ensemble(runs, top, metric, data_digest, weights) -> None:
     """Combine trained models into one served model that averages their probabilities."""
-    from fer_mlflow import ensemble as stage
+    from fer_mlflow.stages import ensemble as stage
 
     outcome = stage.run(runs, top, metric, data_digest, weights)
     click.echo(f"ensemble of {len(outcome.members)}: val_accuracy={outcome.val_accuracy:.4f}, weights "
@@ -361,7 +362,7 @@ def ensemble(runs, top, metric, data_digest, weights) -> None:
 def predict(model_uri, input, detector, every, max_annotated, min_face, max_faces) -> None:
     """Find and label every face in a photo, a folder, a zip or a video; log a table, annotated
     copies and figures."""
-    from fer_mlflow import predict as stage
+    from fer_mlflow.stages import predict as stage
 
     outcome = stage.run(model_uri, input, detector, every, max_annotated, min_face, max_faces)
     table = outcome.predictions
@@ -395,7 +396,7 @@ def predict(model_uri, input, detector, every, max_annotated, min_face, max_face
               help="Images per predict call within a partition.")
 def score(model_uri, input, output, master, mode, detector, min_face, max_faces, batch_size) -> None:
     """Label every face in a large set of photos on Apache Spark; write a row per face to Parquet."""
-    from fer_mlflow import score as stage
+    from fer_mlflow.stages import score as stage
 
     outcome = stage.run(model_uri, input, output, master, mode, detector, min_face, max_faces, batch_size)
     click.echo(f"{outcome.images} images, {outcome.faces} faces, {outcome.images_without_face} without a face, "
@@ -418,7 +419,7 @@ def score(model_uri, input, output, master, mode, detector, min_face, max_faces,
               help="Also combine the trained models into an ensemble, evaluate it, and let promote choose it.")
 def pipeline(data, models, epochs, image_size, weights, registered_model_name, metric, ensemble) -> None:
     """The whole pipeline: clean, train each model, evaluate each (and their ensemble), promote the best."""
-    from fer_mlflow import main_stage
+    from fer_mlflow.stages import main as main_stage
 
     as_text = lambda value: "auto" if value is None else str(value)  # noqa: E731
     uri = main_stage.run(data, models, as_text(epochs), as_text(image_size), weights,

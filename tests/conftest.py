@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.data.dataset import CLASS_NAMES
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_ZIP = PROJECT.parent / "shared" / "data" / "fer2013-public.zip"
@@ -103,8 +103,8 @@ def kaggle_folder(tmp_path) -> Path:
 @pytest.fixture
 def tiny_npz(tmp_path) -> str:
     """A small demo dataset artifact (about 80 train images): quick to train on for one epoch."""
-    from fer_mlflow import dataset as ds
-    from fer_mlflow.demo import make_demo
+    from fer_mlflow.data import dataset as ds
+    from fer_mlflow.data.demo import make_demo
 
     return str(ds.save(make_demo(seed=0, per_class=12), tmp_path / "tiny.npz"))
 

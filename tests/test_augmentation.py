@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fer_mlflow.inputs import ERASE_FILL, Augmentation, augmenter
+from fer_mlflow.learning.inputs import ERASE_FILL, Augmentation, augmenter
 
 ONLY_ERASING = dict(shift=0.0, flip=False, rotation=0.0, zoom=0.0)
 

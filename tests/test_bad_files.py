@@ -18,11 +18,11 @@ import pytest
 from conftest import face, write_csv
 from PIL import Image
 
-from fer_mlflow import reading
+from fer_mlflow.data import reading
 from fer_mlflow.cli import main
-from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.data.dataset import CLASS_NAMES
 from fer_mlflow.errors import DataError
-from fer_mlflow.sources import read_source
+from fer_mlflow.data.sources import read_source
 
 CASES = {"train": str.upper, "TEST": str.capitalize}  # split folder -> how its class folders are cased
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from fer_mlflow import dataset as ds
-from fer_mlflow import pyfunc_model, train, views
-from fer_mlflow.calibration import expected_calibration_error, fit_temperature, reliability, tempered
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.serving import pyfunc_model, views
+from fer_mlflow.stages import train
+from fer_mlflow.serving.calibration import expected_calibration_error, fit_temperature, reliability, tempered
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -16,10 +16,11 @@ import pytest
 from conftest import PROJECT, all_runs, mlflow_run, tiny_keras_model
 from mlflow import MlflowClient
 
-from fer_mlflow import clean, evaluate, promote, pyfunc_model
-from fer_mlflow import dataset as ds
-from fer_mlflow.tracking import DATA_EXPERIMENT, DEMO_TAG, EXPERIMENT_KIND, experiment_id
-from fer_mlflow.views import Settings
+from fer_mlflow.stages import clean, evaluate, promote
+from fer_mlflow.serving import pyfunc_model
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.tracking.runs import DATA_EXPERIMENT, DEMO_TAG, EXPERIMENT_KIND, experiment_id
+from fer_mlflow.serving.views import Settings
 
 ANGRY, FEAR, HAPPY, SAD = 0, 2, 3, 4
 

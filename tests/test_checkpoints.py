@@ -18,7 +18,7 @@ from conftest import PROJECT, all_runs
 from mlflow import MlflowClient
 from test_interrupts import start
 
-from fer_mlflow import train
+from fer_mlflow.stages import train
 from fer_mlflow.cli import main
 from fer_mlflow.errors import ConfigError
 
@@ -93,7 +93,7 @@ def test_resuming_with_other_parameters_or_without_a_checkpoint_is_one_line(tiny
 
 
 def test_a_resumed_time_budget_counts_the_time_and_steps_used_before():
-    from fer_mlflow.training import TimeBudget, TrainingState
+    from fer_mlflow.learning.loop import TimeBudget, TrainingState
 
     budget = TimeBudget(minutes=60, peak=1.0, total_steps=1000, warmup_steps=0, cosine=True)
     budget.restore(TrainingState(budget_seconds=45 * 60, budget_steps=100))
@@ -165,7 +165,7 @@ class SignalMidEpoch(keras.callbacks.Callback):
 @pytest.fixture
 def signals_handled():
     """The CLI's SIGINT / SIGTERM handling (`interrupts.install`) in this process, for one test."""
-    from fer_mlflow import interrupts
+    from fer_mlflow.learning import interrupts
 
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     interrupts.install()
@@ -176,7 +176,7 @@ def signals_handled():
 
 @pytest.mark.slow
 def test_a_signal_in_the_middle_of_an_epoch_leaves_a_checkpoint_of_the_last_whole_epoch(tiny_npz, signals_handled):
-    from fer_mlflow import interrupts
+    from fer_mlflow.learning import interrupts
 
     settings = dict(data=tiny_npz, epochs=3, patience=3, **SMALL)
     with pytest.raises(interrupts.Interrupted):
@@ -208,7 +208,7 @@ class Killed(Exception):
 @pytest.mark.slow
 def test_a_resnet_killed_in_its_first_fine_tuning_checkpoint_resumes_on_another_machine(tiny_npz, tmp_path,
                                                                                         monkeypatch):
-    from fer_mlflow import models
+    from fer_mlflow.learning import models
 
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
                                            pooling="avg")

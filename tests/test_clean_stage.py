@@ -11,10 +11,10 @@ import pytest
 from conftest import SHARED_ZIP, all_runs, face, mlflow_run, tree_checksum, write_csv, zip_folder
 from mlflow import MlflowClient
 
-from fer_mlflow import clean as stage
+from fer_mlflow.stages import clean as stage
 from fer_mlflow.cli import main
-from fer_mlflow.cleaning import CleanConfig
-from fer_mlflow.sources import read_source
+from fer_mlflow.data.rules import CleanConfig
+from fer_mlflow.data.sources import read_source
 
 def only_run(client: MlflowClient):
     """The one run the stage made. `mlflow run`'s own run in Default, copied into the project's

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import SHARED_ZIP, face
 
-from fer_mlflow.cleaning import CleanConfig, clean, pixel_groups
-from fer_mlflow.dataset import Dataset
+from fer_mlflow.data.rules import CleanConfig, clean, pixel_groups
+from fer_mlflow.data.dataset import Dataset
 
 
 def make(rows: list[tuple[np.ndarray, int, str]]) -> Dataset:
@@ -81,7 +81,7 @@ def test_rules_can_be_switched_off():
 @pytest.mark.skipif(not SHARED_ZIP.exists(), reason="the shared FER2013 zip is not here")
 def test_counts_on_the_shared_fer2013():
     """Measured on ../shared/data/fer2013-public.zip with the default rules and seed 0."""
-    from fer_mlflow.sources import read_source
+    from fer_mlflow.data.sources import read_source
 
     dataset, _ = read_source(str(SHARED_ZIP))
     result = clean(dataset)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from fer_mlflow import demo
-from fer_mlflow.cleaning import CleanConfig, clean
-from fer_mlflow.dataset import CLASS_NAMES, SPLITS
+from fer_mlflow.data import demo
+from fer_mlflow.data.rules import CleanConfig, clean
+from fer_mlflow.data.dataset import CLASS_NAMES, SPLITS
 
 PLANTED = (demo.DEMO_BLANK + demo.DEMO_NEAR_WHITE + demo.DEMO_DUPLICATES + demo.DEMO_LEAKS
            + demo.DEMO_CONFLICT_PAIRS)

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from fer_mlflow import dataset as ds
-from fer_mlflow import evaluate, pyfunc_model, train
-from fer_mlflow.calibration import tempered
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.stages import train
+from fer_mlflow.tracking.registry import load_model
+from fer_mlflow.serving import pyfunc_model
+from fer_mlflow.serving.calibration import tempered
 from fer_mlflow.cli import main
-from fer_mlflow.training import soft_targets
+from fer_mlflow.learning.loop import soft_targets
 
 
 def test_soft_targets_mix_the_softened_teacher_with_the_label():
@@ -42,7 +44,7 @@ def test_a_student_trains_on_its_teachers_served_probabilities(tiny_npz, monkeyp
     assert run.data.tags["fer.teacher"] == teacher.model_uri
     assert run.data.params["teacher"] == teacher.model_uri and run.data.params["distill_temperature"] == "3.0"
     images = ds.load(teacher.data_uri).split("train").images
-    served = pyfunc_model.predict_crops(evaluate.load_model(teacher.model_uri), images)
+    served = pyfunc_model.predict_crops(load_model(teacher.model_uri), images)
     served = served[[c for c in served.columns if c.startswith("prob_")]].to_numpy()
     assert np.allclose(seen["targets"], soft_targets(seen["labels"], served, 0.5, 3.0), atol=1e-5)
     assert run.data.metrics["teacher_train_accuracy"] == pytest.approx(

@@ -10,17 +10,17 @@ from conftest import all_runs, mlflow_run, tiny_keras_model
 from mlflow import MlflowClient
 from skimage import data as photos
 
-from fer_mlflow import dataset as ds
-from fer_mlflow import ensemble, evaluate, promote, train
-from fer_mlflow.calibration import fit_temperature, tempered
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.stages import ensemble, evaluate, promote, train
+from fer_mlflow.serving.calibration import fit_temperature, tempered
 from fer_mlflow.cli import main
-from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.data.dataset import CLASS_NAMES
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.faces import MAX_FACES, MIN_FACE, face_crops
-from fer_mlflow.pyfunc_model import keras_model_of, log_model
-from fer_mlflow.views import Settings
-from fer_mlflow.views import probabilities as views_of
-from fer_mlflow.tracking import DEMO_EXPERIMENT, DEMO_TAG, experiment_id
+from fer_mlflow.serving.faces import MAX_FACES, MIN_FACE, face_crops
+from fer_mlflow.serving.pyfunc_model import keras_model_of, log_model
+from fer_mlflow.serving.views import Settings
+from fer_mlflow.serving.views import probabilities as views_of
+from fer_mlflow.tracking.runs import DEMO_EXPERIMENT, DEMO_TAG, experiment_id
 
 PROBABILITIES = [f"prob_{name}" for name in CLASS_NAMES]
 

@@ -13,14 +13,15 @@ from conftest import all_runs
 from mlflow import MlflowClient
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
-from fer_mlflow import dataset as ds
-from fer_mlflow.calibration import expected_calibration_error, tempered
-from fer_mlflow import calibration, evaluate, promote, pyfunc_model, train, views
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.serving.calibration import expected_calibration_error, tempered
+from fer_mlflow.serving import calibration, pyfunc_model, views
+from fer_mlflow.stages import evaluate, promote, train
 from fer_mlflow.cli import main
-from fer_mlflow.demo import make_demo
-from fer_mlflow.pyfunc_model import log_model
-from fer_mlflow.tracking import DATA_EXPERIMENT, experiment_id
-from fer_mlflow.views import Settings
+from fer_mlflow.data.demo import make_demo
+from fer_mlflow.serving.pyfunc_model import log_model
+from fer_mlflow.tracking.runs import DATA_EXPERIMENT, experiment_id
+from fer_mlflow.serving.views import Settings
 
 
 @pytest.fixture

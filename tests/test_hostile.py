@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.pyfunc_model import FerEmotionModel, log_model
+from fer_mlflow.serving.pyfunc_model import FerEmotionModel, log_model
 
 
 def encoded(image: Image.Image, format: str = "PNG", **options) -> bytes:
@@ -69,7 +69,7 @@ def served(keras_path) -> FerEmotionModel:
 def limited(served, monkeypatch):
     """`limited(**limits)`: the module's model with these limits for one test, as if loaded with
     them in its model config (the environment and config route is tested below)."""
-    from fer_mlflow.limits import Limits
+    from fer_mlflow.data.limits import Limits
 
     def with_limits(**limits):
         monkeypatch.setattr(served, "limits", Limits(**limits))
@@ -171,7 +171,7 @@ def test_the_limits_come_from_the_environment_before_the_model_config(keras_path
 
 @pytest.mark.slow  # logs and loads a pyfunc model
 def test_evaluate_scores_more_crops_than_one_request_takes_in_several():
-    from fer_mlflow.pyfunc_model import predict_crops
+    from fer_mlflow.serving.pyfunc_model import predict_crops
 
     with mlflow.start_run():
         uri = log_model(tiny_keras_model(), name="model").model_uri
@@ -187,7 +187,7 @@ def test_the_security_page_states_each_range_and_default_as_the_code_has_them():
 
     from conftest import PROJECT
 
-    from fer_mlflow.limits import PARAM_RANGES, Limits
+    from fer_mlflow.data.limits import PARAM_RANGES, Limits
 
     page = (PROJECT / "docs" / "security-serving.md").read_text()
     for name, (low, high, _) in PARAM_RANGES.items():
@@ -211,5 +211,5 @@ def test_the_stages_refuse_a_param_out_of_the_served_range_before_a_run_starts(s
     import importlib
 
     with pytest.raises(ConfigError, match=expected):
-        importlib.import_module(f"fer_mlflow.{stage}").run(**kwargs)
+        importlib.import_module(f"fer_mlflow.stages.{stage}").run(**kwargs)
     assert not (tmp_path / "mlflow.db").exists()  # the tracking store was never opened: no run

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import PROJECT, stop_group, tiny_keras_model
 
-from fer_mlflow.dataset import CLASS_NAMES
-from fer_mlflow.pyfunc_model import log_model
+from fer_mlflow.data.dataset import CLASS_NAMES
+from fer_mlflow.serving.pyfunc_model import log_model
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from fer_mlflow.errors import DataError
-from fer_mlflow.images import open_gray
-from fer_mlflow.pyfunc_model import decode_images, log_model
+from fer_mlflow.data.decode import open_gray
+from fer_mlflow.serving.pyfunc_model import decode_images, log_model
 
 
 def encoded(image: Image.Image, format: str, **options) -> bytes:

@@ -13,8 +13,8 @@ from conftest import SHARED_ZIP, mlflow_run, write_layout
 from mlflow import MlflowClient
 from PIL import Image
 
-from fer_mlflow import evaluate, promote, train
-from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.stages import evaluate, promote, train
+from fer_mlflow.data.dataset import CLASS_NAMES
 
 SMALL = {"models": "cnn,resnet50", "epochs": 1, "image_size": 32}
 
@@ -86,7 +86,7 @@ def test_the_quick_start_leaves_a_demo_champion_and_never_touches_one_trained_on
     if SHARED_ZIP.exists():
         images, _ = real_faces()
     else:
-        from fer_mlflow.demo import make_demo
+        from fer_mlflow.data.demo import make_demo
 
         images = make_demo(per_class=9).images[:8]
     predicted = model.predict(images)
@@ -115,7 +115,7 @@ def test_the_pipeline_works_against_a_postgresql_backed_tracking_server(tracking
     champion = client.get_model_version_by_alias("fer-emotion-demo", "champion")
     assert scored[champion.tags["source_run"]] == max(scored.values())
     model = mlflow.pyfunc.load_model("models:/fer-emotion-demo@champion")
-    from fer_mlflow.demo import make_demo
+    from fer_mlflow.data.demo import make_demo
 
     assert len(model.predict(make_demo(per_class=9).images[:3])) == 3
     assert not (tmp_path / "mlruns").exists()  # artifacts went to the server, not the client's disk

@@ -50,7 +50,7 @@ def test_cli_defaults_are_the_stage_defaults():
     import dataclasses
     import inspect
 
-    from fer_mlflow import evaluate, predict, promote, sweep, train
+    from fer_mlflow.stages import evaluate, predict, promote, sweep, train
 
     context = click.Context(cli.commands["train"])
     for field in dataclasses.fields(train.TrainConfig):

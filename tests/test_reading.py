@@ -1,4 +1,4 @@
-"""The one reader of folders and zips (`fer_mlflow.reading`), as `clean` meets it: member names
+"""The one reader of folders and zips (`fer_mlflow.data.reading`), as `clean` meets it: member names
 that try to leave their folder, and compressed data that inflates without a bound."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 from conftest import face, write_csv
 from PIL import Image
 
-from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.data.dataset import CLASS_NAMES
 from fer_mlflow.errors import DataError
-from fer_mlflow.sources import read_source
+from fer_mlflow.data.sources import read_source
 
 # Far past any ratio a photo or a CSV compresses by (the bound is 100), yet quick to build.
 BOMB_BYTES = 20_000_000
@@ -45,7 +45,7 @@ def faces_zip(path: Path, extra: dict[str, bytes]) -> Path:
     ("\\\\server\\share\\z.jpg", "server/share/z.jpg"),
 ])
 def test_member_names_are_made_relative_and_inside(name, expected, tmp_path):
-    from fer_mlflow.reading import safe_name
+    from fer_mlflow.data.reading import safe_name
 
     safe = safe_name(name)
     assert safe.as_posix() == expected
@@ -70,7 +70,7 @@ def test_a_gzipped_csv_that_inflates_like_a_bomb_is_refused_before_it_is_parsed(
 
 
 def test_a_gzipped_csv_over_the_size_limit_is_refused_and_one_under_it_read(tmp_path, monkeypatch):
-    from fer_mlflow import reading
+    from fer_mlflow.data import reading
 
     rows = [(label, face(label, i), "Training") for label in range(len(CLASS_NAMES)) for i in range(3)]
     plain = write_csv(tmp_path / "plain.csv", rows)

@@ -22,10 +22,10 @@ import pytest
 from conftest import free_port, stop_group
 from mlflow import MlflowClient
 
-from fer_mlflow import promote
+from fer_mlflow.stages import promote
 from fer_mlflow.cli import main
-from fer_mlflow.pyfunc_model import log_model
-from fer_mlflow.tracking import DATA_EXPERIMENT, experiment_id
+from fer_mlflow.serving.pyfunc_model import log_model
+from fer_mlflow.tracking.runs import DATA_EXPERIMENT, experiment_id
 
 MODEL = "fer-emotion"
 SEARCH = ("GET", "/api/2.0/mlflow/model-versions/search")

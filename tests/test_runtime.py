@@ -16,9 +16,9 @@ from skimage import data as photos
 
 from conftest import SHARED_ZIP, tiny_keras_model
 
-from fer_mlflow import pyfunc_model
-from fer_mlflow.dataset import CLASS_NAMES
-from fer_mlflow.runtime import TOLERANCE
+from fer_mlflow.serving import pyfunc_model
+from fer_mlflow.data.dataset import CLASS_NAMES
+from fer_mlflow.serving.runtime import TOLERANCE
 
 PROB_COLUMNS = [f"prob_{name}" for name in CLASS_NAMES]
 CALLS = [  # (name, input, params): crops, the default test-time views, and a photo searched by haar
@@ -117,8 +117,8 @@ def test_on_real_faces_the_default_network_serves_the_keras_probabilities(monkey
     flat, serves PublicTest faces (crops and views) as Keras predicts them."""
     import keras
 
-    from fer_mlflow.models import build_model
-    from fer_mlflow.sources import read_source
+    from fer_mlflow.learning.models import build_model
+    from fer_mlflow.data.sources import read_source
 
     dataset, _ = read_source(str(SHARED_ZIP))
     train, test = dataset.split("train"), dataset.split("test")

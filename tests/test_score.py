@@ -19,10 +19,10 @@ from mlflow import MlflowClient
 from PIL import Image
 from skimage import data as photos
 
-from fer_mlflow import score
+from fer_mlflow.stages import score
 from fer_mlflow.cli import main
-from fer_mlflow.dataset import CLASS_NAMES
-from fer_mlflow.pyfunc_model import log_model
+from fer_mlflow.data.dataset import CLASS_NAMES
+from fer_mlflow.serving.pyfunc_model import log_model
 
 PROBABILITIES = [f"prob_{name}" for name in CLASS_NAMES]
 FACES = 200
@@ -252,7 +252,7 @@ def test_score_on_a_standalone_cluster_with_the_clusters_python(spark_cluster, m
 
 @pytest.mark.slow
 def test_a_file_over_the_readers_limit_is_an_error_row_and_never_read(model_uri, tmp_path, monkeypatch):
-    from fer_mlflow import reading
+    from fer_mlflow.data import reading
 
     folder = tmp_path / "in"
     (folder / "__MACOSX").mkdir(parents=True)

@@ -22,11 +22,11 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from fer_mlflow.dataset import CLASS_NAMES
-from fer_mlflow.faces import BOX_COLUMNS
+from fer_mlflow.data.dataset import CLASS_NAMES
+from fer_mlflow.serving.faces import BOX_COLUMNS
 from conftest import tiny_keras_model, stop_group
 
-from fer_mlflow.pyfunc_model import log_model
+from fer_mlflow.serving.pyfunc_model import log_model
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def server(tmp_path_factory) -> Served:
 @pytest.fixture(scope="module")
 def ensemble_server(tmp_path_factory) -> Served:
     """The same, for an ensemble of two tiny models (weights 0.3 and 0.7) as the ensemble stage logs one."""
-    from fer_mlflow.ensemble import combine
+    from fer_mlflow.stages.ensemble import combine
 
     yield from serving(tmp_path_factory.mktemp("ensemble"), combine([tiny_keras_model(0), tiny_keras_model(1)],
                                                                     [0.3, 0.7]))
@@ -292,7 +292,7 @@ def test_served_model_rejects_bad_bodies_with_4xx(server, body, expected):
 def test_a_served_ensemble_answers_photos_pixels_and_views_as_its_members_mean(ensemble_server):
     from skimage import data
 
-    from fer_mlflow.pyfunc_model import keras_model_of
+    from fer_mlflow.serving.pyfunc_model import keras_model_of
 
     buffer = io.BytesIO()
     Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)

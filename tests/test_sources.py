@@ -7,9 +7,9 @@ import pytest
 from conftest import face, write_csv, write_layout, zip_folder
 from PIL import Image
 
-from fer_mlflow.dataset import CLASS_NAMES
+from fer_mlflow.data.dataset import CLASS_NAMES
 from fer_mlflow.errors import DataError
-from fer_mlflow.sources import read_source
+from fer_mlflow.data.sources import read_source
 
 
 def test_kaggle_folder_reads_labels_splits_and_ids(kaggle_folder):

@@ -21,8 +21,9 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from conftest import PROJECT, all_runs, mlflow_run
-from fer_mlflow import models, promote, search_space, studies, sweep, train
-from fer_mlflow.cli import main as cli_main, train_options
+from fer_mlflow.learning import models, search_space, studies
+from fer_mlflow.stages import promote, sweep, train
+from fer_mlflow.cli import check_train_value, main as cli_main, train_options
 from fer_mlflow.errors import ConfigError
 
 
@@ -31,7 +32,7 @@ def test_the_default_space_holds_the_default_recipe(model):
     """So a new study's first trial (the baseline) is the default recipe, within the space."""
     base = train.TrainConfig(model=model, weights="imagenet").resolved()
     space = search_space.default_space(model, base.optimizer, base.weights)
-    searched = search_space.distributions(space)
+    searched = search_space.distributions(space, check_train_value)
     assert {"learning_rate", "weight_decay", "dropout", "erase", "label_smoothing", "batch_size"} <= set(space)
     assert ("widths" in space) == (model == "cnn")
     assert set(search_space.FINE_TUNING) <= set(space) if model.startswith("resnet") else not set(search_space.FINE_TUNING) & set(space)
@@ -46,7 +47,7 @@ def test_a_space_file_is_checked_like_train_options(tmp_path):
     good = tmp_path / "space.yaml"
     good.write_text("learning_rate: {low: 0.01, high: 0.1, log: true}\nbatch_size: {choices: [32, 64]}\n"
                     "fine_tune_layers: {low: 10, high: 40, step: 10}\nwidths: {choices: ['16,32', '8,16,32']}\n")
-    searched = search_space.distributions(search_space.load_space(str(good)))
+    searched = search_space.distributions(search_space.load_space(str(good), check_train_value), check_train_value)
     assert isinstance(searched["learning_rate"], optuna.distributions.FloatDistribution) and searched["learning_rate"].log
     assert isinstance(searched["fine_tune_layers"], optuna.distributions.IntDistribution)
     assert searched["widths"].choices == ("16,32", "8,16,32")
@@ -61,9 +62,9 @@ def test_a_space_file_is_checked_like_train_options(tmp_path):
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(ConfigError, match=says.replace("{", r"\{").replace("[", r"\[")):
-            search_space.load_space(str(bad))
+            search_space.load_space(str(bad), check_train_value)
     with pytest.raises(ConfigError, match="cannot be read"):
-        search_space.load_space(str(tmp_path / "missing.yaml"))
+        search_space.load_space(str(tmp_path / "missing.yaml"), check_train_value)
 
 
 def test_bad_sweep_input_is_one_line_and_leaves_no_run(tmp_path, capsys):
@@ -142,7 +143,8 @@ def test_a_sweep_logs_a_parent_with_its_trials_and_goes_on_past_a_failed_one(tin
     monkeypatch.setattr(train, "run", run)
     monkeypatch.setattr(sweep, "PRUNER_STARTUP_TRIALS", 2)  # so trials 0 and 2 finish, 3 may be pruned
     config = sweep.SweepConfig(data=tiny_npz, trials=4, prune_warmup=0)
-    outcome = sweep.run(config, {"epochs": 2, "erase": 0.25}, ("--epochs", "2", "--erase", "0.25"))
+    outcome = sweep.run(config, {"epochs": 2, "erase": 0.25}, ("--epochs", "2", "--erase", "0.25"),
+                        check=check_train_value)
 
     client = MlflowClient()
     parent = client.get_run(outcome.run_id)
@@ -187,11 +189,11 @@ def test_no_trial_starts_that_the_sweep_budget_cannot_finish(tiny_npz):
     """A 0.3-minute sweep of 0.2-minute trials runs one; without a per-trial budget, the sweep's
     remaining time becomes the trial's."""
     first = sweep.run(sweep.SweepConfig(data=tiny_npz, trials=5, time_budget=0.3, trial_time_budget=0.2,
-                                        evaluate=False))
+                                        evaluate=False), check=check_train_value)
     assert sum(first.counts.values()) == 1
     # no early stop: only the time budget ends the trial, so no time is left for another
     second = sweep.run(sweep.SweepConfig(data=tiny_npz, trials=5, time_budget=0.3, evaluate=False),
-                       {"epochs": 1000, "patience": 1000})
+                       {"epochs": 1000, "patience": 1000}, check=check_train_value)
     trials = all_runs(f"tags.`mlflow.parentRunId` = '{second.run_id}' and tags.`fer.stage` = 'train'")
     assert len(trials) == 1 and 0 < float(trials[0].data.params["time_budget"]) <= 0.3
     assert MlflowClient().get_run(second.run_id).data.metrics["sweep_seconds"] < 0.3 * 60 + 30
@@ -288,7 +290,7 @@ def test_a_password_in_a_parameter_is_refused_and_the_run_that_logged_it_deleted
     assert not [r for r in all_runs() if any(SECRET in v for v in r.data.params.values())]
     monkeypatch.delenv("MLFLOW_RUN_ID")
     with pytest.raises(ConfigError, match="carries a password") as refused:  # the Python API refuses it too
-        sweep.run(sweep.SweepConfig(storage=url, trials=1))
+        sweep.run(sweep.SweepConfig(storage=url, trials=1), check=check_train_value)
     assert SECRET not in str(refused.value)
     assert [r.info.run_id for r in all_runs()] == [kept.info.run_id]
 
@@ -302,7 +304,8 @@ def test_every_worker_of_a_sweep_shares_its_one_deadline(tiny_npz, tmp_path):
     journal = str(tmp_path / "study.journal")
     outcome = sweep.run(sweep.SweepConfig(data=tiny_npz, trials=2, workers=2, storage=journal, study="shared",
                                           time_budget=budget, evaluate=False),
-                        {"epochs": 1000, "patience": 1000}, ("--epochs", "1000", "--patience", "1000"))
+                        {"epochs": 1000, "patience": 1000}, ("--epochs", "1000", "--patience", "1000"),
+                        check=check_train_value)
     launcher = MlflowClient().get_run(outcome.run_id)
     ends_by = launcher.info.start_time / 1000 + budget * 60  # the deadline is set just before this run starts
     trained = {int(r.data.tags["fer.trial"]): r for r in all_runs("tags.`fer.stage` = 'train'")}
@@ -437,7 +440,7 @@ def test_a_two_worker_sweep_takes_its_password_from_the_environment_and_shows_it
     ("sqlite:////tmp/study.db", False), ("/tmp/study.journal", False), ("models:/fer-emotion@champion", False),
 ])
 def test_a_password_is_told_from_a_port(url, carries):
-    from fer_mlflow import credentials
+    from fer_mlflow.tracking import credentials
 
     assert credentials.carries_password(url) == carries
     shown = credentials.masked(url)

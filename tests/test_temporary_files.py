@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import tiny_keras_model
 
-from fer_mlflow import evaluate
-from fer_mlflow.pyfunc_model import log_model
-from fer_mlflow.sources import read_source
+from fer_mlflow.stages import evaluate
+from fer_mlflow.serving.pyfunc_model import log_model
+from fer_mlflow.data.sources import read_source
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fer_mlflow.tracks import iou, track
+from fer_mlflow.serving.tracks import iou, track
 
 
 def test_iou_of_boxes_given_as_x_y_w_h():

@@ -14,12 +14,13 @@ import pytest
 from conftest import mlflow_run
 from mlflow import MlflowClient
 
-from fer_mlflow import dataset as ds
-from fer_mlflow import models, train
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.learning import models
+from fer_mlflow.stages import train
 from fer_mlflow.cli import main
-from fer_mlflow.pyfunc_model import predict_pixels
-from fer_mlflow.tracking import log_params
-from fer_mlflow.training import ImageCounter, TimeBudget, optimizer
+from fer_mlflow.serving.pyfunc_model import predict_pixels
+from fer_mlflow.tracking.runs import log_params
+from fer_mlflow.learning.loop import ImageCounter, TimeBudget, optimizer
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
@@ -255,7 +256,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_npz, tracking):
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from fer_mlflow import train
+        from fer_mlflow.stages import train
         train.run(train.TrainConfig(model="cnn", data={tiny_npz!r}, epochs=1, batch_size=32,
                                     strategy="mirrored"))
     """)

@@ -12,8 +12,9 @@ import pytest
 from conftest import all_runs, free_port
 from mlflow import MlflowClient
 
-from fer_mlflow import dataset as ds
-from fer_mlflow import train, workers
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.stages import train
+from fer_mlflow.learning import distribution
 from fer_mlflow.errors import ConfigError
 
 
@@ -25,14 +26,14 @@ from fer_mlflow.errors import ConfigError
 ])
 def test_the_chief_is_the_chief_task_or_worker_0_without_one(config, chief, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps(config))
-    assert workers.is_chief(workers.cluster()) is chief
+    assert distribution.is_chief(distribution.cluster()) is chief
 
 
 @pytest.mark.parametrize("text", ["", "not json", '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}'])
 def test_a_missing_or_wrong_tf_config_is_one_line_naming_an_example(text, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", text)
     with pytest.raises(ConfigError, match="needs TF_CONFIG to describe the cluster.*e.g. "):
-        workers.cluster()
+        distribution.cluster()
 
 
 @pytest.mark.parametrize("given", [{"time_budget": 5}, {"resume": "0123456789abcdef0123456789abcdef"}])
@@ -57,7 +58,7 @@ def start_workers(count: int, args: list[str], tracking: str, folder) -> list[su
 @pytest.fixture
 def batches_npz(tmp_path) -> str:
     """Demo data of 160 training images: five whole global batches of 32."""
-    from fer_mlflow.demo import make_demo
+    from fer_mlflow.data.demo import make_demo
 
     path = str(ds.save(make_demo(seed=0, per_class=33), tmp_path / "batches.npz"))
     assert len(ds.load(path).split("train")) == 160
@@ -73,7 +74,7 @@ def mirrored_run(data: str, tracking: str, **settings) -> str:
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from fer_mlflow import train
+        from fer_mlflow.stages import train
         print(train.run(train.TrainConfig(model="cnn", data={data!r}, strategy="mirrored", **{settings!r})).run_id)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,

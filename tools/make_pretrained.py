@@ -30,11 +30,13 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-from fer_mlflow import calibration, evaluate, pyfunc_model, views
-from fer_mlflow.limits import Limits
+from fer_mlflow.serving import calibration, pyfunc_model, views
+from fer_mlflow.stages import evaluate
+from fer_mlflow.tracking import registry
+from fer_mlflow.data.limits import Limits
 from fer_mlflow.pretrained import FILES, MODEL_FILE, RECORD_FILE
-from fer_mlflow.sources import read_source
-from fer_mlflow.tracking import run_params
+from fer_mlflow.data.sources import read_source
+from fer_mlflow.tracking.runs import run_params
 
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 MODEL_CONFIG_PARAMS = {"resume", "class_names", "temperature", "detector", *asdict(Limits())}
@@ -52,7 +54,7 @@ def main() -> None:
     client = MlflowClient()
     train = client.get_run(args.run_id)
     params = run_params(train)
-    served = pyfunc_model.keras_model_of(evaluate.load_model(f"runs:/{args.run_id}/model"))
+    served = pyfunc_model.keras_model_of(registry.load_model(f"runs:/{args.run_id}/model"))
     val = read_source(params["data_uri"])[0].split("val")
     pixels = val.images.astype(np.float32)[..., np.newaxis]
 

@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fer_mlflow.errors import DataError
-from fer_mlflow.images import MAX_PIXELS, open_rgb
-from fer_mlflow.reading import Entry, Tree
+from fer_mlflow.data.decode import MAX_PIXELS, open_rgb
+from fer_mlflow.data.reading import Entry, Tree
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE, SPLITS, Dataset
+from fer_mlflow.data.dataset import CLASS_NAMES, IMAGE_SIZE, SPLITS, Dataset
 
 DISGUST_FRACTION = 1 / 3  # FER2013 has about a tenth as many disgust images; a third keeps it learnable
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)  # train, val, test within each class

@@ -45,11 +45,13 @@ from mlflow import MlflowClient
 from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
-from fer_mlflow import evaluate, search_space, studies, train
+from fer_mlflow.stages import evaluate, train
+from fer_mlflow.learning import search_space, studies
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.sources import is_artifact
-from fer_mlflow.tracking import Stopped, data_context, log_params, param_text, stage_run
-from fer_mlflow.training import load_training_data
+from fer_mlflow.data.sources import is_artifact
+from fer_mlflow.tracking.runs import Stopped, data_context, log_params, param_text, stage_run
+from fer_mlflow.stages.clean import load_training_data
+from fer_mlflow.tracking.names import SOURCE_RUN_TAG
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +102,13 @@ class SweepConfig:
     deadline: float | None = None  # the launcher's end of time_budget (epoch seconds), handed to its workers
 
 
-def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, ...] = ()) -> SweepOutcome:
+def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, ...] = (), *,
+        check: search_space.Check) -> SweepOutcome:
     """Run one sweep worker (and, with ``workers`` > 1, start the others); see the module docstring.
 
     `fixed`: train parameters every trial takes as given (TrainConfig field names, parsed values);
-    `fixed_args`: the same as command-line options, handed to the workers this one starts.
+    `fixed_args`: the same as command-line options, handed to the workers this one starts;
+    `check`: how a train parameter's value is parsed and checked (the CLI's `check_train_value`).
     """
     fixed = dict(fixed or {})
     for name in ("model", "data", "time_budget", "resume"):
@@ -113,16 +117,16 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
     base = train.TrainConfig(model=config.model, data=config.data, time_budget=config.trial_time_budget,
                              **fixed).resolved()
     if config.space:
-        space = search_space.load_space(config.space)
+        space = search_space.load_space(config.space, check)
     else:
         space = search_space.default_space(config.model, base.optimizer, base.weights)
     space = {name: spec for name, spec in space.items() if name not in fixed}
     if not space:
         raise ConfigError("nothing left to search: every parameter of the space is given a fixed value")
-    searched = search_space.distributions(space)
+    searched = search_space.distributions(space, check)
     if config.workers > 1 and not config.storage:
         with tempfile.TemporaryDirectory(prefix="fer-sweep-") as folder:
-            return run(replace(config, storage=str(Path(folder) / "study.journal")), fixed, fixed_args)
+            return run(replace(config, storage=str(Path(folder) / "study.journal")), fixed, fixed_args, check=check)
     storage = studies.open_storage(config.storage)
     tags, experiment = data_context(config.data)
     label = tags["fer.data"]
@@ -158,7 +162,7 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
                                     direction="maximize", load_if_exists=True)
         others = _start_workers(replace(config, deadline=deadline), study_name, data, fixed_args,
                                 parent.info.experiment_id)
-        worker = _Worker(study, config, base, searched, parent.info.run_id, label, deadline)
+        worker = _Worker(study, config, base, searched, check, parent.info.run_id, label, deadline)
         try:
             worker.work(studies.TrialLock(config.storage, study_name))
             _wait(others)
@@ -177,6 +181,7 @@ class _Worker:
     config: SweepConfig
     base: train.TrainConfig  # resolved; each trial replaces the searched values
     searched: dict[str, BaseDistribution]
+    check: search_space.Check  # parses a trial's values as train's options
     parent_id: str
     label: str
     deadline: float | None  # epoch seconds: no trial starts that could not end by then; None: no budget
@@ -216,7 +221,7 @@ class _Worker:
 
     def _trial(self, trial: optuna.Trial, minutes: float | None) -> None:
         values = {name: search_space.suggest(trial, name, distribution) for name, distribution in self.searched.items()}
-        config = replace(self.base, **search_space.as_config(values))
+        config = replace(self.base, **search_space.as_config(values, self.check))
         if minutes is not None and (not config.time_budget or minutes < config.time_budget):
             config = replace(config, time_budget=minutes)  # the sweep's budget ends it
         tags = {"fer.sweep_run": self.parent_id, "fer.study": self.study.study_name, "fer.trial": str(trial.number),
@@ -371,7 +376,7 @@ def _evaluation(run_id: str) -> tuple[str, dict] | None:
     """An earlier worker's finished test evaluation of training run `run_id`, if any."""
     found = mlflow.search_runs(
         experiment_ids=[mlflow.get_run(run_id).info.experiment_id], output_format="list",
-        filter_string=f"tags.`fer.stage` = 'evaluate' and tags.`fer.source_run` = '{run_id}' "
+        filter_string=f"tags.`fer.stage` = 'evaluate' and tags.`{SOURCE_RUN_TAG}` = '{run_id}' "
                       "and tags.`fer.split` = 'test' and attributes.status = 'FINISHED'")
     return (found[0].info.run_id, dict(found[0].data.metrics)) if found else None
 

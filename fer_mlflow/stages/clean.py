@@ -18,11 +18,11 @@ from pathlib import Path
 
 import mlflow
 
-from fer_mlflow import dataset as ds
-from fer_mlflow import figures
-from fer_mlflow.cleaning import CleanConfig, CleanResult, clean
-from fer_mlflow.sources import SourceReport, read_source
-from fer_mlflow.tracking import (
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.tracking import figures
+from fer_mlflow.data.rules import CleanConfig, CleanResult, clean
+from fer_mlflow.data.sources import SourceReport, is_artifact, read_source
+from fer_mlflow.tracking.runs import (
     data_context, log_params, log_split_inputs, stage_run,
 )
 
@@ -70,6 +70,18 @@ def run(
         log.info("cleaned %s: %s removed; dataset at runs:/%s/%s", label, result.removed_total, run_id,
                  DATASET_ARTIFACT)
     return CleanOutcome(run_id, result, f"runs:/{run_id}/{DATASET_ARTIFACT}", digest)
+
+
+def load_training_data(data: str, val_fraction: float, seed: int) -> tuple[ds.Dataset, str]:
+    """The cleaned dataset for `data` and the URI it was read from.
+
+    A clean run's artifact is used as it is; a raw source is cleaned with the default rules in a
+    nested clean run first, so the training run links to a full record of the cleaning.
+    """
+    if is_artifact(data):
+        return read_source(data)[0], data
+    outcome = run(data, val_fraction=val_fraction, seed=seed, nested=True)
+    return outcome.result.dataset, outcome.dataset_uri
 
 
 def _config_params(config: CleanConfig) -> dict:

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fer_mlflow.dataset import SPLITS, Dataset  # noqa: E402
+from fer_mlflow.data.dataset import SPLITS, Dataset  # noqa: E402
 
 
 def class_counts(dataset: Dataset, title: str = "Images per class") -> Figure:

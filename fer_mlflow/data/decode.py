@@ -18,8 +18,9 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fer_mlflow.data.dataset import IMAGE_SIZE
 from fer_mlflow.errors import DataError
-from fer_mlflow.limits import MAX_IMAGES, MAX_PIXELS  # noqa: F401  (re-exported: their old home)
+from fer_mlflow.data.limits import MAX_IMAGES, MAX_PIXELS  # noqa: F401  (re-exported: their old home)
 
 # Pillow's format names; an animated GIF, PNG or WebP gives its first frame.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -96,3 +97,11 @@ def _rgb(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def whole(gray_image: np.ndarray) -> np.ndarray:
+    """A grayscale image (H x W uint8), whole, as a 48x48 face crop."""
+    image = Image.fromarray(gray_image)
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)

@@ -17,33 +17,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fer_mlflow import interrupts  # noqa: E402
-from fer_mlflow.dataset import Dataset  # noqa: E402
+from fer_mlflow.learning import interrupts  # noqa: E402
 from fer_mlflow.errors import ConfigError  # noqa: E402
-from fer_mlflow.sources import is_artifact, read_source  # noqa: E402
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 CHECKPOINT = "checkpoint"  # the run's artifact folder of the latest training state
 
 
-def load_training_data(data: str, val_fraction: float, seed: int) -> tuple[Dataset, str]:
-    """The cleaned dataset for `data` and the URI it was read from.
-
-    A clean run's artifact is used as it is; a raw source is cleaned with the default rules in a
-    nested clean run first, so the training run links to a full record of the cleaning.
-    """
-    if is_artifact(data):
-        return read_source(data)[0], data
-    from fer_mlflow import clean
-
-    outcome = clean.run(data, val_fraction=val_fraction, seed=seed, nested=True)
-    return outcome.result.dataset, outcome.dataset_uri
-
-
 def soft_targets(labels: np.ndarray, teacher: np.ndarray, alpha: float, temperature: float) -> np.ndarray:
     """Distillation targets (N x classes, float32, rows summing to 1): `alpha` of the `teacher`'s
     probabilities softened by `temperature` (`calibration.tempered`), 1 - `alpha` of the one-hot label."""
-    from fer_mlflow.calibration import tempered
+    from fer_mlflow.serving.calibration import tempered
 
     one_hot = np.eye(teacher.shape[1], dtype=np.float64)[labels]
     return ((1 - alpha) * one_hot + alpha * tempered(teacher, temperature)).astype(np.float32)

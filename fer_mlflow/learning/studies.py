@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 
-from fer_mlflow.credentials import check_url, masked
+from fer_mlflow.tracking.credentials import check_url, masked
 from fer_mlflow.errors import ConfigError
 
 RDB_SCHEMES = ("sqlite", "postgresql")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fer_mlflow.dataset import Dataset
+from fer_mlflow.data.dataset import Dataset
 
 RULES = ("mean_outlier", "blank", "conflicting_labels", "leakage", "duplicates")
 

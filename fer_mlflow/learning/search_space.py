@@ -8,14 +8,20 @@ the form both the built-in spaces below and a user's YAML file take.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import optuna
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from fer_mlflow import models
+from fer_mlflow.learning import models
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.train import TrainConfig
+from fer_mlflow.learning.config import TrainConfig
+
+# How a value of train parameter `name` is parsed and checked: the parsed value, or a ConfigError
+# naming it. The sweep passes the CLI's `check_train_value` (train's own option types), so a space
+# refuses what `fer-mlflow train` would; this layer does not import the CLI above it.
+Check = Callable[[str, object], object]
 
 # The search space, written once. Learning rate and weight decay by optimizer (each default inside
 # its range), the rest by model family; `default_space` puts them together.
@@ -55,7 +61,7 @@ def default_space(model: str, optimizer: str, weights: str = "auto") -> dict[str
     return space
 
 
-def load_space(path: str) -> dict[str, dict]:
+def load_space(path: str, check: Check) -> dict[str, dict]:
     """The space in YAML file `path`, checked (`distributions`); a ConfigError saying what is wrong."""
     try:
         text = Path(path).read_text()
@@ -69,14 +75,12 @@ def load_space(path: str) -> dict[str, dict]:
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"space file {path} must map train parameters to ranges, e.g. "
                           "learning_rate: {low: 0.01, high: 0.2, log: true}")
-    distributions(space)
+    distributions(space, check)
     return space
 
 
-def distributions(space: dict) -> dict[str, BaseDistribution]:
-    """Optuna distributions for `space`, each bound checked as train's command line checks it."""
-    from fer_mlflow.cli import check_train_value
-
+def distributions(space: dict, check: Check) -> dict[str, BaseDistribution]:
+    """Optuna distributions for `space`, each bound checked by `check` (as train's command line checks it)."""
     found = {}
     for name, spec in space.items():
         if name not in SEARCHABLE:
@@ -95,12 +99,12 @@ def distributions(space: dict) -> dict[str, BaseDistribution]:
                 if not isinstance(choices, list) or not choices:
                     raise ValueError("choices must be a non-empty list")
                 for choice in choices:
-                    check_train_value(name, choice)
+                    check(name, choice)
                 found[name] = CategoricalDistribution(choices)
                 continue
             low, high = spec["low"], spec["high"]
-            check_train_value(name, low)
-            check_train_value(name, high)
+            check(name, low)
+            check(name, high)
             if name in INTEGERS:
                 found[name] = IntDistribution(int(low), int(high), log=bool(spec.get("log")),
                                               step=int(spec.get("step", 1)))
@@ -132,8 +136,6 @@ def holds(distribution: BaseDistribution, value) -> bool:
     return distribution.low <= value <= distribution.high
 
 
-def as_config(values: dict) -> dict:
-    """Trial values as TrainConfig fields (widths "16,32,128,256" as a tuple)."""
-    from fer_mlflow.cli import check_train_value
-
-    return {name: check_train_value(name, value) for name, value in values.items()}
+def as_config(values: dict, check: Check) -> dict:
+    """Trial values as TrainConfig fields, parsed by `check` (widths "16,32,128,256" as a tuple)."""
+    return {name: check(name, value) for name, value in values.items()}

@@ -68,14 +68,14 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from fer_mlflow.calibration import tempered
-from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE
+from fer_mlflow.serving.calibration import tempered
+from fer_mlflow.data.dataset import CLASS_NAMES, IMAGE_SIZE
 from fer_mlflow.errors import ConfigError, DataError, FerError
-from fer_mlflow.faces import BOX_COLUMNS, MAX_FACES, MIN_FACE, crop_boxes, face_crops, whole
-from fer_mlflow.images import declared_pixels, gray, open_rgb
-from fer_mlflow.limits import MAX_IMAGES, MAX_PIXELS, MAX_REQUEST_PIXELS, Limits, check_params
-from fer_mlflow.runtime import ONNX_ARTIFACT, export_onnx, fastest
-from fer_mlflow.views import BATCH_SIZE, Settings, probabilities
+from fer_mlflow.serving.faces import BOX_COLUMNS, MAX_FACES, MIN_FACE, crop_boxes, face_crops
+from fer_mlflow.data.decode import declared_pixels, gray, open_rgb, whole
+from fer_mlflow.data.limits import MAX_IMAGES, MAX_PIXELS, MAX_REQUEST_PIXELS, Limits, check_params
+from fer_mlflow.serving.runtime import ONNX_ARTIFACT, export_onnx, fastest
+from fer_mlflow.serving.views import BATCH_SIZE, Settings, probabilities
 
 IMAGE_COLUMN = "image"
 EXPECTED_IMAGES = "PNG/JPEG images as bytes or base64 strings"
@@ -95,7 +95,7 @@ REQUIREMENT_PACKAGES = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "pil
 DEFAULT_DETECTOR = "mtcnn"  # detector=auto searches photos larger than a crop with it
 _MODEL_CODE = (
     "import mlflow\n"
-    "from fer_mlflow.pyfunc_model import FerEmotionModel\n"
+    "from fer_mlflow.serving.pyfunc_model import FerEmotionModel\n"
     "mlflow.models.set_model(FerEmotionModel())\n"
 )
 
@@ -394,7 +394,7 @@ def _fer_model(model: mlflow.pyfunc.PyFuncModel) -> FerEmotionModel:
     """The project's python model inside a loaded pyfunc model; ConfigError for any other."""
     python_model = model.unwrap_python_model()
     if not isinstance(python_model, FerEmotionModel):
-        raise ConfigError(f"expected a model logged by fer_mlflow.pyfunc_model, got {type(python_model)}")
+        raise ConfigError(f"expected a model logged by fer_mlflow.serving.pyfunc_model, got {type(python_model)}")
     return python_model
 
 
@@ -484,7 +484,7 @@ def _model_arguments(keras_model, class_names: Sequence[str], example_image: np.
         code_path = Path(folder) / "fer_emotion_model.py"
         code_path.write_text(_MODEL_CODE)
         code_copy = Path(folder) / "fer_mlflow"  # the code the model runs, without the shipped model's files
-        shutil.copytree(Path(__file__).resolve().parent, code_copy, ignore=_not_code)
+        shutil.copytree(Path(__file__).resolve().parents[1], code_copy, ignore=_not_code)
         artifacts = {"keras_model": str(keras_path)}
         onnx_path = export_onnx(keras_model, Path(folder) / "model.onnx")
         if onnx_path:

@@ -18,11 +18,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import ExecutionException, MlflowException
 
 from fer_mlflow.errors import FerError
-from fer_mlflow.tracking import data_context, log_params, stage_run
+from fer_mlflow.tracking.runs import data_context, log_params, stage_run
 
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", image_size: str = "48",

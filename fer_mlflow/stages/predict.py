@@ -43,17 +43,20 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fer_mlflow import annotate, figures, media, pretrained, pyfunc_model, tracks
-from fer_mlflow.reading import safe_name
+from fer_mlflow.serving import annotate, pyfunc_model, tracks
+from fer_mlflow.tracking import figures
+from fer_mlflow.data import media
+from fer_mlflow import pretrained
+from fer_mlflow.data.reading import safe_name
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.evaluate import load_model, registered_version
-from fer_mlflow.faces import CHOICES, MAX_FACES, MIN_FACE
-from fer_mlflow.limits import check_params
-from fer_mlflow.tracking import log_params, stage_run
+from fer_mlflow.tracking.registry import load_model, registered_version
+from fer_mlflow.serving.faces import CHOICES, MAX_FACES, MIN_FACE
+from fer_mlflow.data.limits import check_params
+from fer_mlflow.tracking.runs import log_params, stage_run
+from fer_mlflow.tracking.names import PREDICT_EXPERIMENT, SOURCE_RUN_TAG
 
 log = logging.getLogger(__name__)
 
-PREDICT_EXPERIMENT = "fer-predictions"
 DEFAULT_MODEL_URI = "models:/fer-emotion@champion"
 MAX_ANNOTATED = 50
 CHUNK = 16  # photos or frames per predict call
@@ -101,11 +104,11 @@ def run(model_uri: str = DEFAULT_MODEL_URI, input: str = "", detector: str = "au
             model_label = "the shipped model"
         elif model_uri.startswith("models:/"):
             source_run, version = registered_version(model_uri)
-            tags.update({key: value for key, value in (("fer.model_version", version), ("fer.source_run", source_run))
+            tags.update({key: value for key, value in (("fer.model_version", version), (SOURCE_RUN_TAG, source_run))
                          if value})
         elif model_uri.startswith("runs:/"):
-            tags["fer.source_run"] = model_uri.split("/")[1]
-            model_label = "run-" + tags["fer.source_run"][:8]
+            tags[SOURCE_RUN_TAG] = model_uri.split("/")[1]
+            model_label = "run-" + tags[SOURCE_RUN_TAG][:8]
         name = f"predict {Path(str(input).rstrip('/')).name} with {model_label}"
         with stage_run("predict", name, tags, experiment=PREDICT_EXPERIMENT) as active, \
                 tempfile.TemporaryDirectory() as folder:
@@ -147,10 +150,10 @@ def _champion_registered() -> bool:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from fer_mlflow.registry import alias_version
+    from fer_mlflow.tracking.registry import alias_version
 
     from fer_mlflow.errors import RegistryError
-    from fer_mlflow.registry import first_line
+    from fer_mlflow.tracking.registry import first_line
 
     name, alias = DEFAULT_MODEL_URI.removeprefix("models:/").split("@")
     try:

@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fer_mlflow.dataset import IMAGE_SIZE
+from fer_mlflow.data.dataset import IMAGE_SIZE
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.images import gray
-from fer_mlflow.limits import DETECTOR_CHOICES
+from fer_mlflow.data.decode import gray, whole
+from fer_mlflow.data.limits import DETECTOR_CHOICES
 
 DETECTORS = ("mtcnn", "haar", "blazeface")
 CHOICES = DETECTOR_CHOICES  # auto: crops as they are, larger photos searched; one list with the param check
@@ -100,7 +100,7 @@ def _best(found: list[Face], min_face: int, max_faces: int) -> list[Face]:
 
 
 def _blazeface(photos: list[np.ndarray]) -> list[list[Face]]:
-    from fer_mlflow import blazeface
+    from fer_mlflow.serving import blazeface
 
     faces = []
     for start in range(0, len(photos), BATCH):
@@ -183,14 +183,6 @@ def _tilt(face: Face) -> float:
         return 0.0
     (left_x, left_y), (right_x, right_y) = face.eyes
     return float(np.degrees(np.arctan2(right_y - left_y, right_x - left_x)))
-
-
-def whole(gray_image: np.ndarray) -> np.ndarray:
-    """A grayscale image (H x W uint8), whole, as a 48x48 face crop."""
-    image = Image.fromarray(gray_image)
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
 
 
 def face_crops(photos: list[np.ndarray], detector: str = "auto", default: str = "mtcnn",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -20,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from fer_mlflow.errors import RegistryError
+from fer_mlflow.errors import ConfigError, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +136,37 @@ def first_line(error: Exception) -> str:
     puts the cause (``too many 500 error responses``, ``Connection refused``)."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 240 else f"{text[:110]} ... {text[-125:]}"
+
+
+def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """`mlflow.pyfunc.load_model(model_uri)`, or a ConfigError in one line saying what to pass.
+
+    The model is downloaded to a temporary folder removed once it is loaded (the Keras model is
+    then in memory): MLflow's own download folder would stay in /tmp for every load from a remote
+    artifact store."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="fer-model-") as folder:
+            return mlflow.pyfunc.load_model(model_uri, dst_path=folder)
+    except (MlflowException, OSError) as error:
+        raise ConfigError(f"model {model_uri} could not be loaded ({str(error).splitlines()[0]}); pass the "
+                          "id of a training run, or a models:/<name>/<version> or runs:/<id>/model URI") from error
+
+
+def registered_version(model_uri: str) -> tuple[str | None, str | None]:
+    """The training run and "<name>/<version>" of a ``models:/<name>/<version|@alias>`` URI; a
+    logged model's own URI (``models:/m-...``) names no version: its run, if any."""
+    client = MlflowClient()
+    path = model_uri[len("models:/"):]
+    try:
+        if "@" in path:
+            name, alias = path.split("@", 1)
+            found = client.get_model_version_by_alias(name, alias)
+        elif "/" in path:
+            name, number = path.split("/", 1)
+            found = client.get_model_version(name, number)
+        else:
+            return client.get_logged_model(path).source_run_id, None
+    except MlflowException as error:
+        raise ConfigError(f"model {model_uri} not found in {mlflow.get_registry_uri()}; "
+                          "check the name and version (or alias)") from error
+    return found.tags.get("source_run") or found.run_id, f"{found.name}/{found.version}"

@@ -102,7 +102,7 @@ def size(config: dict) -> int:
 def throwaway_store(data: str):
     """For a follower: MLflow pointed at a temporary store (and folder) for the block, removed after;
     yields `data` readable from there (a run's artifact downloaded first, a local path absolute)."""
-    from fer_mlflow.tracking import _delete_when_ended
+    from fer_mlflow.tracking.runs import _delete_when_ended
 
     launched = os.environ.get("MLFLOW_RUN_ID")
     if launched:  # started by `mlflow run`: its run is not this worker's to keep

@@ -49,12 +49,14 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from fer_mlflow import pyfunc_model, reading
+from fer_mlflow.serving import pyfunc_model
+from fer_mlflow.data import reading
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.faces import BOX_COLUMNS, CHOICES, MAX_FACES, MIN_FACE
-from fer_mlflow.limits import check_params
-from fer_mlflow.media import PHOTO_SUFFIXES
-from fer_mlflow.tracking import log_params, stage_run
+from fer_mlflow.serving.faces import BOX_COLUMNS, CHOICES, MAX_FACES, MIN_FACE
+from fer_mlflow.data.limits import check_params
+from fer_mlflow.data.media import PHOTO_SUFFIXES
+from fer_mlflow.tracking.runs import log_params, stage_run
+from fer_mlflow.tracking.names import PREDICT_EXPERIMENT
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +86,7 @@ def run(model_uri: str, input: str, output: str, master: str = "auto", mode: str
         batch_size: int = BATCH) -> ScoreOutcome:
     """Score every photo under `input` with the model at `model_uri` on Spark (`master`; ``auto``:
     the one spark-submit gave, else ``local[*]``) and write a row per face to Parquet at `output`."""
-    from fer_mlflow.evaluate import load_model, registered_version
-    from fer_mlflow.predict import PREDICT_EXPERIMENT
+    from fer_mlflow.tracking.registry import load_model, registered_version
 
     if not input or not output:
         raise ConfigError("pass -P input=<folder, glob or .parquet table of images> and -P output=<new folder>")
@@ -207,7 +208,7 @@ def _ship(spark, model: Path, folder: Path) -> str:
     """Send the model and the fer_mlflow package to every executor; the name the model's folder has
     there (`SparkFiles.get`). The model goes as an archive: Spark ships a local folder to local
     masters only (UNSUPPORTED_ADD_FILE.LOCAL_DIRECTORY on a cluster)."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     archive = shutil.make_archive(str(folder / f"fer_mlflow-{model.name}"), "zip", root_dir=package.parent, base_dir=package.name)
     spark.sparkContext.addPyFile(archive)
     shipped = shutil.make_archive(str(folder / model.name), "zip", root_dir=model)
@@ -252,7 +253,7 @@ class _Scorer:
 def score_images(model, frame: pd.DataFrame, params: dict, class_names) -> pd.DataFrame:
     """A row per face of each image in `frame` (``path``, ``content``), as `model` (a loaded pyfunc
     model) answers for it with `params`; an unreadable image gives one row with its ``error``."""
-    from fer_mlflow.images import open_rgb
+    from fer_mlflow.data.decode import open_rgb
 
     photos, paths, errors = [], [], []
     for path, content in zip(frame["path"], frame["content"]):

@@ -37,9 +37,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from fer_mlflow import calibration
+from fer_mlflow.serving import calibration
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.tracking import (
+from fer_mlflow.tracking.runs import (
     DATA_EXPERIMENT, DEMO_TAG, data_context, log_params, log_split_inputs, run_params, stage_run,
 )
 
@@ -130,7 +130,7 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.set_tag("mlflow.note.content", _description(members, chosen, metrics))
-        from fer_mlflow import pyfunc_model
+        from fer_mlflow.serving import pyfunc_model
 
         info = pyfunc_model.log_model(combine([m.keras_model for m in members], chosen), name="model",
                                       class_names=members[0].class_names, example_image=val.images[0],
@@ -266,8 +266,8 @@ def _check_data(members: list[Member]) -> None:
 
 def _loaded(members: list[Member]) -> list[Member]:
     """`members` with their models loaded, once their data and class names are checked to agree."""
-    from fer_mlflow import pyfunc_model
-    from fer_mlflow.evaluate import load_model
+    from fer_mlflow.serving import pyfunc_model
+    from fer_mlflow.tracking.registry import load_model
 
     _check_data(members)
     for member in members:
@@ -291,7 +291,7 @@ def _data_uri(member: Member) -> str:
 
 
 def _validation(data_uri: str, digest: str):
-    from fer_mlflow.sources import read_source
+    from fer_mlflow.data.sources import read_source
 
     dataset, _ = read_source(data_uri)
     if dataset.digest() != digest:
@@ -305,7 +305,7 @@ def _validation(data_uri: str, digest: str):
 
 def _member_probabilities(members: list[Member], images: np.ndarray) -> list[np.ndarray]:
     """Each member's probabilities for uint8 `images` (N x 48 x 48), one view, as it predicts."""
-    from fer_mlflow.views import Settings, probabilities
+    from fer_mlflow.serving.views import Settings, probabilities
 
     pixels = images.astype(np.float32)[..., np.newaxis]
     return [probabilities(m.keras_model, pixels, Settings()) for m in members]

@@ -44,12 +44,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.errors import ConfigError, FerError, RegistryError
-from fer_mlflow.evaluate import EVALUATED_SPLITS, TRAINED_ON_DEMO_TAG
-from fer_mlflow.registry import AliasWriter, alias_version, ensure_model, first_line, restoring, retrying, versions
-from fer_mlflow.tracking import (
+from fer_mlflow.tracking.registry import AliasWriter, alias_version, ensure_model, first_line, restoring, retrying, versions
+from fer_mlflow.tracking.runs import (
     DATA_EXPERIMENT, DATA_MODEL, DEMO_EXPERIMENT, DEMO_MODEL, DEMO_TAG, log_params, run_params, stage_run,
 )
-from fer_mlflow.views import Settings
+from fer_mlflow.serving.views import Settings
+from fer_mlflow.tracking.names import EVALUATED_SPLITS, SOURCE_RUN_TAG, TRAINED_ON_DEMO_TAG
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Candidate:
     @property
     def key(self) -> tuple[str, str]:
         tags = self.evaluation.data.tags
-        return tags["fer.source_run"], tags["fer.settings"]
+        return tags[SOURCE_RUN_TAG], tags["fer.settings"]
 
     @property
     def demo(self) -> bool:
@@ -158,7 +158,7 @@ def _best_candidate(client, experiment_id, name, metric, split, test_digest, inc
         [experiment_id], "tags.`fer.stage` = 'evaluate' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=5000,
     )
-    evaluations = [r for r in evaluations if metric in r.data.metrics and "fer.source_run" in r.data.tags
+    evaluations = [r for r in evaluations if metric in r.data.metrics and SOURCE_RUN_TAG in r.data.tags
                    and "fer.settings" in r.data.tags and r.data.tags.get("fer.split", "test") == split]
     if not evaluations:
         where = client.get_experiment(experiment_id).name
@@ -253,15 +253,15 @@ class _Decision:
         scores: dict[tuple[str, str], float] = {}
         for found in runs:
             tags = found.data.tags
-            if (self.metric in found.data.metrics and "fer.source_run" in tags and "fer.settings" in tags
+            if (self.metric in found.data.metrics and SOURCE_RUN_TAG in tags and "fer.settings" in tags
                     and tags.get("fer.split", "test") == self.split):
-                key = (tags["fer.source_run"], tags["fer.settings"])
+                key = (tags[SOURCE_RUN_TAG], tags["fer.settings"])
                 scores[key] = max(scores.get(key, float("-inf")), found.data.metrics[self.metric])
         return scores
 
     def _evaluate(self, champion: ModelVersion) -> None:
         """Score the champion as it serves on the candidate's data and split (a nested run)."""
-        from fer_mlflow import evaluate
+        from fer_mlflow.stages import evaluate
 
         data = self._candidate_data()
         log.info("champion %s v%s has no %s on this data: evaluating it first",
@@ -279,7 +279,7 @@ class _Decision:
         params = run_params(evaluation)
         data = params.get("data_uri") or params.get("data")
         if not data:
-            source_run = evaluation.data.tags["fer.source_run"]
+            source_run = evaluation.data.tags[SOURCE_RUN_TAG]
             data = run_params(retrying(self.client.get_run, source_run)).get("data_uri")
         if not data:
             raise ConfigError(f"the candidate's evaluation {evaluation.info.run_id} records no data; "
@@ -325,7 +325,7 @@ class _Decision:
         source_run, settings = self.best.key
         found = mlflow.search_runs(
             search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
-            filter_string=f"tags.`fer.stage` = 'evaluate' and tags.`fer.source_run` = '{source_run}' "
+            filter_string=f"tags.`fer.stage` = 'evaluate' and tags.`{SOURCE_RUN_TAG}` = '{source_run}' "
                           f"and tags.`fer.settings` = '{settings}' and tags.`fer.split` = 'test' "
                           "and attributes.status = 'FINISHED'")
         return next((r for r in found if "test_accuracy" in r.data.metrics), None)

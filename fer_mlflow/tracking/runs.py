@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 
-from fer_mlflow.dataset import SPLITS, Dataset
+from fer_mlflow.data.dataset import SPLITS, Dataset
 from fer_mlflow.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -34,18 +34,19 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from fer_mlflow import calibration, figures, pyfunc_model
-from fer_mlflow.dataset import Dataset
+from fer_mlflow.serving import calibration, pyfunc_model
+from fer_mlflow.tracking import figures
+from fer_mlflow.data.dataset import Dataset
 from fer_mlflow.errors import ConfigError, DataError
-from fer_mlflow.limits import check_params
-from fer_mlflow.sources import read_source
-from fer_mlflow.tracking import (
+from fer_mlflow.data.limits import check_params
+from fer_mlflow.data.sources import read_source
+from fer_mlflow.tracking.runs import (
     DEMO_TAG, data_context, log_params, log_split_inputs, run_params, stage_run,
 )
-from fer_mlflow.views import BATCH_SIZE, Settings
+from fer_mlflow.serving.views import BATCH_SIZE, Settings
+from fer_mlflow.tracking.registry import load_model, registered_version
+from fer_mlflow.tracking.names import EVALUATED_SPLITS, SOURCE_RUN_TAG, TRAINED_ON_DEMO_TAG
 
-EVALUATED_SPLITS = ("test", "val")
-TRAINED_ON_DEMO_TAG = "fer.trained_on_demo"
 
 
 @dataclass
@@ -95,7 +96,7 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
     if target.version:
         tags["fer.model_version"] = target.version
     if target.source_run:
-        tags["fer.source_run"] = target.source_run
+        tags[SOURCE_RUN_TAG] = target.source_run
         source = mlflow.get_run(target.source_run)
         experiment = MlflowClient().get_experiment(source.info.experiment_id).name
         if not nested:
@@ -130,20 +131,6 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
         metrics.update(_log_calibration(part, probabilities, split, pyfunc_model.temperature_of(model)))
         outcome = EvaluateOutcome(active.info.run_id, metrics, part.digest(), settings, served_uri)
     return outcome
-
-
-def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
-    """`mlflow.pyfunc.load_model(model_uri)`, or a ConfigError in one line saying what to pass.
-
-    The model is downloaded to a temporary folder removed once it is loaded (the Keras model is
-    then in memory): MLflow's own download folder would stay in /tmp for every load from a remote
-    artifact store."""
-    try:
-        with tempfile.TemporaryDirectory(prefix="fer-model-") as folder:
-            return mlflow.pyfunc.load_model(model_uri, dst_path=folder)
-    except (MlflowException, OSError) as error:
-        raise ConfigError(f"model {model_uri} could not be loaded ({str(error).splitlines()[0]}); pass the "
-                          "id of a training run, or a models:/<name>/<version> or runs:/<id>/model URI") from error
 
 
 def _probabilities(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, params: dict | None = None) -> np.ndarray:
@@ -186,26 +173,6 @@ def _resolve(run_id, model_uri, data) -> _Target:
         if not data:
             raise ConfigError("no data given and the model's training data is unknown; pass -P data=...")
     return _Target(model_uri, source_run, data, version)
-
-
-def registered_version(model_uri: str) -> tuple[str | None, str | None]:
-    """The training run and "<name>/<version>" of a ``models:/<name>/<version|@alias>`` URI; a
-    logged model's own URI (``models:/m-...``) names no version: its run, if any."""
-    client = MlflowClient()
-    path = model_uri[len("models:/"):]
-    try:
-        if "@" in path:
-            name, alias = path.split("@", 1)
-            found = client.get_model_version_by_alias(name, alias)
-        elif "/" in path:
-            name, number = path.split("/", 1)
-            found = client.get_model_version(name, number)
-        else:
-            return client.get_logged_model(path).source_run_id, None
-    except MlflowException as error:
-        raise ConfigError(f"model {model_uri} not found in {mlflow.get_registry_uri()}; "
-                          "check the name and version (or alias)") from error
-    return found.tags.get("source_run") or found.run_id, f"{found.name}/{found.version}"
 
 
 def _split(data: str, split: str) -> Dataset:

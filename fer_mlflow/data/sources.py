@@ -28,13 +28,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fer_mlflow import dataset as ds
-from fer_mlflow.dataset import CLASS_NAMES, IMAGE_SIZE, Dataset
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.data.dataset import CLASS_NAMES, IMAGE_SIZE, Dataset
 from fer_mlflow.errors import DataError
-from fer_mlflow.faces import whole
-from fer_mlflow.images import FORMATS, gray, open_rgb
-from fer_mlflow import reading
-from fer_mlflow.reading import Tree, gunzip, read_regular
+from fer_mlflow.data.decode import FORMATS, gray, open_rgb, whole
+from fer_mlflow.data import reading
+from fer_mlflow.data.reading import Tree, gunzip, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def is_artifact(data: str) -> bool:
 def read_source(data: str, *, val_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, SourceReport]:
     """Read `data` (see the module docstring) into a Dataset; never writes to the source."""
     if data == "demo":
-        from fer_mlflow.demo import make_demo
+        from fer_mlflow.data.demo import make_demo
 
         dataset, report = make_demo(seed=seed), SourceReport("demo", "demo")
     elif is_artifact(data):

@@ -1,0 +1,212 @@
+"""The `pretrained` stage: the shipped model (`fer_mlflow.pretrained`) put into the user's tracking
+store and registry.
+
+A run in the ``fer2013`` experiment (the recorded params, curves and metrics, the model, its lineage
+as tags), an evaluation of it (the recorded PublicTest scores, or scored afresh on `data` when
+given), then the version registered under ``fer-emotion`` with the alias ``pretrained``, and
+``champion`` only by promote's rules (`promote.consider`): when there is none yet, or when it scores
+better on the same test data. Run again, it registers nothing new.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from fer_mlflow.pretrained import SHA_TAG, served_arguments, checked_model_file, describe, keras_model, record
+from fer_mlflow.tracking.names import SOURCE_RUN_TAG
+from fer_mlflow.tracking.runs import DATA_EXPERIMENT, DATA_MODEL, log_params, stage_run
+
+ALIAS = "pretrained"
+STAGE = "pretrained"
+
+
+@dataclass
+class PretrainedOutcome:
+    """The shipped model's training run in this store, its registered version, and what happened."""
+
+    run_id: str
+    version: str
+    champion: bool
+    message: str
+
+
+def run(data: str = "") -> PretrainedOutcome:
+    """Put the shipped model into this tracking store and registry (see the module docstring).
+    `data`: test data to score it on afresh (any source `evaluate` reads); empty: its recorded
+    PublicTest scores."""
+    found = record()
+    checked_model_file()
+    try:
+        return _run(found, data)
+    except MlflowException as error:
+        from fer_mlflow.errors import FerError, RegistryError
+        from fer_mlflow.tracking.registry import first_line
+
+        if isinstance(error.__context__, FerError):  # ending the run failed too: the first error counts
+            raise error.__context__ from error
+        raise RegistryError(f"the tracking server or registry at {mlflow.get_tracking_uri()} failed "
+                            f"({first_line(error)}); run it again once it answers (it registers nothing "
+                            "twice, and promote's aliases are put back when their writing fails)") from error
+
+
+def _run(found: dict, data: str) -> PretrainedOutcome:
+    from fer_mlflow.stages import promote
+    from fer_mlflow.tracking.registry import alias_version
+
+    client = MlflowClient()
+    with stage_run(STAGE, f"pretrained {found['title']}", {SHA_TAG: found["sha256"]},
+                   experiment=DATA_EXPERIMENT) as active:
+        log_params({"data": data})
+        earlier = _logged_before(client, found["sha256"], active.info.run_id)
+        if earlier is None:
+            _log_training(found)
+            training = active.info.run_id
+        else:
+            training = earlier.info.run_id
+            mlflow.set_tags({"fer.pretrained_run": training, "mlflow.runName": f"pretrained (already in run {training[:8]})"})
+            registered = _registered_before(client, training)
+            if registered is not None and not data:
+                _set_alias(client, registered)
+                message = (f"the shipped model is already {DATA_MODEL} v{registered} (alias {ALIAS}, run "
+                           f"{training}); nothing new registered")
+                champion = alias_version(client, DATA_MODEL, promote.CHAMPION)
+                return PretrainedOutcome(training, registered, champion is not None and str(champion.version) == registered,
+                                         message)
+        evaluation = _evaluation(found, training, data)
+        evaluate_champion = bool(data) or Path(evaluation.data.params.get("data_uri", "")).exists()
+        version, changed, decided = promote.consider(evaluation, "test_accuracy", DATA_MODEL, evaluate_champion)
+        version = str(version)
+        _set_alias(client, version)
+        champion = alias_version(client, DATA_MODEL, promote.CHAMPION)
+        mlflow.set_tags({"fer.registered_version": version, "fer.champion_changed": str(changed).lower()})
+        message = f"registered {describe()} as {DATA_MODEL} v{version} (alias {ALIAS}); {decided}"
+        return PretrainedOutcome(training, version, champion is not None and str(champion.version) == version, message)
+
+
+def _logged_before(client: MlflowClient, sha256: str, current: str):
+    """The finished run that logged this very model (same SHA-256) before, if any."""
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`{SHA_TAG}` = '{sha256}' and tags.`fer.stage` = '{STAGE}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"])
+    return next((r for r in runs if r.info.run_id != current and "fer.model_uri" in r.data.tags), None)
+
+
+def _registered_before(client: MlflowClient, training: str) -> str | None:
+    """The version of `DATA_MODEL` registered from run `training`, if any (the lowest)."""
+    from fer_mlflow.tracking.registry import versions
+
+    found = [v for v in versions(client, DATA_MODEL) if (v.tags.get("source_run") or v.run_id) == training]
+    return str(found[0].version) if found else None
+
+
+def _set_alias(client: MlflowClient, version: str) -> None:
+    from fer_mlflow.tracking.registry import retrying
+
+    retrying(client.set_registered_model_alias, DATA_MODEL, ALIAS, version)
+
+
+def _log_training(found: dict) -> None:
+    """Log the shipped model's training to the active run: its params, per-epoch curves, final
+    metrics, curves figure, lineage tags and the served model."""
+    import matplotlib.pyplot as plt
+    from mlflow.entities import Metric
+
+    from fer_mlflow.serving import pyfunc_model
+    from fer_mlflow.learning.loop import curves_figure
+
+    training = found["training"]
+    log_params(training["params"])
+    history = training["history"]
+    now = int(mlflow.active_run().info.start_time)
+    curves = [Metric(key, float(value), now, step) for key, values in history.items()
+              for step, value in enumerate(values)]
+    for start in range(0, len(curves), 1000):  # MLflow takes at most 1,000 metrics a batch
+        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=curves[start:start + 1000])
+    mlflow.log_metrics(training["metrics"])
+    figure = curves_figure({k: v for k, v in history.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")},
+                           found["title"])
+    mlflow.log_figure(figure, "figures/training_curves.png")
+    plt.close(figure)
+    mlflow.log_dict(found, "pretrained_record.json")
+    info = pyfunc_model.log_model(keras_model(), name="model", **served_arguments())
+    mlflow.set_tags({
+        "fer.model_uri": info.model_uri, "fer.model": found["model"], "fer.model_family": found["model_family"],
+        "fer.data": training["data"], "fer.data_digest": training["data_digest"], "fer.demo_data": "false",
+        "fer.pretrained": "true", "fer.made_at_commit": found["made"]["commit"],
+        "fer.made_in_run": training["run_id"],
+        "mlflow.note.content": _note(found),
+    })
+
+
+def _evaluation(found: dict, training: str, data: str):
+    """The evaluation the shipped model is a candidate by: scored afresh on `data` (the evaluate
+    stage, nested), or, with no data, its recorded PublicTest scores logged as an evaluation nested
+    under the active run and tagged ``fer.recorded=true``."""
+    from fer_mlflow.stages import evaluate
+    from fer_mlflow.serving.views import Settings
+
+    if data:
+        return mlflow.get_run(evaluate.run(run_id=training, data=data, nested=True).run_id)
+    scored, source = found["evaluation"], mlflow.get_run(training)
+    settings = Settings(**found["settings"])
+    tags = {SOURCE_RUN_TAG: training, "fer.settings": settings.key, "fer.split": scored["split"],
+            "fer.test_digest": scored["digest"], "fer.data": scored["data"], "fer.demo_data": "false",
+            "fer.trained_on_demo": "false", "fer.served_model_uri": source.data.tags["fer.model_uri"],
+            "fer.model_uri": source.data.tags["fer.model_uri"], "fer.recorded": "true",
+            "fer.model": source.data.tags.get("fer.model", ""),
+            "fer.model_family": source.data.tags.get("fer.model_family", ""),
+            "fer.train_data": source.data.tags.get("fer.data", ""),
+            "fer.train_data_digest": source.data.tags.get("fer.data_digest", "")}
+    with stage_run("evaluate", f"evaluate pretrained {scored['split']} {settings.describe()} (recorded)", tags,
+                   nested=True) as active:
+        log_params({"run_id": training, "data_uri": scored["data_uri"], "split": scored["split"],
+                    "images": scored["images"], "tta": settings.tta, "tta_views": settings.view_count,
+                    "recorded_at_commit": found["made"]["commit"]})
+        mlflow.log_metrics(scored["metrics"])
+        _log_confusion(scored)
+    return mlflow.get_run(active.info.run_id)
+
+
+def _log_confusion(scored: dict) -> None:
+    """The recorded confusion matrix and per-class scores, logged as evaluate logs them."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
+    from fer_mlflow.tracking import figures
+
+    classes, counts = scored["classes"], np.array(scored["confusion_matrix"])
+    normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    mlflow.log_dict({"classes": classes, "counts": counts.tolist(), "normalised": normalised.round(4).tolist()},
+                    "confusion_matrix.json")
+    with tempfile.TemporaryDirectory() as folder:
+        pd.DataFrame({"class": classes, **scored["per_class"]}).to_csv(Path(folder) / "per_class_metrics.csv",
+                                                                        index=False)
+        mlflow.log_artifacts(folder)
+    for matrix, title, name in ((counts, "counts", "confusion_matrix.png"),
+                                (normalised, "row-normalised", "confusion_matrix_normalised.png")):
+        figure = figures.confusion(matrix, classes, f"Confusion matrix ({title}), recorded")
+        mlflow.log_figure(figure, f"figures/{name}")
+        plt.close(figure)
+
+
+def _note(found: dict) -> str:
+    """The run's description in the UI: what the model is and where its card is."""
+    scored = found["evaluation"]
+    return "\n".join([
+        f"**The shipped model**: {found['title']}, trained by this project on `{found['training']['data']}` "
+        f"(digest `{found['training']['data_digest']}`) in {found['training']['minutes']:.0f} minutes, "
+        f"{found['training']['epochs']} epochs, at commit `{found['made']['commit']}`.",
+        "",
+        f"- {scored['split']}_accuracy **{scored['metrics']['test_accuracy']:.4f}** on {scored['data']} "
+        f"{scored['part']} ({scored['images']} faces) as served ({found['settings_described']})",
+        f"- SHA-256 of model.keras: `{found['sha256']}`",
+        "- model card: docs/model-card.md in the project",
+    ])
