@@ -28,9 +28,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from fer_mlflow.models import build_cnn
+from fer_mlflow.learning.models import build_cnn
 
-ERASE_FILL = 128.0  # as fer_mlflow.inputs: mid-grey on the 0..255 scale
+ERASE_FILL = 128.0  # as fer_mlflow.learning.inputs: mid-grey on the 0..255 scale
 BATCH_SIZE = 64
 
 
@@ -45,7 +45,7 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def augmentation(seed: int) -> keras.Sequential:
-    """The training augmentation of the shipped recipe (fer_mlflow.inputs.augmenter's layers)."""
+    """The training augmentation of the shipped recipe (fer_mlflow.learning.inputs.augmenter's layers)."""
     return keras.Sequential([
         keras.layers.RandomFlip("horizontal", seed=seed),
         keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed + 1),
