@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from fer_mlflow import credentials, interrupts
+from fer_mlflow import credentials, interrupts, quiet
 from fer_mlflow.errors import ConfigError, FerError, check_widths
 from fer_mlflow.faces import CHOICES, MAX_FACES, MIN_FACE
 from fer_mlflow.media import FRAMES_PER_SECOND
@@ -429,6 +429,8 @@ def quiet_progress_bars() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user errors into one line and exit status 2."""
+    if argv is None:  # a program's start (not a call from Python, whose stderr is the caller's)
+        quiet.quiet_tensorflow()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_progress_bars()
     interrupts.install()
