@@ -411,12 +411,18 @@ def pipeline(data, models, epochs, image_size, weights, registered_model_name, m
     from fer_mlflow import main_stage
 
     as_text = lambda value: "auto" if value is None else str(value)  # noqa: E731
-    uri = main_stage.run(data, models, as_text(epochs), as_text(image_size), weights,
-                           registered_model_name, metric, ensemble)
+    outcome = main_stage.run(data, models, as_text(epochs), as_text(image_size), weights,
+                             registered_model_name, metric, ensemble)
+    uri = outcome.champion_uri
     click.echo(f"champion: {uri}")
     click.echo("use it from Python:")
     click.echo(f"  import mlflow; model = mlflow.pyfunc.load_model('{uri}')")
     click.echo("  model.predict(images)  # N x 48 x 48 uint8 crops (or photos) -> a row per face: label, ...")
+    link, command = main_stage.ui_link(outcome.experiment_id)
+    if command:
+        click.echo(f"see the runs: {command}, then open {link}")
+    else:
+        click.echo(f"see the runs: open {link}")
 
 
 def quiet_progress_bars() -> None:
