@@ -36,9 +36,27 @@ def missing_service(message: str) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A tracking store with MLflow's tables made and nothing in it. Copied, it is a new store in a
+    tenth of a second, where MLflow's migrations take about two seconds a store on these CPUs."""
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture(autouse=True)
-def tracking(tmp_path, monkeypatch):
+def tracking(tmp_path, monkeypatch, empty_store):
     """Every test gets its own sqlite tracking store and runs in its own working directory."""
+    import shutil
+    import sqlite3
+    from contextlib import closing
+
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+    with closing(sqlite3.connect(tmp_path / "mlflow.db")) as store, store:
+        # Where a store made here would keep Default's artifacts: ./mlruns of the test's folder.
+        store.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                      (str(tmp_path / "mlruns" / "0"),))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for chosen in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
