@@ -14,6 +14,7 @@ import click
 
 from fer_mlflow.tracking import credentials
 from fer_mlflow.learning import interrupts
+from fer_mlflow import quiet
 from fer_mlflow.errors import ConfigError, FerError, check_widths
 from fer_mlflow.serving.faces import CHOICES, MAX_FACES, MIN_FACE
 from fer_mlflow.data.media import FRAMES_PER_SECOND
@@ -422,12 +423,18 @@ def pipeline(data, models, epochs, image_size, weights, registered_model_name, m
     from fer_mlflow.stages import main as main_stage
 
     as_text = lambda value: "auto" if value is None else str(value)  # noqa: E731
-    uri = main_stage.run(data, models, as_text(epochs), as_text(image_size), weights,
-                           registered_model_name, metric, ensemble)
+    outcome = main_stage.run(data, models, as_text(epochs), as_text(image_size), weights,
+                             registered_model_name, metric, ensemble)
+    uri = outcome.champion_uri
     click.echo(f"champion: {uri}")
     click.echo("use it from Python:")
     click.echo(f"  import mlflow; model = mlflow.pyfunc.load_model('{uri}')")
     click.echo("  model.predict(images)  # N x 48 x 48 uint8 crops (or photos) -> a row per face: label, ...")
+    link, command = main_stage.ui_link(outcome.experiment_id)
+    if command:
+        click.echo(f"see the runs: {command}, then open {link}")
+    else:
+        click.echo(f"see the runs: open {link}")
 
 
 def quiet_progress_bars() -> None:
@@ -440,6 +447,8 @@ def quiet_progress_bars() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user errors into one line and exit status 2."""
+    if argv is None:  # a program's start (not a call from Python, whose stderr is the caller's)
+        quiet.quiet_tensorflow()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_progress_bars()
     interrupts.install()

@@ -23,11 +23,40 @@ from fer_mlflow.data.dataset import CLASS_NAMES
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_ZIP = PROJECT.parent / "shared" / "data" / "fer2013-public.zip"
+# Set by .ci/run: there a service the tests need (PostgreSQL, Java) must be installed, so a missing
+# one fails its tests instead of skipping them.
+REQUIRE_SERVICES = "FER_REQUIRE_SERVICES"
+
+
+def missing_service(message: str) -> None:
+    """Skip the calling test, saying `message` (what is not installed and how to install it); fail it
+    instead where FER_REQUIRE_SERVICES=1, as in CI, so no test is silently left out there."""
+    if os.environ.get(REQUIRE_SERVICES) == "1":
+        pytest.fail(f"{message} ({REQUIRE_SERVICES}=1: required)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A tracking store with MLflow's tables made and nothing in it. Copied, it is a new store in a
+    tenth of a second, where MLflow's migrations take about two seconds a store on these CPUs."""
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
 
 
 @pytest.fixture(autouse=True)
-def tracking(tmp_path, monkeypatch):
+def tracking(tmp_path, monkeypatch, empty_store):
     """Every test gets its own sqlite tracking store and runs in its own working directory."""
+    import shutil
+    import sqlite3
+    from contextlib import closing
+
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+    with closing(sqlite3.connect(tmp_path / "mlflow.db")) as store, store:
+        # Where a store made here would keep Default's artifacts: ./mlruns of the test's folder.
+        store.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                      (str(tmp_path / "mlruns" / "0"),))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for chosen in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
@@ -109,13 +138,15 @@ def tiny_npz(tmp_path) -> str:
     return str(ds.save(make_demo(seed=0, per_class=12), tmp_path / "tiny.npz"))
 
 
-def mlflow_run(entry_point: str, params: dict, tracking: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`mlflow run <project> -e <entry_point> --env-manager local -P k=v ...` as a user types it."""
+def mlflow_run(entry_point: str, params: dict, tracking: str, timeout: int = 900,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """`mlflow run <project> -e <entry_point> --env-manager local -P k=v ...` as a user types it, in
+    this process's environment (or `env`)."""
     command = [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", entry_point,
                "--env-manager", "local"]
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    env = {**(os.environ if env is None else env), "MLFLOW_TRACKING_URI": tracking}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -176,7 +207,7 @@ class Postgres:
 
         initdb, server = postgres_binary("initdb"), postgres_binary("postgres")
         if not (initdb and server):
-            pytest.fail("PostgreSQL is not installed: apt-get install postgresql (.ci/run does)")
+            missing_service("PostgreSQL is not installed: apt-get install postgresql (.ci/run does)")
         # The server refuses to run as root: as root, run it as the postgres user, in a folder it owns.
         as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         self.folder = Path(tempfile.mkdtemp(prefix="fer-postgres-"))
@@ -234,6 +265,16 @@ def postgres_server():
     server = Postgres()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def java() -> None:
+    """Spark runs on Java: the tests that start Spark skip, saying so, on a machine without it."""
+    import shutil
+
+    if not shutil.which("java"):
+        missing_service("Java is not installed, and Spark needs it: apt-get install default-jre-headless "
+                        "(.ci/run does)")
 
 
 @pytest.fixture

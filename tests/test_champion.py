@@ -113,18 +113,6 @@ def test_mlflow_run_without_an_experiment_leaves_nothing_in_default(tracking):
     assert Path(demo).parent == default.parent and PROJECT not in Path(demo).parents
 
 
-@pytest.mark.slow
-def test_mlflow_run_in_a_chosen_experiment_keeps_train_and_its_clean_apart(tracking, monkeypatch):
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
-    done = mlflow_run("train", {"data": "demo", "epochs": 1, "batch_size": 32}, tracking)
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs = {r.data.tags["fer.stage"]: r for r in all_runs()}
-    assert set(runs) == {"train", "clean"}
-    assert runs["clean"].data.tags["mlflow.parentRunId"] == runs["train"].info.run_id
-    assert runs["train"].info.run_name.startswith("cnn-demo sgd lr=0.05 1ep")
-    assert MlflowClient().get_experiment(runs["train"].info.experiment_id).name == "mine"
-
-
 # --- 2. never replace a champion unseen --------------------------------------------------------
 
 

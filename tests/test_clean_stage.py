@@ -51,10 +51,12 @@ def test_mlflow_run_clean_on_demo_logs_counts_figures_inputs_and_dataset(trackin
     assert metrics["images/train"] == (cleaned.splits == "train").sum()
 
 
-def test_the_same_source_and_parameters_give_the_same_digest():
-    first = stage.run("demo", seed=3)
-    again = stage.run("demo", seed=3)
-    other = stage.run("demo", CleanConfig(drop_duplicates=False), seed=3)
+def test_the_same_source_and_parameters_give_the_same_digest(kaggle_folder):
+    happy = kaggle_folder / "train" / "happy"
+    (happy / "copy.png").write_bytes((happy / "000.png").read_bytes())  # a duplicate, which cleaning drops
+    first = stage.run(str(kaggle_folder), seed=3)
+    again = stage.run(str(kaggle_folder), seed=3)
+    other = stage.run(str(kaggle_folder), CleanConfig(drop_duplicates=False), seed=3)
     assert first.digest == again.digest != other.digest
 
 

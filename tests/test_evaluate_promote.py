@@ -24,10 +24,26 @@ from fer_mlflow.tracking.runs import DATA_EXPERIMENT, experiment_id
 from fer_mlflow.serving.views import Settings
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory) -> tuple[train.TrainOutcome, str]:
+    """A cnn trained for two epochs on the tiny demo data, once for the module, in a store of its own."""
+    folder = tmp_path_factory.mktemp("trained")
+    store = f"sqlite:///{folder}/mlflow.db"
+    data = str(ds.save(make_demo(seed=0, per_class=12), folder / "tiny.npz"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # where the store's artifacts go
+        patch.setenv("MLFLOW_TRACKING_URI", store)
+        mlflow.set_tracking_uri(store)
+        return train.run(train.TrainConfig(model="cnn", data=data, epochs=2, batch_size=32)), store
+
+
 @pytest.fixture
-def trained(tiny_npz):
-    """A cnn trained for two epochs on the tiny demo data."""
-    return train.run(train.TrainConfig(model="cnn", data=tiny_npz, epochs=2, batch_size=32))
+def trained(trained_once, monkeypatch) -> train.TrainOutcome:
+    """The module's trained cnn, the test working in its store (its evaluations go there too)."""
+    outcome, store = trained_once
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)
+    return outcome
 
 
 def artifact(run_id: str, path: str) -> str:

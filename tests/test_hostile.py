@@ -207,9 +207,13 @@ def test_the_security_page_states_each_range_and_default_as_the_code_has_them():
          "param tta_shift=4000 is out of range; expected an integer from 0 to 24"),
     ],
 )
-def test_the_stages_refuse_a_param_out_of_the_served_range_before_a_run_starts(stage, kwargs, expected, tmp_path):
+def test_the_stages_refuse_a_param_out_of_the_served_range_before_a_run_starts(stage, kwargs, expected, tmp_path,
+                                                                               monkeypatch):
     import importlib
 
+    unopened = tmp_path / "unopened.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{unopened}")
+    mlflow.set_tracking_uri(f"sqlite:///{unopened}")
     with pytest.raises(ConfigError, match=expected):
         importlib.import_module(f"fer_mlflow.stages.{stage}").run(**kwargs)
-    assert not (tmp_path / "mlflow.db").exists()  # the tracking store was never opened: no run
+    assert not unopened.exists()  # the tracking store was never opened: no run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import mlflow_run
+from conftest import all_runs, mlflow_run
 from mlflow import MlflowClient
 
 from fer_mlflow.data import dataset as ds
@@ -33,34 +34,83 @@ def the_run(name_tag: str = "train"):
     return runs[0]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model, extra", [
-    ("cnn", {}),
-    ("cnn_shallow", {}),
-    ("cnn_deep", {"image_size": 48}),
-    # The ResNets take one path (models.build_resnet(name)): resnet50 trains through `mlflow run` in
-    # the quick start's pipeline (test_main_stage.py) and in-process with a weights file below, where
-    # its resolved defaults are checked; test_models.py builds, runs and saves resnet101 and 152.
-])
-def test_each_model_trains_through_mlflow_run(model, extra, tiny_npz, tracking):
-    done = mlflow_run("train", {"model": model, "data": tiny_npz, "epochs": 1, "batch_size": 32, **extra},
-                      tracking)
+@pytest.fixture(scope="module")
+def trained_through_mlflow_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, str]:
+    """The one `mlflow run -e train` of this module, shared by its tests: a cnn for one epoch on the
+    raw demo source, in an experiment the user chose (MLFLOW_EXPERIMENT_NAME); and its store."""
+    folder = tmp_path_factory.mktemp("mlflow-run-train")
+    store = f"sqlite:///{folder}/mlflow.db"
+    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "mine"}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # where the store's artifacts go (./mlruns)
+        done = mlflow_run("train", {"model": "cnn", "data": "demo", "epochs": 1, "batch_size": 32}, store, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    run = the_run()
+    return done, store
+
+
+def resolved(params: dict, name: str) -> str:
+    """A parameter's value as used: `mlflow run` logs "auto" as typed and the value under <name>_resolved,
+    in-process the value itself is logged."""
+    return params.get(f"{name}_resolved", params[name])
+
+
+def check_trained(run, model: str, image_size: int | None = None) -> None:
+    """A finished training run of `model` with its defaults resolved and logged, inputs recorded, and
+    a logged model that serves probabilities."""
     assert run.info.status == "FINISHED"
     assert run.data.tags["fer.model"] == model and run.data.tags["mlflow.runName"].startswith(model)
-    assert int(run.data.params["num_params"]) > 0 and run.data.params["weights_used"].startswith("none")
-    assert "data_digest" in run.data.params and "best_val_accuracy" in run.data.metrics
-    # Left at "auto", these are logged as typed and, resolved, under <name>_resolved.
-    assert run.data.params["dropout"] == "auto"
-    assert float(run.data.params["dropout_resolved"]) == models.DEFAULT_DROPOUT[model]
-    assert run.data.params["optimizer_resolved"] == train.DEFAULT_OPTIMIZER[model]
-    if "image_size" not in extra:
-        assert run.data.params["image_size_resolved"] == str(models.DEFAULT_IMAGE_SIZE[model])
+    params = run.data.params
+    assert int(params["num_params"]) > 0 and params["weights_used"].startswith("none")
+    assert "data_digest" in params and "best_val_accuracy" in run.data.metrics
+    assert float(resolved(params, "dropout")) == models.DEFAULT_DROPOUT[model]
+    assert resolved(params, "optimizer") == train.DEFAULT_OPTIMIZER[model]
+    assert resolved(params, "image_size") == str(image_size or models.DEFAULT_IMAGE_SIZE[model])
     assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"train", "val"}
     loaded = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     predicted = predict_pixels(loaded, np.zeros((2, 48, 48), np.uint8))
     assert len(predicted) == 2 and np.allclose(predicted.filter(like="prob_").sum(axis=1), 1, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_logs_auto_as_typed_and_resolved(trained_through_mlflow_run):
+    _, store = trained_through_mlflow_run
+    mlflow.set_tracking_uri(store)
+    run = the_run()
+    check_trained(run, "cnn")
+    # Left at "auto", these are logged as typed and, resolved, under <name>_resolved.
+    assert run.data.params["dropout"] == "auto" and "dropout_resolved" in run.data.params
+    assert "optimizer_resolved" in run.data.params and "image_size_resolved" in run.data.params
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_in_a_chosen_experiment_cleans_a_raw_source_in_a_nested_run(trained_through_mlflow_run):
+    _, store = trained_through_mlflow_run
+    client = MlflowClient(store)
+    mlflow.set_tracking_uri(store)
+    runs = {r.data.tags["fer.stage"]: r for r in all_runs()}
+    assert set(runs) == {"train", "clean"}  # nothing else, in no other experiment
+    training, cleaning = runs["train"], runs["clean"]
+    assert cleaning.data.tags["mlflow.parentRunId"] == training.info.run_id
+    assert training.data.params["data_uri"] == f"runs:/{cleaning.info.run_id}/dataset/dataset.npz"
+    assert training.info.run_name.startswith("cnn-demo sgd lr=0.05 1ep")
+    assert client.get_experiment(training.info.experiment_id).name == "mine"
+    assert client.get_experiment(cleaning.info.experiment_id).name == "mine"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, image_size", [("cnn_shallow", None), ("cnn_deep", 48)])
+def test_each_other_model_trains_through_the_cli(model, image_size, tiny_npz):
+    # The other networks through the command `mlflow run` calls, in this process: one `mlflow run`
+    # (above) shows the entry point; the ResNets' one path is below, with a weights file.
+    arguments = ["--image-size", str(image_size)] if image_size else []
+    main(["train", "--model", model, "--data", tiny_npz, "--epochs", "1", "--batch-size", "32", *arguments])
+    run = the_run()
+    check_trained(run, model, image_size)
+    if model == "cnn_shallow":  # its one Dropout layer is built with the rate resolved
+        network = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").unwrap_python_model().keras_model
+        rates = [layer.rate for layer in network.layers if isinstance(layer, keras.layers.Dropout)]
+        assert rates == [models.DEFAULT_DROPOUT[model]]
 
 
 @pytest.mark.slow
@@ -143,13 +193,13 @@ def test_image_counter_counts_a_short_last_batch_and_a_cut_epoch(stop_after, exp
     assert counter.seen == expected
 
 
-@pytest.mark.parametrize("dropout, expected", [(None, models.DEFAULT_DROPOUT["cnn_shallow"]), (0.4, 0.4)])
-def test_dropout_is_resolved_logged_and_built(dropout, expected, tiny_npz):
-    outcome = train.run(train.TrainConfig(model="cnn_shallow", data=tiny_npz, epochs=1, dropout=dropout))
-    assert float(MlflowClient().get_run(outcome.run_id).data.params["dropout"]) == expected
+def test_dropout_is_logged_and_built(tiny_npz):
+    # The default's resolution is checked where cnn_shallow trains through the CLI (above).
+    outcome = train.run(train.TrainConfig(model="cnn_shallow", data=tiny_npz, epochs=1, dropout=0.4))
+    assert float(MlflowClient().get_run(outcome.run_id).data.params["dropout"]) == 0.4
     keras_model = mlflow.pyfunc.load_model(outcome.model_uri).unwrap_python_model().keras_model
     rates = [layer.rate for layer in keras_model.layers if isinstance(layer, keras.layers.Dropout)]
-    assert rates == [expected]
+    assert rates == [0.4]
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -169,16 +219,6 @@ def test_auto_parameters_get_their_resolved_value_logged_beside_them(tracking):
         log_params({"epochs": 30, "batch_size": 64, "seed": 0})
     params = MlflowClient().get_run(run.info.run_id).data.params
     assert params == {"epochs": "auto", "epochs_resolved": "30", "batch_size": "64", "seed": "0"}
-
-
-@pytest.mark.slow
-def test_a_raw_source_is_cleaned_in_a_nested_run(tmp_path):
-    outcome = train.run(train.TrainConfig(model="cnn_shallow", data="demo", epochs=1))
-    client = MlflowClient()
-    training = client.get_run(outcome.run_id)
-    cleaning = client.search_runs([training.info.experiment_id], "tags.`fer.stage` = 'clean'")
-    assert len(cleaning) == 1 and cleaning[0].data.tags["mlflow.parentRunId"] == outcome.run_id
-    assert training.data.params["data_uri"] == f"runs:/{cleaning[0].info.run_id}/dataset/dataset.npz"
 
 
 @pytest.mark.slow  # over 10 s: keeps -m 'not slow' under 3 minutes

@@ -11,7 +11,9 @@ Each step is an `mlflow.run` of this project's own entry point, in a child run o
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -23,13 +25,39 @@ from fer_mlflow.tracking.runs import data_context, log_params, stage_run
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+# Where `mlflow ui` serves by default.
+DEFAULT_UI = "http://127.0.0.1:5000"
+
+
+@dataclass(frozen=True)
+class PipelineOutcome:
+    champion_uri: str
+    experiment_id: str
+
+
+def ui_link(experiment_id: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """The address that opens the experiment's runs in MLflow's model-training view, and the command
+    that serves it (None where `tracking_uri`, by default the current one, is a tracking server,
+    which serves its own UI).
+
+    Without ``workflowType=machine_learning`` MLflow 3.17's UI opens a new browser on its GenAI
+    overview instead of the runs."""
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    parts = urlsplit(tracking_uri)
+    if parts.scheme in ("http", "https"):
+        # Host and port only: a password in the tracking URI is not printed.
+        port = f":{parts.port}" if parts.port else ""
+        base, command = f"{parts.scheme}://{parts.hostname}{port}{parts.path.rstrip('/')}", None
+    else:
+        base, command = DEFAULT_UI, f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning", command
 
 
 def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", image_size: str = "48",
         weights: str = "auto", registered_model_name: str = "auto",
-        metric: str = "auto", ensemble: bool = False) -> str:
+        metric: str = "auto", ensemble: bool = False) -> PipelineOutcome:
     """Run the whole pipeline; returns the champion's model URI (``fer-emotion-demo`` for the demo
-    data unless `registered_model_name` says otherwise: `promote.run`)."""
+    data unless `registered_model_name` says otherwise: `promote.run`) and the experiment of its runs."""
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
         raise FerError("models is empty; name one or more of cnn, cnn_shallow, cnn_deep, resnet50, ...")
@@ -55,7 +83,7 @@ def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", ima
         name = step.client.get_run(promoted).data.tags["fer.registered_model"]
         uri = f"models:/{name}@champion"
         mlflow.set_tag("fer.champion_uri", uri)
-    return uri
+    return PipelineOutcome(uri, parent.info.experiment_id)
 
 
 class _Steps:
