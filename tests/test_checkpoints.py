@@ -77,7 +77,7 @@ def test_a_run_killed_outright_resumes_in_the_same_run_as_if_it_had_never_stoppe
 def unstopped_rates(settings: train.TrainConfig, train_images: int) -> dict[int, float]:
     """The learning rate a run never stopped logs at the end of each epoch: its schedule (as train
     builds it: a tenth of the steps, at most one epoch, to warm up) at that epoch's last step."""
-    from fer_mlflow.training import optimizer
+    from fer_mlflow.learning.loop import optimizer
 
     settings = settings.resolved()
     per_epoch = math.ceil(train_images / settings.batch_size)
