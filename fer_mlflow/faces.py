@@ -227,7 +227,9 @@ def face_crops(photos: list[np.ndarray], detector: str = "auto", default: str = 
     return (np.stack(crops) if crops else empty), pd.DataFrame(rows, columns=list(BOX_COLUMNS))
 
 
-def crop_boxes(count: int) -> pd.DataFrame:
-    """The table `face_crops` gives for `count` inputs that are face crops already (48x48 each)."""
-    return pd.DataFrame({"image": np.arange(count), "face": 0, "x": 0, "y": 0, "w": IMAGE_SIZE,
-                         "h": IMAGE_SIZE, "face_confidence": np.nan})
+def crop_boxes(count: int) -> dict[str, np.ndarray]:
+    """The columns of the table `face_crops` gives for `count` inputs that are face crops already
+    (48x48 each), as arrays: no DataFrame, which costs a millisecond a call to make."""
+    return {"image": np.arange(count), "face": np.zeros(count, np.int64), "x": np.zeros(count, np.int64),
+            "y": np.zeros(count, np.int64), "w": np.full(count, IMAGE_SIZE), "h": np.full(count, IMAGE_SIZE),
+            "face_confidence": np.full(count, np.nan)}

@@ -137,6 +137,16 @@ def test_pyfunc_predict_takes_pixel_arrays_matching_the_keras_model(logged):
     check_output(predict_pixels(logged.loaded, images), expected, atol=1e-6)
 
 
+def test_pixel_crops_answer_the_table_of_the_same_crops_as_images_and_one_crop_the_batchs_first_row(logged):
+    """Pixel arrays skip the face search and its table: their answer, dtypes included, is the one the
+    same crops sent as PNGs (taken whole, detector=auto) get, and one crop alone is a batch's row."""
+    images = smooth_images(3)
+    pixels = logged.loaded.predict(images)
+    pd.testing.assert_frame_equal(pixels, logged.loaded.predict(pd.DataFrame({"image": [encode(i, "PNG") for i in images]})))
+    pd.testing.assert_frame_equal(logged.loaded.predict(images[:1]), pixels.iloc[:1])
+    assert pixels["face_confidence"].isna().all() and (pixels[["w", "h"]] == 48).all().all()
+
+
 @pytest.mark.parametrize(
     "wrap",
     [
