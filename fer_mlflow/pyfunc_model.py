@@ -288,11 +288,10 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
             if isinstance(images, np.ndarray):  # pixel arrays: face crops already
                 crops, boxes = images, crop_boxes(len(images))
             else:
-                crops, table = face_crops(images, str(params.get("detector") or "auto"), self.detector,
+                crops, boxes = face_crops(images, str(params.get("detector") or "auto"), self.detector,
                                           int(params.get("min_face") or MIN_FACE),
                                           int(params.get("max_faces") or MAX_FACES))
                 crops = crops.astype(np.float32)[..., np.newaxis]
-                boxes = {name: table[name].to_numpy() for name in BOX_COLUMNS}
             settings = Settings.from_mapping(params, base=self.settings)
             if max_face_views is not None:
                 _check_face_views(len(crops), settings.view_count, max_face_views)
