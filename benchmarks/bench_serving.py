@@ -14,6 +14,11 @@ with `mlflow models serve` (`--workers`, loopback), sends the photo as one base6
 p50 / p99 over `--calls` sequential requests, then requests/s with `--clients` clients at once
 (at most `--requests` requests and `--seconds` seconds).
 
+A model whose own settings have test-time views is timed twice, with them (its batch then the
+first `--view-batch` faces, each several network inputs) and with ``tta=false``, in process and over
+REST. `--params` (JSON) are predict params added to every served call and request, e.g.
+``'{"detector": "blazeface"}'``; the `fer` network's photo path then uses that detector too.
+
 `--relog` logs the model's Keras network again with this checkout's `log_model` (same class names,
 views and temperature) in a temporary store and benchmarks that one: `mlflow models serve` runs the
 copy of `fer_mlflow` logged with a model, so this is how a checkout's serving code is measured.
@@ -87,11 +92,25 @@ def relogged(model_uri: str, folder: Path) -> str:
                                 temperature=served.temperature_of(model)).model_uri
 
 
+def settings_to_time(model) -> list[tuple[str, dict]]:
+    """(name, params) of each way the served model is timed: its own settings, and without views
+    when its own settings have them."""
+    from fer_mlflow.pyfunc_model import settings_of
+
+    own = settings_of(model)
+    return [(f"its own settings: {own.describe()}", {})] + ([("tta=false", {"tta": False})] if own.tta else [])
+
+
 def served_model(model, crops: np.ndarray, jpeg: bytes, args) -> None:
     frame = pd.DataFrame({"image": [jpeg]})
-    report("served model (pyfunc predict)", rate(lambda: model.predict(crops), len(crops), args.repeats),
-           percentiles(lambda crop: model.predict(crop[np.newaxis]), list(crops), args.calls),
-           percentiles(lambda _: model.predict(frame), [None], args.calls))
+    for name, extra in settings_to_time(model):
+        params = {**json.loads(args.params), **extra}
+        # With views, each face is several network inputs: the batch is --view-batch faces.
+        batch = crops if not model.unwrap_python_model().settings.tta or extra else crops[:args.view_batch]
+        report(f"served model (pyfunc predict), {name}, {len(batch)} crops in the batch",
+               rate(lambda: model.predict(batch, params=params), len(batch), args.repeats),
+               percentiles(lambda crop: model.predict(crop[np.newaxis], params=params), list(crops), args.calls),
+               percentiles(lambda _: model.predict(frame, params=params), [None], args.calls))
 
 
 def fer_network(path: str, crops: np.ndarray, jpeg: bytes, args) -> None:
@@ -111,8 +130,10 @@ def fer_network(path: str, crops: np.ndarray, jpeg: bytes, args) -> None:
         resized = np.stack([cv2.resize(face, size) for face in faces]).astype(np.float32)
         return ((resized / 255.0 - 0.5) * 2.0)[..., np.newaxis]
 
+    detector = json.loads(args.params).get("detector", "auto")
+
     def photo_call(run):
-        found, _ = face_crops([open_rgb(jpeg, 0, 10**8)], "auto", DEFAULT_DETECTOR, MIN_FACE, MAX_FACES)
+        found, _ = face_crops([open_rgb(jpeg, 0, 10**8)], detector, DEFAULT_DETECTOR, MIN_FACE, MAX_FACES)
         return run(prepared(found)) if len(found) else None
 
     for name, run in (("predict", lambda x: network.predict(x, batch_size=256, verbose=0)),
@@ -162,34 +183,41 @@ def stop(server: subprocess.Popen) -> None:
             server.wait()
 
 
-def rest_round_trip(model_uri: str, jpeg: bytes, args) -> None:
+def rest_round_trip(model_uri: str, jpeg: bytes, args, timed: list[tuple[str, dict]]) -> None:
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/invocations"
-    body = json.dumps({"dataframe_split": {"columns": ["image"],
-                                           "data": [[base64.b64encode(jpeg).decode("ascii")]]}}).encode()
     server = serve(model_uri, port, args.workers)
     try:
-        p50, p99 = percentiles(lambda _: post(url, body), [None], args.calls)
-        deadline, tickets, done = time.monotonic() + args.seconds, itertools.count(), []
-
-        def client() -> None:
-            while time.monotonic() < deadline and next(tickets) < args.requests:  # next(): atomic
-                post(url, body)
-                done.append(1)
-        started = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            for future in [pool.submit(client) for _ in range(args.clients)]:
-                future.result()
-        seconds = time.perf_counter() - started
-        print(f"REST, one photo per request (mlflow models serve, {args.workers} worker(s), loopback): "
-              f"p50 {p50:.1f} ms, p99 {p99:.1f} ms; {args.clients} clients at once: "
-              f"{len(done) / seconds:.1f} requests/s ({len(done)} requests in {seconds:.0f} s)", flush=True)
+        for name, extra in timed:
+            body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                                   "data": [[base64.b64encode(jpeg).decode("ascii")]]},
+                               "params": {**json.loads(args.params), **extra}}).encode()
+            rest_timings(url, body, name, args)
     finally:
         stop(server)
+
+
+def rest_timings(url: str, body: bytes, name: str, args) -> None:
+    """p50 / p99 of `body` posted to `url` one request at a time, then requests/s from --clients at once."""
+    p50, p99 = percentiles(lambda _: post(url, body), [None], args.calls)
+    deadline, tickets, done = time.monotonic() + args.seconds, itertools.count(), []
+
+    def client() -> None:
+        while time.monotonic() < deadline and next(tickets) < args.requests:  # next(): atomic
+            post(url, body)
+            done.append(1)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        for future in [pool.submit(client) for _ in range(args.clients)]:
+            future.result()
+    seconds = time.perf_counter() - started
+    print(f"REST, one photo per request, {name} (mlflow models serve, {args.workers} worker(s), loopback): "
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms; {args.clients} clients at once: "
+          f"{len(done) / seconds:.1f} requests/s ({len(done)} requests in {seconds:.0f} s)", flush=True)
 
 
 def main() -> None:
@@ -205,6 +233,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--skip-rest", action="store_true")
+    parser.add_argument("--params", default="{}", help='Predict params of the photo calls, e.g. \'{"detector": "blazeface"}\'.')
+    parser.add_argument("--view-batch", type=int, default=256, help="Faces in the batch timed with test-time views.")
     args = parser.parse_args()
     dataset, _ = read_source(args.data)
     crops = dataset.split("test").images
@@ -215,11 +245,12 @@ def main() -> None:
               f"{' (logged again by this checkout)' if args.relog else ''}", flush=True)
         # The default work budget takes 256 crops a request: raised so the whole split is one call.
         budget = {"max_images": len(crops), "max_face_views": len(crops)}
-        served_model(mlflow.pyfunc.load_model(model_uri, model_config=budget), crops, jpeg, args)
+        model = mlflow.pyfunc.load_model(model_uri, model_config=budget)
+        served_model(model, crops, jpeg, args)
         if args.fer_model:
             fer_network(args.fer_model, crops, jpeg, args)
         if not args.skip_rest:
-            rest_round_trip(model_uri, jpeg, args)
+            rest_round_trip(model_uri, jpeg, args, settings_to_time(model))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,27 @@ def test_pyfunc_predict_takes_pixel_arrays_matching_the_keras_model(logged):
     check_output(predict_pixels(logged.loaded, images), expected, atol=1e-6)
 
 
+def test_pixel_crops_answer_the_table_of_the_same_crops_as_images_and_one_crop_the_batchs_first_row(logged):
+    """Pixel arrays skip the face search and its table: their answer, dtypes included, is the one the
+    same crops sent as PNGs (taken whole, detector=auto) get, and one crop alone is a batch's row."""
+    images = smooth_images(3)
+    pixels = logged.loaded.predict(images)
+    pd.testing.assert_frame_equal(pixels, logged.loaded.predict(pd.DataFrame({"image": [encode(i, "PNG") for i in images]})))
+    pd.testing.assert_frame_equal(logged.loaded.predict(images[:1]), pixels.iloc[:1])
+    assert pixels["face_confidence"].isna().all() and (pixels[["w", "h"]] == 48).all().all()
+
+
+def test_a_photos_table_has_the_columns_and_types_of_a_crops(logged):
+    """Searched photos' rows (a face found, none found) come in the types crops' rows do."""
+    from skimage import data as photos
+
+    frame = logged.loaded.predict(pd.DataFrame({"image": [encode(photos.astronaut(), "PNG"), encode(photos.coffee(), "PNG")]}),
+                                  params={"detector": "haar"})
+    assert list(frame["face"]) == [0, -1] and list(frame["image"]) == [0, 1]
+    assert frame["w"].iloc[0] > 48 and frame["face_confidence"].iloc[0] > 0.5 and frame["label"].iloc[1] == ""
+    pd.testing.assert_series_equal(frame.dtypes, logged.loaded.predict(smooth_images(1)).dtypes)
+
+
 @pytest.mark.parametrize(
     "wrap",
     [

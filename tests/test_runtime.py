@@ -131,3 +131,42 @@ def test_on_real_faces_the_default_network_serves_the_keras_probabilities(monkey
     assert pyfunc_model.runtime_of(model) == "onnxruntime"
     assert_same_answer(model, test.images[:1024], None, monkeypatch)
     assert_same_answer(model, test.images[1024:1280], {"tta": True}, monkeypatch)
+
+
+class CountingNetwork:
+    """A network runtime that counts its calls."""
+
+    def __init__(self, network):
+        self.network, self.calls = network, 0
+
+    def predict(self, pixels, batch_size=256, verbose=0):
+        self.calls += 1
+        return self.network.predict(pixels, batch_size=batch_size)
+
+
+def one_view_at_a_time(network, pixels: np.ndarray, settings) -> np.ndarray:
+    """The views' mean as first written: each view and its mirror through the network in turn."""
+    from fer_mlflow import views
+
+    total = 0.0
+    for view in settings.views:
+        moved = views.transformed(pixels, *view)
+        for flipped in (moved, moved[:, :, ::-1]):
+            total = total + network.predict(flipped)
+    return total / settings.view_count
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_all_views_of_a_face_go_through_the_network_in_one_call_with_the_same_answer(logged, monkeypatch, shift):
+    from fer_mlflow import views
+
+    network = CountingNetwork(logged[0].unwrap_python_model().network)
+    pixels = np.random.default_rng(2).integers(0, 256, (5, 48, 48, 1)).astype(np.float32)
+    settings = views.Settings(tta=True, tta_shift=shift)
+    expected = one_view_at_a_time(network.network, pixels, settings)
+    np.testing.assert_allclose(views.probabilities(network, pixels, settings), expected, atol=1e-7, rtol=0)
+    assert network.calls == 1
+    monkeypatch.setattr(views, "VIEW_INPUTS", 2 * settings.view_count)  # many faces: two at a time
+    network.calls = 0
+    np.testing.assert_allclose(views.probabilities(network, pixels, settings), expected, atol=1e-7, rtol=0)
+    assert network.calls == 3

@@ -298,9 +298,9 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         except FerError as error:
             raise MlflowException.invalid_parameter_value(str(error)) from error
         batch_size = int(params.get("batch_size") or BATCH_SIZE)
-        found = np.full((len(boxes), len(self.class_names)), np.nan)
+        found = np.full((len(boxes["image"]), len(self.class_names)), np.nan)
         if len(crops):  # every face of the call in one batch
-            found[boxes["face"].to_numpy() >= 0] = tempered(
+            found[boxes["face"] >= 0] = tempered(
                 probabilities(self.network, crops, settings, batch_size), self.temperature)
         return _prediction_frame(found, self.class_names, boxes)
 
@@ -329,13 +329,13 @@ def predict_crops(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, params: 
 
 
 def _prediction_frame(probabilities: np.ndarray, class_names: Sequence[str],
-                      boxes: pd.DataFrame) -> pd.DataFrame:
-    """The output table: the face columns (`faces.BOX_COLUMNS`), the argmax label and its
-    probability, then one probability column per class; a row without a face has an empty label and
-    NaN probabilities."""
+                      boxes: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The output table: the face columns (`faces.BOX_COLUMNS`, `boxes`' arrays), the argmax
+    label and its probability, then one probability column per class; a row without a face has an
+    empty label and NaN probabilities."""
     has_face = ~np.isnan(probabilities).any(axis=1)
     best = np.where(has_face, np.nan_to_num(probabilities, nan=-1.0).argmax(axis=1), 0)
-    columns = {name: boxes[name].to_numpy() for name in boxes.columns}
+    columns = {name: boxes[name] for name in BOX_COLUMNS}
     columns["label"] = np.where(has_face, np.asarray(class_names, dtype=object)[best], "")
     columns["probability"] = np.where(has_face, probabilities[np.arange(len(best)), best], np.nan)
     for column, name in enumerate(class_names):

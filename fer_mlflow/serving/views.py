@@ -22,6 +22,7 @@ TTA_ROTATION = 10.0
 TTA_ZOOM = 0.1
 TTA_SHIFT = 0
 BATCH_SIZE = 256  # images per Keras predict call; changes memory, not the answer
+VIEW_INPUTS = 4096  # with tta, views (of several faces) made and sent to the network together
 
 # A view: (pixels down, pixels right, degrees anticlockwise, magnification).
 IDENTITY = (0, 0, 0.0, 1.0)
@@ -89,12 +90,36 @@ def probabilities(keras_model, pixels: np.ndarray, settings: Settings,
     """
     if not settings.tta:
         return np.asarray(keras_model.predict(pixels, batch_size=batch_size, verbose=0))
+    # Up to VIEW_INPUTS views of the faces at a time: every view of a face in one network call and
+    # every turned or zoomed view in one transform, since each call costs milliseconds whatever its
+    # batch (for one face, most of the time), while bounding the memory of many faces' views.
+    step = max(1, VIEW_INPUTS // settings.view_count)
+    return np.concatenate([_mean_over_views(keras_model, pixels[start:start + step], settings, batch_size)
+                           for start in range(0, len(pixels), step)])
+
+
+def _mean_over_views(keras_model, pixels: np.ndarray, settings: Settings, batch_size: int) -> np.ndarray:
+    """`probabilities` with tta for a few faces: all their views through the network at once, then
+    summed view by view in `settings.views` order, each view before its mirror."""
+    inputs = [each for moved in all_transformed(pixels, settings.views) for each in (moved, moved[:, :, ::-1])]
+    found = np.asarray(keras_model.predict(np.concatenate(inputs), batch_size=batch_size, verbose=0))
     total = 0.0
-    for view in settings.views:
-        moved = transformed(pixels, *view)
-        for flipped in (moved, moved[:, :, ::-1]):
-            total = total + np.asarray(keras_model.predict(flipped, batch_size=batch_size, verbose=0))
+    for view in found.reshape(len(inputs), len(pixels), -1):
+        total = total + view
     return total / settings.view_count
+
+
+def all_transformed(images: np.ndarray, views: list[tuple[int, int, float, float]]) -> list[np.ndarray]:
+    """`transformed(images, *view)` for each of `views`, with every turn and zoom done in one
+    transform of all those views' images (the same per image; one call instead of one a view)."""
+    turned = [index for index, (_, _, degrees, scale) in enumerate(views) if degrees or scale != 1.0]
+    moved = dict.fromkeys(range(len(views)), images)
+    if turned:
+        matrices = np.concatenate([np.repeat(_transform(images.shape, *views[index][2:])[np.newaxis], len(images), 0)
+                                   for index in turned])
+        together = _affine(np.concatenate([images] * len(turned)), matrices)
+        moved.update(zip(turned, np.split(together, len(turned))))
+    return [shifted(moved[index], dy, dx) for index, (dy, dx, _, _) in enumerate(views)]
 
 
 def transformed(images: np.ndarray, dy: int = 0, dx: int = 0, degrees: float = 0.0,
@@ -103,18 +128,27 @@ def transformed(images: np.ndarray, dy: int = 0, dx: int = 0, degrees: float = 0
     their centre (bilinear), then moved down `dy` and right `dx` pixels; edge pixels are repeated in.
     """
     if degrees or scale != 1.0:
-        import keras
-
-        height, width = images.shape[1:3]
-        cy, cx = (height - 1) / 2, (width - 1) / 2
-        # keras' transform maps each output pixel (x, y) to the input point it samples.
-        angle = np.deg2rad(degrees)
-        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
-        transform = [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0]
-        images = np.asarray(keras.ops.image.affine_transform(
-            images, np.array([transform] * len(images), np.float32), interpolation="bilinear",
-            fill_mode="nearest"))
+        images = _affine(images, np.repeat(_transform(images.shape, degrees, scale)[np.newaxis], len(images), 0))
     return shifted(images, dy, dx)
+
+
+def _transform(shape: tuple, degrees: float, scale: float) -> np.ndarray:
+    """Keras' 8-number projective transform turning an image of `shape` (N x H x W x C) `degrees`
+    anticlockwise and magnifying it `scale` times about its centre."""
+    height, width = shape[1:3]
+    cy, cx = (height - 1) / 2, (width - 1) / 2
+    # keras' transform maps each output pixel (x, y) to the input point it samples.
+    angle = np.deg2rad(degrees)
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    return np.array([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0], np.float32)
+
+
+def _affine(images: np.ndarray, transforms: np.ndarray) -> np.ndarray:
+    """`images` each sampled (bilinear, edge pixels repeated) through its row of `transforms`."""
+    import keras
+
+    return np.asarray(keras.ops.image.affine_transform(images, transforms, interpolation="bilinear",
+                                                       fill_mode="nearest"))
 
 
 def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
