@@ -95,7 +95,7 @@ def relogged(model_uri: str, folder: Path) -> str:
 def settings_to_time(model) -> list[tuple[str, dict]]:
     """(name, params) of each way the served model is timed: its own settings, and without views
     when its own settings have them."""
-    from fer_mlflow.pyfunc_model import settings_of
+    from fer_mlflow.serving.pyfunc_model import settings_of
 
     own = settings_of(model)
     return [(f"its own settings: {own.describe()}", {})] + ([("tta=false", {"tta": False})] if own.tta else [])

@@ -146,7 +146,7 @@ class CountingNetwork:
 
 def one_view_at_a_time(network, pixels: np.ndarray, settings) -> np.ndarray:
     """The views' mean as first written: each view and its mirror through the network in turn."""
-    from fer_mlflow import views
+    from fer_mlflow.serving import views
 
     total = 0.0
     for view in settings.views:
@@ -158,7 +158,7 @@ def one_view_at_a_time(network, pixels: np.ndarray, settings) -> np.ndarray:
 
 @pytest.mark.parametrize("shift", [0, 2])
 def test_all_views_of_a_face_go_through_the_network_in_one_call_with_the_same_answer(logged, monkeypatch, shift):
-    from fer_mlflow import views
+    from fer_mlflow.serving import views
 
     network = CountingNetwork(logged[0].unwrap_python_model().network)
     pixels = np.random.default_rng(2).integers(0, 256, (5, 48, 48, 1)).astype(np.float32)
