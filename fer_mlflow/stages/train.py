@@ -88,6 +88,10 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False, tags: dict[st
 
 def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbacks: tuple,
          strategy=None) -> TrainOutcome:
+    """One process's part of `run` (`config` resolved): open the stage run (going on with
+    `config.resume`'s when given), log the params and the data, fit under the signal guard, then
+    log the results and the model. A signal received meanwhile ends the run KILLED once the best
+    model so far is logged; a run that ends FINISHED drops its logged checkpoint."""
     family = "resnet" if config.model in models.RESNET_NAMES else "cnn"
     data_tags, experiment = data_context(config.data)
     label = data_tags["fer.data"]
@@ -102,69 +106,104 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
                 _record_resume(previous, plan.resumed)
             log_params({k: v for k, v in asdict(config).items()})
             keras.utils.set_random_seed(config.seed)
-            data = run_params(previous)["data_uri"] if previous is not None else config.data
-            dataset, data_uri = load_training_data(data, config.val_fraction, config.seed)
-            train, val = dataset.split("train"), dataset.split("val")
-            if len(train) == 0 or len(val) == 0:
-                raise ConfigError(f"data {config.data} has {len(train)} train and {len(val)} val images; "
-                                  "training needs both")
-            if previous is None:
-                digests = log_split_inputs(dataset, data_uri, label, splits=("train", "val"))
-                mlflow.set_tags({"fer.data_digest": dataset.digest(), "fer.data_uri": data_uri})
-                mlflow.log_params({"data_uri": data_uri, "data_digest": dataset.digest(),
-                                   "train_images": len(train), "val_images": len(val),
-                                   "train_digest": digests["train"], "val_digest": digests["val"]})
-
+            dataset, data_uri, train, val = _read_data(config, previous, label)
             strategy = strategy or make_strategy(config.strategy)
-            if config.batch_size % strategy.num_replicas_in_sync:
-                raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
-                                  f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")
-            log_machine_params({"replicas": strategy.num_replicas_in_sync})
+            _log_replicas(config, strategy)
             teaching = _teacher_targets(config, teacher, dataset, train) if teacher is not None else None
-            plan.started = time.perf_counter() - (plan.resumed.train_seconds if plan.resumed else 0.0)
-            # SIGINT / SIGTERM end the fit after the current batch: the best model so far is logged
-            # below as usual, and the run then ends KILLED.
-            # The last state is logged for a run that can be resumed: one stopped or failed. A run
-            # that ends FINISHED cannot be, so its final state (several copies of every weight) is not
-            # logged, and what was logged on the way is deleted (`drop_checkpoint`); nor is a pruned
-            # sweep trial's logged, which is never resumed.
-            try:
-                with strategy.scope(), interrupts.deferred():
-                    model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan,
-                                                tuple(callbacks), teaching)
-            except Stopped:
-                raise
-            except BaseException:
-                plan.flush()
-                raise
-            if interrupts.pending():
-                plan.flush()
-            seconds = time.perf_counter() - plan.started
+            model, history, seen, seconds = _fit_until_stopped(config, train, val, strategy, plan,
+                                                               tuple(callbacks), teaching)
+            run_id = active.info.run_id
             if interrupts.pending():
                 log.warning("%s: logging the best model so far, then ending the run KILLED; go on with "
-                            "-P resume=%s", interrupts.pending().signal_name, active.info.run_id)
+                            "-P resume=%s", interrupts.pending().signal_name, run_id)
                 mlflow.set_tag("fer.interrupted", interrupts.pending().signal_name)
-
-            best = int(np.argmax(history["val_accuracy"]))
-            mlflow.log_metrics({
-                "best_val_accuracy": history["val_accuracy"][best], "best_epoch": best,
-                "epochs_trained": len(history["val_accuracy"]), "train_seconds": seconds,
-                "train_images_per_second": seen / seconds,
-            })
-            figure = curves_figure(history, config.model)
-            mlflow.log_figure(figure, "figures/training_curves.png")
-            plt.close(figure)
-            mlflow.log_text(_summary_text(model), "model_summary.txt")
-            temperature = _fit_temperature(model, val)
-            info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
-                                          example_image=val.images[0], temperature=temperature)
-            mlflow.set_tag("fer.model_uri", info.model_uri)
-            run_id = active.info.run_id
+            best = _log_results(config, history, seen, seconds)
+            _log_model(model, dataset, val)
             if not interrupts.pending():
                 drop_checkpoint(run_id)
             interrupts.raise_pending()
     return TrainOutcome(run_id, f"runs:/{run_id}/model", history["val_accuracy"][best],
                         len(history["val_accuracy"]), data_uri)
+
+
+def _read_data(config: TrainConfig, previous, label: str):
+    """The dataset this run trains on (a resumed run's own ``data_uri``, else `config.data`, cleaned
+    first when raw), its URI, and its train and val splits; ConfigError when either split is empty.
+    A new run logs the splits as inputs, the tags ``fer.data_digest`` and ``fer.data_uri``, and the
+    params ``data_uri``, ``data_digest``, ``train_images``, ``val_images``, ``train_digest`` and
+    ``val_digest``; a resumed run has them already."""
+    data = run_params(previous)["data_uri"] if previous is not None else config.data
+    dataset, data_uri = load_training_data(data, config.val_fraction, config.seed)
+    train, val = dataset.split("train"), dataset.split("val")
+    if len(train) == 0 or len(val) == 0:
+        raise ConfigError(f"data {config.data} has {len(train)} train and {len(val)} val images; "
+                          "training needs both")
+    if previous is None:
+        digests = log_split_inputs(dataset, data_uri, label, splits=("train", "val"))
+        mlflow.set_tags({"fer.data_digest": dataset.digest(), "fer.data_uri": data_uri})
+        mlflow.log_params({"data_uri": data_uri, "data_digest": dataset.digest(),
+                           "train_images": len(train), "val_images": len(val),
+                           "train_digest": digests["train"], "val_digest": digests["val"]})
+    return dataset, data_uri, train, val
+
+
+def _log_replicas(config: TrainConfig, strategy) -> None:
+    """Log the ``replicas`` param (`log_machine_params`); ConfigError when `config.batch_size`
+    does not split evenly over them."""
+    if config.batch_size % strategy.num_replicas_in_sync:
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
+                          f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")
+    log_machine_params({"replicas": strategy.num_replicas_in_sync})
+
+
+def _fit_until_stopped(config: TrainConfig, train, val, strategy, plan: _Checkpoints, extra: tuple,
+                       teaching: np.ndarray | None) -> tuple[keras.Model, dict, int, float]:
+    """`_fit` within `strategy`'s scope, SIGINT and SIGTERM deferred: either ends the fit after the
+    current batch (`interrupts.pending()` then says which). Returns what `_fit` does and the
+    training seconds, earlier sessions' included.
+
+    The last state is logged for a run that can be resumed: one stopped or failed. A run that ends
+    FINISHED cannot be, so its final state (several copies of every weight) is not logged, and what
+    was logged on the way is deleted (`drop_checkpoint`); nor is a pruned sweep trial's logged
+    (`tracking.Stopped`), which is never resumed."""
+    plan.started = time.perf_counter() - (plan.resumed.train_seconds if plan.resumed else 0.0)
+    try:
+        with strategy.scope(), interrupts.deferred():
+            model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan, extra, teaching)
+    except Stopped:
+        raise
+    except BaseException:
+        plan.flush()
+        raise
+    if interrupts.pending():
+        plan.flush()
+    return model, history, seen, time.perf_counter() - plan.started
+
+
+def _log_results(config: TrainConfig, history: dict, seen: int, seconds: float) -> int:
+    """Log the metrics ``best_val_accuracy``, ``best_epoch``, ``epochs_trained``, ``train_seconds``
+    and ``train_images_per_second``, and ``figures/training_curves.png``; returns the best epoch."""
+    best = int(np.argmax(history["val_accuracy"]))
+    mlflow.log_metrics({
+        "best_val_accuracy": history["val_accuracy"][best], "best_epoch": best,
+        "epochs_trained": len(history["val_accuracy"]), "train_seconds": seconds,
+        "train_images_per_second": seen / seconds,
+    })
+    figure = curves_figure(history, config.model)
+    mlflow.log_figure(figure, "figures/training_curves.png")
+    plt.close(figure)
+    return best
+
+
+def _log_model(model: keras.Model, dataset, val) -> None:
+    """Log ``model_summary.txt``, the temperature fitted on `val` (`_fit_temperature`), and the
+    model (pyfunc, under ``model``, with `dataset`'s class names and a val image as input example),
+    its URI also as the tag ``fer.model_uri``."""
+    mlflow.log_text(_summary_text(model), "model_summary.txt")
+    temperature = _fit_temperature(model, val)
+    info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
+                                  example_image=val.images[0], temperature=temperature)
+    mlflow.set_tag("fer.model_uri", info.model_uri)
 
 
 def _load_teacher(model_uri: str):
