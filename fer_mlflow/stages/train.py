@@ -371,24 +371,64 @@ class _Checkpoints:
         return self.resumed.slot if self.resumed is not None else ""
 
 
+@dataclass(frozen=True)
+class _Fitting:
+    """What every phase of one fit shares: the settings, the checkpoint plan, the callbacks that
+    log the epochs and count the images (one each, across phases), the caller's `extra` callbacks,
+    and both splits' inputs, targets and the train split's sample weights."""
+
+    config: TrainConfig
+    plan: _Checkpoints
+    replicas: int
+    extra: tuple
+    logger: EpochLogger
+    counter: ImageCounter
+    x_train: np.ndarray
+    x_val: np.ndarray
+    y_train: np.ndarray
+    y_val: np.ndarray
+    sample_weights: np.ndarray | None
+
+    @classmethod
+    def of(cls, config: TrainConfig, train, val, replicas: int, plan: _Checkpoints, extra: tuple,
+           teaching: np.ndarray | None) -> _Fitting:
+        """The fit of `train` against `val`: one-hot targets (`teaching` instead for train when
+        given), sample weights with ``class_weight=balanced``, a fresh logger and image counter."""
+        x_train, x_val = as_inputs(train.images), as_inputs(val.images)
+        y_train, y_val = one_hot(train.labels, 7) if teaching is None else teaching, one_hot(val.labels, 7)
+        weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
+        return cls(config, plan, replicas, extra, EpochLogger(), ImageCounter(len(x_train), config.batch_size),
+                   x_train, x_val, y_train, y_val, _sample(weights, train.labels))
+
+    def datasets(self, train_inputs, val_inputs, augmentation) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+        """The train and val datasets of these inputs (images, or a frozen backbone's features)
+        with the fit's targets; train shuffled, augmented with `augmentation`, batches whole when
+        replicated; val padded to the replicas (`inputs.eval_dataset`)."""
+        config = self.config
+        return (train_dataset(train_inputs, self.y_train, config.batch_size, augmentation, config.seed,
+                              self.sample_weights, drop_remainder=self.replicas > 1),
+                eval_dataset(val_inputs, self.y_val, config.batch_size, self.replicas))
+
+
 def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints,
          extra: tuple = (), teaching: np.ndarray | None = None) -> tuple[keras.Model, dict, int]:
     """Build and fit the model (from `plan.resumed` on, if given), with the caller's `extra`
     callbacks in every phase; returns it with the weights of its best validation epoch (over both
     phases of a pretrained ResNet), the merged history and the images seen. `teaching`: the
     train split's targets mixed with a teacher's (`_teacher_targets`), else the labels alone."""
-    x_train, x_val = as_inputs(train.images), as_inputs(val.images)
-    y_train, y_val = one_hot(train.labels, 7) if teaching is None else teaching, one_hot(val.labels, 7)
-    weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
-    sample_weights = _sample(weights, train.labels)
-    logger = EpochLogger()
-    counter = ImageCounter(len(x_train), config.batch_size)
+    fitting = _Fitting.of(config, train, val, replicas, plan, extra, teaching)
+    model, pretrained = _build_network(config, resuming=plan.resumed is not None)
+    if pretrained is None:
+        history = _fit_in_one_phase(fitting, model)
+    else:
+        history = _fit_in_two_phases(fitting, pretrained)
+    return model, history, fitting.counter.seen
 
-    def data(train_inputs, val_inputs, augmentation):
-        return (train_dataset(train_inputs, y_train, config.batch_size, augmentation, config.seed,
-                              sample_weights, drop_remainder=replicas > 1),
-                eval_dataset(val_inputs, y_val, config.batch_size, replicas))
 
+def _build_network(config: TrainConfig, resuming: bool) -> tuple[keras.Model, models.ResNetParts | None]:
+    """The network `config` names, and its parts when it is a ResNet with pretrained weights (to
+    train in two phases), else None. Logs the params ``weights_used`` and ``num_params``
+    (`log_machine_params`); warns when a ResNet starts from scratch (not again on resuming)."""
     if config.model in models.RESNET_NAMES:
         parts = models.build_resnet(config.model, config.image_size, config.weights, dropout=config.dropout)
         model, described = parts.model, parts.weights
@@ -400,40 +440,63 @@ def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints,
         described = "none (trained from scratch)"
     log_machine_params({"weights_used": described, "num_params": model.count_params()})
     if parts is None or described.startswith("none"):
-        if parts is not None and plan.resumed is None:
+        if parts is not None and not resuming:
             log.warning("training %s from scratch (weights: %s)", config.model, described)
-        history = _phase(model, config, config.learning_rate, config.epochs, 0, logger, counter,
-                         *data(x_train, x_val, config.augmentation), plan, extra, minutes=config.time_budget)
-        return model, history, counter.seen
+        return model, None
+    return model, parts
 
+
+def _fit_in_one_phase(fitting: _Fitting, model: keras.Model) -> dict:
+    """Fit the whole `model` on the augmented images (a CNN, or a ResNet from scratch); returns
+    the history."""
+    config = fitting.config
+    return _phase(fitting, model, config.learning_rate, config.epochs, 0,
+                  *fitting.datasets(fitting.x_train, fitting.x_val, config.augmentation), minutes=config.time_budget)
+
+
+def _fit_in_two_phases(fitting: _Fitting, parts: models.ResNetParts) -> dict:
+    """A pretrained ResNet: phase 1 trains the head on the frozen backbone's features; phase 2
+    (with ``fine_tune_epochs``, unless a signal came) fine-tunes the top of the backbone with it,
+    from step `len(phase 1)` on, and `parts.model` keeps the best of both phases. Returns the
+    history, phase 2's epochs after phase 1's. A run resumed in phase 2 takes phase 1's history
+    from the checkpoint's state and its best weights from the slot ``phase_one_best.npz``."""
+    config, plan = fitting.config, fitting.plan
     resumed_phase = plan.resumed.phase if plan.resumed else 1
+    history = _fit_head(fitting, parts) if resumed_phase == 1 else plan.resumed.phase_one
+    if config.fine_tune_epochs <= 0 or interrupts.pending():
+        return history
     if resumed_phase == 1:
-        # Phase 1: the backbone is frozen, so it runs once per image; the head trains on its features.
-        parts.backbone.trainable = False
-        features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0) for x in (x_train, x_val)]
-        history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger, counter,
-                         *data(*features, None), plan, extra, minutes=config.time_budget)
+        head_best = parts.model.get_weights()  # phase 1's best, restored by its early stopping
+        save_arrays(plan.folder / "phase_one_best.npz", head_best)
     else:
-        history = plan.resumed.phase_one
-    if config.fine_tune_epochs > 0 and not interrupts.pending():
-        if resumed_phase == 1:
-            head_best = model.get_weights()  # phase 1's best, restored by its early stopping
-            save_arrays(plan.folder / "phase_one_best.npz", head_best)
-        else:
-            head_best = load_arrays(plan.folder / "phase_one_best.npz")
-        # Phase 2: unfreeze the top of the backbone (BatchNorm stays frozen) at a lower rate.
-        parts.backbone.trainable = True
-        for layer in parts.backbone.layers[:-config.fine_tune_layers]:
+        head_best = load_arrays(plan.folder / "phase_one_best.npz")
+    _unfreeze_top(parts.backbone, config.fine_tune_layers)
+    tuned = _phase(fitting, parts.model, config.fine_tune_learning_rate, config.fine_tune_epochs,
+                   len(history["loss"]), *fitting.datasets(fitting.x_train, fitting.x_val, config.augmentation),
+                   phase=2, phase_one=history)
+    keep_best_of_phases(parts.model, head_best, history, tuned)
+    return {k: history[k] + tuned[k] for k in history}
+
+
+def _fit_head(fitting: _Fitting, parts: models.ResNetParts) -> dict:
+    """Phase 1: the backbone is frozen, so it runs once per image (no augmentation); the head
+    trains on its features. Returns the phase's history."""
+    config = fitting.config
+    parts.backbone.trainable = False
+    features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0)
+                for x in (fitting.x_train, fitting.x_val)]
+    return _phase(fitting, parts.head, config.learning_rate, config.epochs, 0, *fitting.datasets(*features, None),
+                  minutes=config.time_budget)
+
+
+def _unfreeze_top(backbone: keras.Model, layers: int) -> None:
+    """Make the last `layers` of `backbone` trainable, the rest and every BatchNormalization not."""
+    backbone.trainable = True
+    for layer in backbone.layers[:-layers]:
+        layer.trainable = False
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-        for layer in parts.backbone.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
-        tuned = _phase(model, config, config.fine_tune_learning_rate, config.fine_tune_epochs,
-                       len(history["loss"]), logger, counter, *data(x_train, x_val, config.augmentation), plan,
-                       extra, phase=2, phase_one=history)
-        keep_best_of_phases(model, head_best, history, tuned)
-        history = {k: history[k] + tuned[k] for k in history}
-    return model, history, counter.seen
 
 
 def keep_best_of_phases(model: keras.Model, phase_one_best: list, phase_one: dict, phase_two: dict) -> bool:
@@ -446,39 +509,31 @@ def keep_best_of_phases(model: keras.Model, phase_one_best: list, phase_one: dic
     return False
 
 
-def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, train, val, plan: _Checkpoints,
-           extra: tuple = (),
-           minutes=0.0, phase: int = 1, phase_one: dict | None = None) -> dict:
+def _phase(fitting: _Fitting, model: keras.Model, learning_rate: float, epochs: int, first_epoch: int,
+           train: tf.data.Dataset, val: tf.data.Dataset, minutes: float = 0.0, phase: int = 1,
+           phase_one: dict | None = None) -> dict:
     """Compile and fit `model` for `epochs`, logging from step `first_epoch`; best weights restored.
     Returns the phase's history (its earlier sessions' epochs included when resumed).
 
-    `logger` logs the epochs to MLflow, `counter` counts the images trained on. The state after each
-    epoch goes to `plan` (`training.Checkpointer`); when `plan.resumed` is this phase's, training
-    goes on from it: weights, optimizer (its step, so the schedule), epoch, early stopping, budget.
+    `fitting.logger` logs the epochs to MLflow, `fitting.counter` counts the images trained on,
+    `fitting.extra` joins the callbacks. The state after each epoch goes to `fitting.plan`
+    (`training.Checkpointer`); when `plan.resumed` is this phase's, training goes on from it:
+    weights, optimizer (its step, so the schedule), epoch, early stopping, budget.
 
     With `minutes`, training also stops once that much time has passed, and the cosine schedule
     follows whichever of the time and the epochs runs out first (`training.TimeBudget`).
     """
+    config, plan, counter = fitting.config, fitting.plan, fitting.counter
     resumed = plan.resumed if plan.resumed is not None and plan.resumed.phase == phase else None
     state = resumed or TrainingState(phase=phase, phase_one=phase_one, slot=plan.logged_slot())
     steps = int(train.cardinality()) * epochs
     warmup_steps = min(steps // 10, int(train.cardinality()))
-    callbacks = [logger, counter, StopOnSignal(), *extra]
+    callbacks = [fitting.logger, counter, StopOnSignal(), *fitting.extra]
     budget = None
     if minutes:
         budget = TimeBudget(minutes, learning_rate, steps, warmup_steps, config.schedule == "cosine")
         callbacks.append(budget)
-    # Several replicas: validation is padded with zero-weight images (inputs.eval_dataset), so
-    # accuracy and loss must honour sample weights there.
-    replicated = tf.distribute.get_strategy().num_replicas_in_sync > 1
-    model.compile(
-        optimizer=optimizer(config.optimizer, "constant" if minutes else config.schedule, learning_rate,
-                            config.weight_decay, steps, warmup_steps),
-        loss=keras.losses.CategoricalCrossentropy(
-            label_smoothing=config.label_smoothing,
-            reduction="mean_with_sample_weight" if replicated else "sum_over_batch_size"),
-        **({"weighted_metrics": ["accuracy"]} if replicated else {"metrics": ["accuracy"]}),
-    )
+    _compile(model, config, "constant" if minutes else config.schedule, learning_rate, steps, warmup_steps)
     best_weights = None
     if resumed is not None:
         restore_model(model, plan.folder)
@@ -486,13 +541,28 @@ def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, t
         counter.seen = resumed.images_seen
         if budget is not None:
             budget.restore(resumed)
-    logger.offset = first_epoch
+    fitting.logger.offset = first_epoch
     stop = ResumableEarlyStopping(config.patience, resumed, best_weights)
     plan.current = Checkpointer(plan.folder, plan.minutes, state, stop, counter, budget, plan.started)
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars in a terminal, a line per epoch in logs
     model.fit(train, validation_data=val, epochs=epochs, initial_epoch=state.epoch,
               callbacks=[*callbacks, stop, plan.current], verbose=verbose)
     return state.history
+
+
+def _compile(model: keras.Model, config: TrainConfig, schedule: str, learning_rate: float, steps: int,
+             warmup_steps: int) -> None:
+    """Compile `model` with `config`'s optimizer on `schedule`, its label-smoothed cross-entropy and
+    accuracy. Several replicas: validation is padded with zero-weight images
+    (`inputs.eval_dataset`), so accuracy and loss honour sample weights there."""
+    replicated = tf.distribute.get_strategy().num_replicas_in_sync > 1
+    model.compile(
+        optimizer=optimizer(config.optimizer, schedule, learning_rate, config.weight_decay, steps, warmup_steps),
+        loss=keras.losses.CategoricalCrossentropy(
+            label_smoothing=config.label_smoothing,
+            reduction="mean_with_sample_weight" if replicated else "sum_over_batch_size"),
+        **({"weighted_metrics": ["accuracy"]} if replicated else {"metrics": ["accuracy"]}),
+    )
 
 
 def _sample(weights: dict | None, labels: np.ndarray) -> np.ndarray | None:
