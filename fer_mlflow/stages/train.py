@@ -43,9 +43,9 @@ from fer_mlflow.learning.config import (  # noqa: F401  (train.TrainConfig and i
     DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULT_OPTIMIZER, DEFAULT_WEIGHT_DECAY, MAX_EPOCHS, TrainConfig,
 )
 from fer_mlflow.learning.loop import (
-    CHECKPOINT, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget,
-    TrainingState, save_arrays, class_weights, curves_figure, load_arrays, make_strategy,
-    optimizer, restore_model, soft_targets,
+    CHECKPOINT, CheckpointPlan, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal,
+    TimeBudget, TrainingState, save_arrays, class_weights, curves_figure, keep_best_of_phases, load_arrays,
+    make_strategy, optimizer, restore_model, soft_targets,
 )
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
     label = data_tags["fer.data"]
     tags = {**data_tags, "fer.model": config.model, "fer.model_family": family, **(tags or {})}
     with tempfile.TemporaryDirectory(prefix="fer-checkpoint-") as folder:
-        plan = _Checkpoints(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
+        plan = CheckpointPlan(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
         previous = _resumable(config, plan) if config.resume else None
         teacher = _load_teacher(config.teacher) if config.teacher else None  # a bad URI: before any run
         with stage_run("train", run_name(config, label), tags, nested=nested, experiment=experiment,
@@ -156,7 +156,7 @@ def _log_replicas(config: TrainConfig, strategy) -> None:
     log_machine_params({"replicas": strategy.num_replicas_in_sync})
 
 
-def _fit_until_stopped(config: TrainConfig, train, val, strategy, plan: _Checkpoints, extra: tuple,
+def _fit_until_stopped(config: TrainConfig, train, val, strategy, plan: CheckpointPlan, extra: tuple,
                        teaching: np.ndarray | None) -> tuple[keras.Model, dict, int, float]:
     """`_fit` within `strategy`'s scope, SIGINT and SIGTERM deferred: either ends the fit after the
     current batch (`interrupts.pending()` then says which). Returns what `_fit` does and the
@@ -250,7 +250,7 @@ def _fit_temperature(model, val) -> float:
 _RESUME_FREE = ("resume", "checkpoint_minutes")
 
 
-def _resumable(config: TrainConfig, plan: _Checkpoints):
+def _resumable(config: TrainConfig, plan: CheckpointPlan):
     """The stopped training run `config.resume`, its checkpoint downloaded into `plan.folder` and
     read into `plan.resumed`; ConfigError when it finished, was trained otherwise, or has none."""
     client = MlflowClient()
@@ -348,29 +348,6 @@ def run_name(config: TrainConfig, label: str) -> str:
     return f"{config.model}-{label} " + " ".join(extras)
 
 
-@dataclass
-class _Checkpoints:
-    """Where this run keeps its training state (`training.Checkpointer`): a local `folder`, logged
-    every `minutes`; the state it resumes from, if any; the callback of the phase now training."""
-
-    folder: Path
-    minutes: float
-    started: float  # perf_counter() at this session's start, less earlier sessions' training time
-    resumed: TrainingState | None = None
-    current: Checkpointer | None = None
-
-    def flush(self) -> None:
-        if self.current is not None:
-            self.current.flush()
-
-    def logged_slot(self) -> str:
-        """The slot the run's logged state.json names ('' before any): a new phase's first
-        checkpoint must go to the other one, or it would overwrite the only whole checkpoint."""
-        if self.current is not None:
-            return self.current.state.slot
-        return self.resumed.slot if self.resumed is not None else ""
-
-
 @dataclass(frozen=True)
 class _Fitting:
     """What every phase of one fit shares: the settings, the checkpoint plan, the callbacks that
@@ -378,7 +355,7 @@ class _Fitting:
     and both splits' inputs, targets and the train split's sample weights."""
 
     config: TrainConfig
-    plan: _Checkpoints
+    plan: CheckpointPlan
     replicas: int
     extra: tuple
     logger: EpochLogger
@@ -390,7 +367,7 @@ class _Fitting:
     sample_weights: np.ndarray | None
 
     @classmethod
-    def of(cls, config: TrainConfig, train, val, replicas: int, plan: _Checkpoints, extra: tuple,
+    def of(cls, config: TrainConfig, train, val, replicas: int, plan: CheckpointPlan, extra: tuple,
            teaching: np.ndarray | None) -> _Fitting:
         """The fit of `train` against `val`: one-hot targets (`teaching` instead for train when
         given), sample weights with ``class_weight=balanced``, a fresh logger and image counter."""
@@ -410,7 +387,7 @@ class _Fitting:
                 eval_dataset(val_inputs, self.y_val, config.batch_size, self.replicas))
 
 
-def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints,
+def _fit(config: TrainConfig, train, val, replicas: int, plan: CheckpointPlan,
          extra: tuple = (), teaching: np.ndarray | None = None) -> tuple[keras.Model, dict, int]:
     """Build and fit the model (from `plan.resumed` on, if given), with the caller's `extra`
     callbacks in every phase; returns it with the weights of its best validation epoch (over both
@@ -470,7 +447,7 @@ def _fit_in_two_phases(fitting: _Fitting, parts: models.ResNetParts) -> dict:
         save_arrays(plan.folder / "phase_one_best.npz", head_best)
     else:
         head_best = load_arrays(plan.folder / "phase_one_best.npz")
-    _unfreeze_top(parts.backbone, config.fine_tune_layers)
+    models.unfreeze_top(parts.backbone, config.fine_tune_layers)
     tuned = _phase(fitting, parts.model, config.fine_tune_learning_rate, config.fine_tune_epochs,
                    len(history["loss"]), *fitting.datasets(fitting.x_train, fitting.x_val, config.augmentation),
                    phase=2, phase_one=history)
@@ -487,26 +464,6 @@ def _fit_head(fitting: _Fitting, parts: models.ResNetParts) -> dict:
                 for x in (fitting.x_train, fitting.x_val)]
     return _phase(fitting, parts.head, config.learning_rate, config.epochs, 0, *fitting.datasets(*features, None),
                   minutes=config.time_budget)
-
-
-def _unfreeze_top(backbone: keras.Model, layers: int) -> None:
-    """Make the last `layers` of `backbone` trainable, the rest and every BatchNormalization not."""
-    backbone.trainable = True
-    for layer in backbone.layers[:-layers]:
-        layer.trainable = False
-    for layer in backbone.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-
-
-def keep_best_of_phases(model: keras.Model, phase_one_best: list, phase_one: dict, phase_two: dict) -> bool:
-    """Put phase 1's best weights back into `model` (holding phase 2's best) when fine-tuning peaked
-    no higher on val_accuracy, so that the model logged is the best of both phases, as
-    ``best_val_accuracy`` and ``best_epoch`` (argmax over the merged history) say; True if it did."""
-    if max(phase_two["val_accuracy"]) <= max(phase_one["val_accuracy"]):
-        model.set_weights(phase_one_best)
-        return True
-    return False
 
 
 def _phase(fitting: _Fitting, model: keras.Model, learning_rate: float, epochs: int, first_epoch: int,
