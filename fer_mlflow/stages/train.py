@@ -5,12 +5,14 @@ with the default rules in a nested ``clean`` run (so the cleaning is recorded in
 
 Logged to the run: every resolved parameter; per epoch, with ``step`` = epoch (0-based, continuing
 across the ResNets' two phases), ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` and
-``learning_rate``; at the end ``best_val_accuracy``, ``best_epoch``, ``train_seconds`` and
-``train_images_per_second``; ``figures/training_curves.png``; ``model_summary.txt``; the model
-(pyfunc, under ``model``) with signature and input example; the train and val splits as inputs;
-``checkpoint/``, the whole training state (`training.TrainingState`), at most every
-``checkpoint_minutes`` and at the end, from which ``resume`` goes on in the same run. SIGINT and
-SIGTERM stop training after the current batch; the best model so far is logged and the run ends KILLED.
+``learning_rate``; at the end ``best_val_accuracy``, ``best_epoch``, ``epochs_trained``,
+``train_seconds`` and ``train_images_per_second``, the fitted ``temperature`` with ``val_ece_untempered``
+and ``val_ece``; ``figures/training_curves.png``; ``model_summary.txt``; the model (pyfunc, under
+``model``) with signature and input example; the train and val splits as inputs;
+``checkpoint/``, the whole training state (`loop.TrainingState`), at most every
+``checkpoint_minutes`` and at the end of a run stopped or failed, from which ``resume`` goes on in
+the same run (a run that ends FINISHED drops it). SIGINT and SIGTERM stop training after the
+current batch; the best model so far is logged and the run ends KILLED.
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ def _load_teacher(model_uri: str):
 def _teacher_targets(config: TrainConfig, teacher, dataset, train) -> np.ndarray:
     """Knowledge distillation: the train split's targets, each `distill_alpha` the teacher's served
     probabilities (its own views and temperature, as `predict` answers) softened by
-    `distill_temperature`, and the rest the one-hot label (`training.soft_targets`). Validation
+    `distill_temperature`, and the rest the one-hot label (`loop.soft_targets`). Validation
     keeps the labels alone, so `val_accuracy` stays comparable with any other run's."""
     classes = pyfunc_model.class_names_of(teacher)
     if tuple(classes) != tuple(dataset.class_names):
@@ -474,11 +476,11 @@ def _phase(fitting: _Fitting, model: keras.Model, learning_rate: float, epochs: 
 
     `fitting.logger` logs the epochs to MLflow, `fitting.counter` counts the images trained on,
     `fitting.extra` joins the callbacks. The state after each epoch goes to `fitting.plan`
-    (`training.Checkpointer`); when `plan.resumed` is this phase's, training goes on from it:
+    (`loop.Checkpointer`); when `plan.resumed` is this phase's, training goes on from it:
     weights, optimizer (its step, so the schedule), epoch, early stopping, budget.
 
     With `minutes`, training also stops once that much time has passed, and the cosine schedule
-    follows whichever of the time and the epochs runs out first (`training.TimeBudget`).
+    follows whichever of the time and the epochs runs out first (`loop.TimeBudget`).
     """
     config, plan, counter = fitting.config, fitting.plan, fitting.counter
     resumed = plan.resumed if plan.resumed is not None and plan.resumed.phase == phase else None
