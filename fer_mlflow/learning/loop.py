@@ -1,4 +1,5 @@
-"""Pieces of the train stage that are not the training loop: data, optimiser, logging, figures."""
+"""Pieces of the train stage that are not the training loop: data, optimiser, logging, figures,
+checkpoints."""
 
 from __future__ import annotations
 
@@ -307,3 +308,36 @@ class Checkpointer(keras.callbacks.Callback):
 def other_slot(slot: str) -> str:
     """The checkpoint slot to write next when the logged state.json names `slot` ('' : none yet)."""
     return "b" if slot == "a" else "a"
+
+
+@dataclass
+class CheckpointPlan:
+    """Where this run keeps its training state (`Checkpointer`): a local `folder`, logged
+    every `minutes`; the state it resumes from, if any; the callback of the phase now training."""
+
+    folder: Path
+    minutes: float
+    started: float  # perf_counter() at this session's start, less earlier sessions' training time
+    resumed: TrainingState | None = None
+    current: Checkpointer | None = None
+
+    def flush(self) -> None:
+        if self.current is not None:
+            self.current.flush()
+
+    def logged_slot(self) -> str:
+        """The slot the run's logged state.json names ('' before any): a new phase's first
+        checkpoint must go to the other one, or it would overwrite the only whole checkpoint."""
+        if self.current is not None:
+            return self.current.state.slot
+        return self.resumed.slot if self.resumed is not None else ""
+
+
+def keep_best_of_phases(model: keras.Model, phase_one_best: list, phase_one: dict, phase_two: dict) -> bool:
+    """Put phase 1's best weights back into `model` (holding phase 2's best) when fine-tuning peaked
+    no higher on val_accuracy, so that the model logged is the best of both phases, as
+    ``best_val_accuracy`` and ``best_epoch`` (argmax over the merged history) say; True if it did."""
+    if max(phase_two["val_accuracy"]) <= max(phase_one["val_accuracy"]):
+        model.set_weights(phase_one_best)
+        return True
+    return False

@@ -247,7 +247,8 @@ def build_resnet(
     Inside the model: resize to `image_size`, replicate gray to 3 channels, then the backbone's own
     `keras.applications.resnet.preprocess_input` (RGB to BGR, ImageNet mean subtracted). The head
     is Dropout, Dense(`head_units`, relu), Dropout, Dense(`num_classes`, softmax). The backbone is
-    left trainable; freeze it with `parts.backbone.trainable = False`.
+    left trainable; freeze it with `parts.backbone.trainable = False`, unfreeze its top with
+    `unfreeze_top`.
     Raises ConfigError when `weights` cannot be honoured (see `resolve_weights`).
     """
     if name not in RESNET_NAMES:
@@ -289,6 +290,17 @@ def build_resnet(
     head = keras.Model(head_inputs, y, name=f"{name}_head")
     model = keras.Model(inputs, z, name=name)
     return ResNetParts(features, head, model, backbone, description)
+
+
+def unfreeze_top(backbone: keras.Model, count: int) -> None:
+    """Fine-tuning: make the last `count` layers of `backbone` trainable, the rest and every
+    BatchNormalization (which keeps its ImageNet statistics) not."""
+    backbone.trainable = True
+    for layer in backbone.layers[:-count]:
+        layer.trainable = False
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
 
 
 def build_model(

@@ -5,12 +5,14 @@ with the default rules in a nested ``clean`` run (so the cleaning is recorded in
 
 Logged to the run: every resolved parameter; per epoch, with ``step`` = epoch (0-based, continuing
 across the ResNets' two phases), ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` and
-``learning_rate``; at the end ``best_val_accuracy``, ``best_epoch``, ``train_seconds`` and
-``train_images_per_second``; ``figures/training_curves.png``; ``model_summary.txt``; the model
-(pyfunc, under ``model``) with signature and input example; the train and val splits as inputs;
-``checkpoint/``, the whole training state (`training.TrainingState`), at most every
-``checkpoint_minutes`` and at the end, from which ``resume`` goes on in the same run. SIGINT and
-SIGTERM stop training after the current batch; the best model so far is logged and the run ends KILLED.
+``learning_rate``; at the end ``best_val_accuracy``, ``best_epoch``, ``epochs_trained``,
+``train_seconds`` and ``train_images_per_second``, the fitted ``temperature`` with ``val_ece_untempered``
+and ``val_ece``; ``figures/training_curves.png``; ``model_summary.txt``; the model (pyfunc, under
+``model``) with signature and input example; the train and val splits as inputs;
+``checkpoint/``, the whole training state (`loop.TrainingState`), at most every
+``checkpoint_minutes`` and at the end of a run stopped or failed, from which ``resume`` goes on in
+the same run (a run that ends FINISHED drops it). SIGINT and SIGTERM stop training after the
+current batch; the best model so far is logged and the run ends KILLED.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ from fer_mlflow.learning.config import (  # noqa: F401  (train.TrainConfig and i
     DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULT_OPTIMIZER, DEFAULT_WEIGHT_DECAY, MAX_EPOCHS, TrainConfig,
 )
 from fer_mlflow.learning.loop import (
-    CHECKPOINT, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget,
-    TrainingState, save_arrays, class_weights, curves_figure, load_arrays, make_strategy,
-    optimizer, restore_model, soft_targets,
+    CHECKPOINT, CheckpointPlan, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal,
+    TimeBudget, TrainingState, save_arrays, class_weights, curves_figure, keep_best_of_phases, load_arrays,
+    make_strategy, optimizer, restore_model, soft_targets,
 )
 
 log = logging.getLogger(__name__)
@@ -88,12 +90,16 @@ def run(config: TrainConfig = TrainConfig(), nested: bool = False, tags: dict[st
 
 def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbacks: tuple,
          strategy=None) -> TrainOutcome:
+    """One process's part of `run` (`config` resolved): open the stage run (going on with
+    `config.resume`'s when given), log the params and the data, fit under the signal guard, then
+    log the results and the model. A signal received meanwhile ends the run KILLED once the best
+    model so far is logged; a run that ends FINISHED drops its logged checkpoint."""
     family = "resnet" if config.model in models.RESNET_NAMES else "cnn"
     data_tags, experiment = data_context(config.data)
     label = data_tags["fer.data"]
     tags = {**data_tags, "fer.model": config.model, "fer.model_family": family, **(tags or {})}
     with tempfile.TemporaryDirectory(prefix="fer-checkpoint-") as folder:
-        plan = _Checkpoints(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
+        plan = CheckpointPlan(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
         previous = _resumable(config, plan) if config.resume else None
         teacher = _load_teacher(config.teacher) if config.teacher else None  # a bad URI: before any run
         with stage_run("train", run_name(config, label), tags, nested=nested, experiment=experiment,
@@ -102,69 +108,104 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
                 _record_resume(previous, plan.resumed)
             log_params({k: v for k, v in asdict(config).items()})
             keras.utils.set_random_seed(config.seed)
-            data = run_params(previous)["data_uri"] if previous is not None else config.data
-            dataset, data_uri = load_training_data(data, config.val_fraction, config.seed)
-            train, val = dataset.split("train"), dataset.split("val")
-            if len(train) == 0 or len(val) == 0:
-                raise ConfigError(f"data {config.data} has {len(train)} train and {len(val)} val images; "
-                                  "training needs both")
-            if previous is None:
-                digests = log_split_inputs(dataset, data_uri, label, splits=("train", "val"))
-                mlflow.set_tags({"fer.data_digest": dataset.digest(), "fer.data_uri": data_uri})
-                mlflow.log_params({"data_uri": data_uri, "data_digest": dataset.digest(),
-                                   "train_images": len(train), "val_images": len(val),
-                                   "train_digest": digests["train"], "val_digest": digests["val"]})
-
+            dataset, data_uri, train, val = _read_data(config, previous, label)
             strategy = strategy or make_strategy(config.strategy)
-            if config.batch_size % strategy.num_replicas_in_sync:
-                raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
-                                  f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")
-            log_machine_params({"replicas": strategy.num_replicas_in_sync})
+            _log_replicas(config, strategy)
             teaching = _teacher_targets(config, teacher, dataset, train) if teacher is not None else None
-            plan.started = time.perf_counter() - (plan.resumed.train_seconds if plan.resumed else 0.0)
-            # SIGINT / SIGTERM end the fit after the current batch: the best model so far is logged
-            # below as usual, and the run then ends KILLED.
-            # The last state is logged for a run that can be resumed: one stopped or failed. A run
-            # that ends FINISHED cannot be, so its final state (several copies of every weight) is not
-            # logged, and what was logged on the way is deleted (`drop_checkpoint`); nor is a pruned
-            # sweep trial's logged, which is never resumed.
-            try:
-                with strategy.scope(), interrupts.deferred():
-                    model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan,
-                                                tuple(callbacks), teaching)
-            except Stopped:
-                raise
-            except BaseException:
-                plan.flush()
-                raise
-            if interrupts.pending():
-                plan.flush()
-            seconds = time.perf_counter() - plan.started
+            model, history, seen, seconds = _fit_until_stopped(config, train, val, strategy, plan,
+                                                               tuple(callbacks), teaching)
+            run_id = active.info.run_id
             if interrupts.pending():
                 log.warning("%s: logging the best model so far, then ending the run KILLED; go on with "
-                            "-P resume=%s", interrupts.pending().signal_name, active.info.run_id)
+                            "-P resume=%s", interrupts.pending().signal_name, run_id)
                 mlflow.set_tag("fer.interrupted", interrupts.pending().signal_name)
-
-            best = int(np.argmax(history["val_accuracy"]))
-            mlflow.log_metrics({
-                "best_val_accuracy": history["val_accuracy"][best], "best_epoch": best,
-                "epochs_trained": len(history["val_accuracy"]), "train_seconds": seconds,
-                "train_images_per_second": seen / seconds,
-            })
-            figure = curves_figure(history, config.model)
-            mlflow.log_figure(figure, "figures/training_curves.png")
-            plt.close(figure)
-            mlflow.log_text(_summary_text(model), "model_summary.txt")
-            temperature = _fit_temperature(model, val)
-            info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
-                                          example_image=val.images[0], temperature=temperature)
-            mlflow.set_tag("fer.model_uri", info.model_uri)
-            run_id = active.info.run_id
+            best = _log_results(config, history, seen, seconds)
+            _log_model(model, dataset, val)
             if not interrupts.pending():
                 drop_checkpoint(run_id)
             interrupts.raise_pending()
     return TrainOutcome(run_id, f"runs:/{run_id}/model", history["val_accuracy"][best],
                         len(history["val_accuracy"]), data_uri)
+
+
+def _read_data(config: TrainConfig, previous, label: str):
+    """The dataset this run trains on (a resumed run's own ``data_uri``, else `config.data`, cleaned
+    first when raw), its URI, and its train and val splits; ConfigError when either split is empty.
+    A new run logs the splits as inputs, the tags ``fer.data_digest`` and ``fer.data_uri``, and the
+    params ``data_uri``, ``data_digest``, ``train_images``, ``val_images``, ``train_digest`` and
+    ``val_digest``; a resumed run has them already."""
+    data = run_params(previous)["data_uri"] if previous is not None else config.data
+    dataset, data_uri = load_training_data(data, config.val_fraction, config.seed)
+    train, val = dataset.split("train"), dataset.split("val")
+    if len(train) == 0 or len(val) == 0:
+        raise ConfigError(f"data {config.data} has {len(train)} train and {len(val)} val images; "
+                          "training needs both")
+    if previous is None:
+        digests = log_split_inputs(dataset, data_uri, label, splits=("train", "val"))
+        mlflow.set_tags({"fer.data_digest": dataset.digest(), "fer.data_uri": data_uri})
+        mlflow.log_params({"data_uri": data_uri, "data_digest": dataset.digest(),
+                           "train_images": len(train), "val_images": len(val),
+                           "train_digest": digests["train"], "val_digest": digests["val"]})
+    return dataset, data_uri, train, val
+
+
+def _log_replicas(config: TrainConfig, strategy) -> None:
+    """Log the ``replicas`` param (`log_machine_params`); ConfigError when `config.batch_size`
+    does not split evenly over them."""
+    if config.batch_size % strategy.num_replicas_in_sync:
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
+                          f"{strategy.num_replicas_in_sync} replicas of strategy={config.strategy}")
+    log_machine_params({"replicas": strategy.num_replicas_in_sync})
+
+
+def _fit_until_stopped(config: TrainConfig, train, val, strategy, plan: CheckpointPlan, extra: tuple,
+                       teaching: np.ndarray | None) -> tuple[keras.Model, dict, int, float]:
+    """`_fit` within `strategy`'s scope, SIGINT and SIGTERM deferred: either ends the fit after the
+    current batch (`interrupts.pending()` then says which). Returns what `_fit` does and the
+    training seconds, earlier sessions' included.
+
+    The last state is logged for a run that can be resumed: one stopped or failed. A run that ends
+    FINISHED cannot be, so its final state (several copies of every weight) is not logged, and what
+    was logged on the way is deleted (`drop_checkpoint`); nor is a pruned sweep trial's logged
+    (`tracking.Stopped`), which is never resumed."""
+    plan.started = time.perf_counter() - (plan.resumed.train_seconds if plan.resumed else 0.0)
+    try:
+        with strategy.scope(), interrupts.deferred():
+            model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan, extra, teaching)
+    except Stopped:
+        raise
+    except BaseException:
+        plan.flush()
+        raise
+    if interrupts.pending():
+        plan.flush()
+    return model, history, seen, time.perf_counter() - plan.started
+
+
+def _log_results(config: TrainConfig, history: dict, seen: int, seconds: float) -> int:
+    """Log the metrics ``best_val_accuracy``, ``best_epoch``, ``epochs_trained``, ``train_seconds``
+    and ``train_images_per_second``, and ``figures/training_curves.png``; returns the best epoch."""
+    best = int(np.argmax(history["val_accuracy"]))
+    mlflow.log_metrics({
+        "best_val_accuracy": history["val_accuracy"][best], "best_epoch": best,
+        "epochs_trained": len(history["val_accuracy"]), "train_seconds": seconds,
+        "train_images_per_second": seen / seconds,
+    })
+    figure = curves_figure(history, config.model)
+    mlflow.log_figure(figure, "figures/training_curves.png")
+    plt.close(figure)
+    return best
+
+
+def _log_model(model: keras.Model, dataset, val) -> None:
+    """Log ``model_summary.txt``, the temperature fitted on `val` (`_fit_temperature`), and the
+    model (pyfunc, under ``model``, with `dataset`'s class names and a val image as input example),
+    its URI also as the tag ``fer.model_uri``."""
+    mlflow.log_text(_summary_text(model), "model_summary.txt")
+    temperature = _fit_temperature(model, val)
+    info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
+                                  example_image=val.images[0], temperature=temperature)
+    mlflow.set_tag("fer.model_uri", info.model_uri)
 
 
 def _load_teacher(model_uri: str):
@@ -177,7 +218,7 @@ def _load_teacher(model_uri: str):
 def _teacher_targets(config: TrainConfig, teacher, dataset, train) -> np.ndarray:
     """Knowledge distillation: the train split's targets, each `distill_alpha` the teacher's served
     probabilities (its own views and temperature, as `predict` answers) softened by
-    `distill_temperature`, and the rest the one-hot label (`training.soft_targets`). Validation
+    `distill_temperature`, and the rest the one-hot label (`loop.soft_targets`). Validation
     keeps the labels alone, so `val_accuracy` stays comparable with any other run's."""
     classes = pyfunc_model.class_names_of(teacher)
     if tuple(classes) != tuple(dataset.class_names):
@@ -211,7 +252,7 @@ def _fit_temperature(model, val) -> float:
 _RESUME_FREE = ("resume", "checkpoint_minutes")
 
 
-def _resumable(config: TrainConfig, plan: _Checkpoints):
+def _resumable(config: TrainConfig, plan: CheckpointPlan):
     """The stopped training run `config.resume`, its checkpoint downloaded into `plan.folder` and
     read into `plan.resumed`; ConfigError when it finished, was trained otherwise, or has none."""
     client = MlflowClient()
@@ -309,47 +350,64 @@ def run_name(config: TrainConfig, label: str) -> str:
     return f"{config.model}-{label} " + " ".join(extras)
 
 
-@dataclass
-class _Checkpoints:
-    """Where this run keeps its training state (`training.Checkpointer`): a local `folder`, logged
-    every `minutes`; the state it resumes from, if any; the callback of the phase now training."""
+@dataclass(frozen=True)
+class _Fitting:
+    """What every phase of one fit shares: the settings, the checkpoint plan, the callbacks that
+    log the epochs and count the images (one each, across phases), the caller's `extra` callbacks,
+    and both splits' inputs, targets and the train split's sample weights."""
 
-    folder: Path
-    minutes: float
-    started: float  # perf_counter() at this session's start, less earlier sessions' training time
-    resumed: TrainingState | None = None
-    current: Checkpointer | None = None
+    config: TrainConfig
+    plan: CheckpointPlan
+    replicas: int
+    extra: tuple
+    logger: EpochLogger
+    counter: ImageCounter
+    x_train: np.ndarray
+    x_val: np.ndarray
+    y_train: np.ndarray
+    y_val: np.ndarray
+    sample_weights: np.ndarray | None
 
-    def flush(self) -> None:
-        if self.current is not None:
-            self.current.flush()
+    @classmethod
+    def of(cls, config: TrainConfig, train, val, replicas: int, plan: CheckpointPlan, extra: tuple,
+           teaching: np.ndarray | None) -> _Fitting:
+        """The fit of `train` against `val`: one-hot targets (`teaching` instead for train when
+        given), sample weights with ``class_weight=balanced``, a fresh logger and image counter."""
+        x_train, x_val = as_inputs(train.images), as_inputs(val.images)
+        y_train, y_val = one_hot(train.labels, 7) if teaching is None else teaching, one_hot(val.labels, 7)
+        weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
+        return cls(config, plan, replicas, extra, EpochLogger(), ImageCounter(len(x_train), config.batch_size),
+                   x_train, x_val, y_train, y_val, _sample(weights, train.labels))
 
-    def logged_slot(self) -> str:
-        """The slot the run's logged state.json names ('' before any): a new phase's first
-        checkpoint must go to the other one, or it would overwrite the only whole checkpoint."""
-        if self.current is not None:
-            return self.current.state.slot
-        return self.resumed.slot if self.resumed is not None else ""
+    def datasets(self, train_inputs, val_inputs, augmentation) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+        """The train and val datasets of these inputs (images, or a frozen backbone's features)
+        with the fit's targets; train shuffled, augmented with `augmentation`, batches whole when
+        replicated; val padded to the replicas (`inputs.eval_dataset`)."""
+        config = self.config
+        return (train_dataset(train_inputs, self.y_train, config.batch_size, augmentation, config.seed,
+                              self.sample_weights, drop_remainder=self.replicas > 1),
+                eval_dataset(val_inputs, self.y_val, config.batch_size, self.replicas))
 
 
-def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints,
+def _fit(config: TrainConfig, train, val, replicas: int, plan: CheckpointPlan,
          extra: tuple = (), teaching: np.ndarray | None = None) -> tuple[keras.Model, dict, int]:
     """Build and fit the model (from `plan.resumed` on, if given), with the caller's `extra`
     callbacks in every phase; returns it with the weights of its best validation epoch (over both
     phases of a pretrained ResNet), the merged history and the images seen. `teaching`: the
     train split's targets mixed with a teacher's (`_teacher_targets`), else the labels alone."""
-    x_train, x_val = as_inputs(train.images), as_inputs(val.images)
-    y_train, y_val = one_hot(train.labels, 7) if teaching is None else teaching, one_hot(val.labels, 7)
-    weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
-    sample_weights = _sample(weights, train.labels)
-    logger = EpochLogger()
-    counter = ImageCounter(len(x_train), config.batch_size)
+    fitting = _Fitting.of(config, train, val, replicas, plan, extra, teaching)
+    model, pretrained = _build_network(config, resuming=plan.resumed is not None)
+    if pretrained is None:
+        history = _fit_in_one_phase(fitting, model)
+    else:
+        history = _fit_in_two_phases(fitting, pretrained)
+    return model, history, fitting.counter.seen
 
-    def data(train_inputs, val_inputs, augmentation):
-        return (train_dataset(train_inputs, y_train, config.batch_size, augmentation, config.seed,
-                              sample_weights, drop_remainder=replicas > 1),
-                eval_dataset(val_inputs, y_val, config.batch_size, replicas))
 
+def _build_network(config: TrainConfig, resuming: bool) -> tuple[keras.Model, models.ResNetParts | None]:
+    """The network `config` names, and its parts when it is a ResNet with pretrained weights (to
+    train in two phases), else None. Logs the params ``weights_used`` and ``num_params``
+    (`log_machine_params`); warns when a ResNet starts from scratch (not again on resuming)."""
     if config.model in models.RESNET_NAMES:
         parts = models.build_resnet(config.model, config.image_size, config.weights, dropout=config.dropout)
         model, described = parts.model, parts.weights
@@ -361,85 +419,80 @@ def _fit(config: TrainConfig, train, val, replicas: int, plan: _Checkpoints,
         described = "none (trained from scratch)"
     log_machine_params({"weights_used": described, "num_params": model.count_params()})
     if parts is None or described.startswith("none"):
-        if parts is not None and plan.resumed is None:
+        if parts is not None and not resuming:
             log.warning("training %s from scratch (weights: %s)", config.model, described)
-        history = _phase(model, config, config.learning_rate, config.epochs, 0, logger, counter,
-                         *data(x_train, x_val, config.augmentation), plan, extra, minutes=config.time_budget)
-        return model, history, counter.seen
+        return model, None
+    return model, parts
 
+
+def _fit_in_one_phase(fitting: _Fitting, model: keras.Model) -> dict:
+    """Fit the whole `model` on the augmented images (a CNN, or a ResNet from scratch); returns
+    the history."""
+    config = fitting.config
+    return _phase(fitting, model, config.learning_rate, config.epochs, 0,
+                  *fitting.datasets(fitting.x_train, fitting.x_val, config.augmentation), minutes=config.time_budget)
+
+
+def _fit_in_two_phases(fitting: _Fitting, parts: models.ResNetParts) -> dict:
+    """A pretrained ResNet: phase 1 trains the head on the frozen backbone's features; phase 2
+    (with ``fine_tune_epochs``, unless a signal came) fine-tunes the top of the backbone with it,
+    from step `len(phase 1)` on, and `parts.model` keeps the best of both phases. Returns the
+    history, phase 2's epochs after phase 1's. A run resumed in phase 2 takes phase 1's history
+    from the checkpoint's state and its best weights from the slot ``phase_one_best.npz``."""
+    config, plan = fitting.config, fitting.plan
     resumed_phase = plan.resumed.phase if plan.resumed else 1
+    history = _fit_head(fitting, parts) if resumed_phase == 1 else plan.resumed.phase_one
+    if config.fine_tune_epochs <= 0 or interrupts.pending():
+        return history
     if resumed_phase == 1:
-        # Phase 1: the backbone is frozen, so it runs once per image; the head trains on its features.
-        parts.backbone.trainable = False
-        features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0) for x in (x_train, x_val)]
-        history = _phase(parts.head, config, config.learning_rate, config.epochs, 0, logger, counter,
-                         *data(*features, None), plan, extra, minutes=config.time_budget)
+        head_best = parts.model.get_weights()  # phase 1's best, restored by its early stopping
+        save_arrays(plan.folder / "phase_one_best.npz", head_best)
     else:
-        history = plan.resumed.phase_one
-    if config.fine_tune_epochs > 0 and not interrupts.pending():
-        if resumed_phase == 1:
-            head_best = model.get_weights()  # phase 1's best, restored by its early stopping
-            save_arrays(plan.folder / "phase_one_best.npz", head_best)
-        else:
-            head_best = load_arrays(plan.folder / "phase_one_best.npz")
-        # Phase 2: unfreeze the top of the backbone (BatchNorm stays frozen) at a lower rate.
-        parts.backbone.trainable = True
-        for layer in parts.backbone.layers[:-config.fine_tune_layers]:
-            layer.trainable = False
-        for layer in parts.backbone.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
-        tuned = _phase(model, config, config.fine_tune_learning_rate, config.fine_tune_epochs,
-                       len(history["loss"]), logger, counter, *data(x_train, x_val, config.augmentation), plan,
-                       extra, phase=2, phase_one=history)
-        keep_best_of_phases(model, head_best, history, tuned)
-        history = {k: history[k] + tuned[k] for k in history}
-    return model, history, counter.seen
+        head_best = load_arrays(plan.folder / "phase_one_best.npz")
+    models.unfreeze_top(parts.backbone, config.fine_tune_layers)
+    tuned = _phase(fitting, parts.model, config.fine_tune_learning_rate, config.fine_tune_epochs,
+                   len(history["loss"]), *fitting.datasets(fitting.x_train, fitting.x_val, config.augmentation),
+                   phase=2, phase_one=history)
+    keep_best_of_phases(parts.model, head_best, history, tuned)
+    return {k: history[k] + tuned[k] for k in history}
 
 
-def keep_best_of_phases(model: keras.Model, phase_one_best: list, phase_one: dict, phase_two: dict) -> bool:
-    """Put phase 1's best weights back into `model` (holding phase 2's best) when fine-tuning peaked
-    no higher on val_accuracy, so that the model logged is the best of both phases, as
-    ``best_val_accuracy`` and ``best_epoch`` (argmax over the merged history) say; True if it did."""
-    if max(phase_two["val_accuracy"]) <= max(phase_one["val_accuracy"]):
-        model.set_weights(phase_one_best)
-        return True
-    return False
+def _fit_head(fitting: _Fitting, parts: models.ResNetParts) -> dict:
+    """Phase 1: the backbone is frozen, so it runs once per image (no augmentation); the head
+    trains on its features. Returns the phase's history."""
+    config = fitting.config
+    parts.backbone.trainable = False
+    features = [parts.features.predict(x, batch_size=config.batch_size, verbose=0)
+                for x in (fitting.x_train, fitting.x_val)]
+    return _phase(fitting, parts.head, config.learning_rate, config.epochs, 0, *fitting.datasets(*features, None),
+                  minutes=config.time_budget)
 
 
-def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, train, val, plan: _Checkpoints,
-           extra: tuple = (),
-           minutes=0.0, phase: int = 1, phase_one: dict | None = None) -> dict:
+def _phase(fitting: _Fitting, model: keras.Model, learning_rate: float, epochs: int, first_epoch: int,
+           train: tf.data.Dataset, val: tf.data.Dataset, minutes: float = 0.0, phase: int = 1,
+           phase_one: dict | None = None) -> dict:
     """Compile and fit `model` for `epochs`, logging from step `first_epoch`; best weights restored.
     Returns the phase's history (its earlier sessions' epochs included when resumed).
 
-    `logger` logs the epochs to MLflow, `counter` counts the images trained on. The state after each
-    epoch goes to `plan` (`training.Checkpointer`); when `plan.resumed` is this phase's, training
-    goes on from it: weights, optimizer (its step, so the schedule), epoch, early stopping, budget.
+    `fitting.logger` logs the epochs to MLflow, `fitting.counter` counts the images trained on,
+    `fitting.extra` joins the callbacks. The state after each epoch goes to `fitting.plan`
+    (`loop.Checkpointer`); when `plan.resumed` is this phase's, training goes on from it:
+    weights, optimizer (its step, so the schedule), epoch, early stopping, budget.
 
     With `minutes`, training also stops once that much time has passed, and the cosine schedule
-    follows whichever of the time and the epochs runs out first (`training.TimeBudget`).
+    follows whichever of the time and the epochs runs out first (`loop.TimeBudget`).
     """
+    config, plan, counter = fitting.config, fitting.plan, fitting.counter
     resumed = plan.resumed if plan.resumed is not None and plan.resumed.phase == phase else None
     state = resumed or TrainingState(phase=phase, phase_one=phase_one, slot=plan.logged_slot())
     steps = int(train.cardinality()) * epochs
     warmup_steps = min(steps // 10, int(train.cardinality()))
-    callbacks = [logger, counter, StopOnSignal(), *extra]
+    callbacks = [fitting.logger, counter, StopOnSignal(), *fitting.extra]
     budget = None
     if minutes:
         budget = TimeBudget(minutes, learning_rate, steps, warmup_steps, config.schedule == "cosine")
         callbacks.append(budget)
-    # Several replicas: validation is padded with zero-weight images (inputs.eval_dataset), so
-    # accuracy and loss must honour sample weights there.
-    replicated = tf.distribute.get_strategy().num_replicas_in_sync > 1
-    model.compile(
-        optimizer=optimizer(config.optimizer, "constant" if minutes else config.schedule, learning_rate,
-                            config.weight_decay, steps, warmup_steps),
-        loss=keras.losses.CategoricalCrossentropy(
-            label_smoothing=config.label_smoothing,
-            reduction="mean_with_sample_weight" if replicated else "sum_over_batch_size"),
-        **({"weighted_metrics": ["accuracy"]} if replicated else {"metrics": ["accuracy"]}),
-    )
+    _compile(model, config, "constant" if minutes else config.schedule, learning_rate, steps, warmup_steps)
     best_weights = None
     if resumed is not None:
         restore_model(model, plan.folder)
@@ -447,13 +500,28 @@ def _phase(model, config, learning_rate, epochs, first_epoch, logger, counter, t
         counter.seen = resumed.images_seen
         if budget is not None:
             budget.restore(resumed)
-    logger.offset = first_epoch
+    fitting.logger.offset = first_epoch
     stop = ResumableEarlyStopping(config.patience, resumed, best_weights)
     plan.current = Checkpointer(plan.folder, plan.minutes, state, stop, counter, budget, plan.started)
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars in a terminal, a line per epoch in logs
     model.fit(train, validation_data=val, epochs=epochs, initial_epoch=state.epoch,
               callbacks=[*callbacks, stop, plan.current], verbose=verbose)
     return state.history
+
+
+def _compile(model: keras.Model, config: TrainConfig, schedule: str, learning_rate: float, steps: int,
+             warmup_steps: int) -> None:
+    """Compile `model` with `config`'s optimizer on `schedule`, its label-smoothed cross-entropy and
+    accuracy. Several replicas: validation is padded with zero-weight images
+    (`inputs.eval_dataset`), so accuracy and loss honour sample weights there."""
+    replicated = tf.distribute.get_strategy().num_replicas_in_sync > 1
+    model.compile(
+        optimizer=optimizer(config.optimizer, schedule, learning_rate, config.weight_decay, steps, warmup_steps),
+        loss=keras.losses.CategoricalCrossentropy(
+            label_smoothing=config.label_smoothing,
+            reduction="mean_with_sample_weight" if replicated else "sum_over_batch_size"),
+        **({"weighted_metrics": ["accuracy"]} if replicated else {"metrics": ["accuracy"]}),
+    )
 
 
 def _sample(weights: dict | None, labels: np.ndarray) -> np.ndarray | None:
