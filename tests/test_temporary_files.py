@@ -17,7 +17,12 @@ from fer_mlflow.data.sources import read_source
 
 @pytest.mark.slow
 def test_reading_a_dataset_and_evaluating_a_model_through_a_server_leaves_no_temporary_files(
-        tracking_server, tiny_npz, monkeypatch):
+        tracking_server, tiny_npz, monkeypatch, tmp_path):
+    # A temporary folder of this test's own: no other test (or process) writes there meanwhile.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
     mlflow.set_tracking_uri(tracking_server)
     with mlflow.start_run() as run:
