@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from fer_mlflow.data.sources import read_source
 from fer_mlflow.serving import pyfunc_model, views
+from fer_mlflow.stages import ensemble
 from fer_mlflow.tracking import registry
 from fer_mlflow.tracking.runs import run_params
 
@@ -37,8 +38,7 @@ def main() -> None:
     for run_id in run_ids:
         networks[run_id] = pyfunc_model.keras_model_of(registry.load_model(f"runs:/{run_id}/model"))
         val = read_source(run_params(client.get_run(run_id))["data_uri"])[0].split("val")
-        ids = set(val.ids.tolist())
-        unseen = val if unseen is None else unseen.subset(np.isin(unseen.ids, list(ids)))
+        unseen = val if unseen is None else unseen.subset(np.isin(unseen.ids, val.ids))
     test = read_source(args.data)[0].split("test")
     figures = {"val_unseen_faces": len(unseen), "test_faces": len(test)}
     print(f"validation faces no run trained on: {len(unseen)}; test faces: {len(test)}")
@@ -50,7 +50,7 @@ def main() -> None:
                              for run_id, network in networks.items()}
             probabilities["averaged"] = np.mean(list(probabilities.values()), axis=0)
             for name, found in probabilities.items():
-                accuracy = float(np.mean(found.argmax(axis=1) == split.labels))
+                accuracy = ensemble.accuracy(found, split.labels)
                 figures[f"{split_name}/{settings.key}/{name}"] = accuracy
                 print(f"{split_name} {settings.describe()} {name}: {accuracy:.4f}")
             print(f"  ({time.perf_counter() - started:.0f} s)")
