@@ -16,7 +16,7 @@ from PIL import Image
 from fer_mlflow.stages import evaluate, promote, train
 from fer_mlflow.data.dataset import CLASS_NAMES
 
-SMALL = {"models": "cnn,resnet50", "epochs": 1, "image_size": 32, "ensemble": "true"}
+SMALL = {"models": "cnn,cnn_shallow", "epochs": 1, "image_size": 32, "ensemble": "true"}
 
 
 def real_faces(count: int = 8) -> tuple[np.ndarray, list[str]]:
@@ -66,7 +66,7 @@ def check_pipeline(done: subprocess.CompletedProcess, client: MlflowClient, serv
     steps = [r for r in runs if r.data.tags.get("fer.stage") in ("clean", "train", "ensemble", "promote")]
     assert all(r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id for r in steps)
     names = {r.data.tags["fer.stage"]: r.info.run_name for r in runs}
-    assert names["train"].startswith(("cnn-demo ", "resnet50-demo ")) and names["clean"] == "clean-demo"
+    assert names["train"].startswith(("cnn-demo ", "cnn_shallow-demo ")) and names["clean"] == "clean-demo"
     by_stage = {}
     for run in runs:
         by_stage.setdefault(run.data.tags.get("fer.stage"), []).append(run)
