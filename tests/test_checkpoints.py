@@ -130,8 +130,8 @@ def test_a_pretrained_resnet_killed_while_fine_tuning_resumes_in_phase_two(tiny_
                                            pooling="avg")
     weights = tmp_path / "resnet50_notop.weights.h5"
     backbone.save_weights(weights)
-    arguments = ["--model", "resnet50", "--image-size", "32", "--weights", str(weights), "--epochs", "2",
-                 "--fine-tune-epochs", "6", "--batch-size", "32", "--patience", "20"]
+    arguments = ["--model", "resnet50", "--image-size", "32", "--weights", str(weights), "--epochs", "1",
+                 "--fine-tune-epochs", "3", "--batch-size", "32", "--patience", "20"]
     process = start(["train", "--data", tiny_npz, "--checkpoint-minutes", "0", *arguments], tracking)
     deadline = time.monotonic() + 600
     while True:
@@ -147,13 +147,13 @@ def test_a_pretrained_resnet_killed_while_fine_tuning_resumes_in_phase_two(tiny_
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     resumed = train.run(train.TrainConfig(model="resnet50", data=tiny_npz, image_size=32, weights=str(weights),
-                                          epochs=2, fine_tune_epochs=6, batch_size=32, patience=20,
+                                          epochs=1, fine_tune_epochs=3, batch_size=32, patience=20,
                                           checkpoint_minutes=0, resume=runs[0].info.run_id))
-    assert resumed.run_id == runs[0].info.run_id and resumed.epochs_trained == 8
+    assert resumed.run_id == runs[0].info.run_id and resumed.epochs_trained == 4
     run = MlflowClient().get_run(resumed.run_id)
     assert run.info.status == "FINISHED" and "of phase 2" in run.data.tags["fer.resume_1"]
     steps = {m.step for m in MlflowClient().get_metric_history(resumed.run_id, "val_accuracy")}
-    assert steps == set(range(8))
+    assert steps == set(range(4))
 
 
 SMALL = dict(widths=(8, 16), batch_size=8, checkpoint_minutes=0)  # about ten steps an epoch, quick
