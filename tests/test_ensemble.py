@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -64,6 +66,17 @@ def test_fitted_weights_favour_the_informative_member_and_lower_the_log_loss():
     fitted = np.tensordot(weights, np.stack([noise, informative]), axes=1)
     equal = (noise + informative) / 2
     assert ensemble.log_loss(fitted, labels) < ensemble.log_loss(equal, labels)
+
+
+def test_the_log_loss_of_a_mean_of_float32_members_is_that_of_its_rows_made_whole_without_a_warning():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 200)
+    whole = rng.dirichlet(np.ones(7), 200)
+    members = [whole.astype(np.float32), whole.astype(np.float32)]  # rows off one by float32 rounding
+    rounded = np.tensordot(np.array([0.5, 0.5]), np.stack(members), axes=1)  # float64, as ensemble weighs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scikit-learn warns that such rows are not probabilities
+        assert ensemble.log_loss(rounded, labels) == pytest.approx(ensemble.log_loss(whole, labels), rel=1e-5)
 
 
 def test_the_combined_keras_model_is_the_weighted_sum_of_its_members_and_saves(tmp_path):

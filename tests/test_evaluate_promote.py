@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import keras
 import mlflow
@@ -208,7 +209,7 @@ def models_and_evaluations():
     for i in range(3):
         with mlflow.start_run(run_name=f"train-{i}", experiment_id=experiment) as run:
             mlflow.set_tags({"fer.stage": "train", "fer.model": "cnn", "fer.model_family": "cnn"})
-            log_model(keras_model, name="model")
+            mlflow.set_tag("fer.model_uri", log_model(keras_model, name="model").model_uri)  # as train does
             runs.append(run.info.run_id)
 
     def evaluation(index: int, accuracy: float, digest: str = "d1") -> str:
@@ -227,7 +228,7 @@ def champion(client, name="fer-emotion"):
 
 
 def test_promote_registers_the_best_once_and_moves_the_alias_only_when_strictly_better(
-        models_and_evaluations):
+        models_and_evaluations, caplog):
     runs, evaluation = models_and_evaluations
     client = MlflowClient()
     evaluation(0, 0.50)
@@ -235,6 +236,9 @@ def test_promote_registers_the_best_once_and_moves_the_alias_only_when_strictly_
     first = promote.run()
     assert first.changed and champion(client).run_id == runs[1]
     version = champion(client)
+    # registered by the training run's logged model, so MLflow has nothing to look up and warn about
+    assert version.source == client.get_run(runs[1]).data.tags["fer.model_uri"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("mlflow")]
     assert version.tags["metric"] == "test_accuracy" and version.tags["test_accuracy"] == "0.600000"
     assert version.tags["test_digest"] == "d1" and version.tags["source_run"] == runs[1]
     assert version.tags["model_family"] == "cnn"

@@ -42,6 +42,15 @@ def test_progress_bars_and_tensorflow_start_up_lines_are_off_without_a_terminal_
 
 
 @pytest.mark.slow
+def test_training_shows_the_projects_lines_not_the_onnx_converters_or_keras_warnings(tiny_npz, tracking):
+    done = stage(["train", "--data", tiny_npz, "--epochs", "1", "--widths", "8,16"], tracking)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model: runs:/" in done.stdout
+    assert "tf2onnx" not in done.stderr  # it logs a line per graph rewrite, hundreds for a ResNet
+    assert "Warning:" not in done.stderr, done.stderr[-2000:]  # Keras' shuffle warning, numpy's FutureWarning
+
+
+@pytest.mark.slow
 def test_an_error_still_gets_through_as_the_last_line(tracking):
     done = stage(["train", "--data", "/nowhere", "--epochs", "1"], tracking)
     assert done.returncode == 2

@@ -19,7 +19,10 @@ same sums differently). TensorFlow and onnxruntime are imported inside the funct
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +61,8 @@ def export_onnx(keras_model, path: Path) -> Path | None:
 
         # Given, not read off the model: a model built but never called has no signature to read.
         spec = keras.InputSpec(shape=(None, *keras_model.input_shape[1:]), dtype="float32")
-        keras_model.export(str(path), format="onnx", verbose=False, input_signature=[spec])
+        with _converter_quiet():
+            keras_model.export(str(path), format="onnx", verbose=False, input_signature=[spec])
         network = onnx_network(path)
         pixels = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, *keras_model.input_shape[1:]))
         pixels = pixels.astype(np.float32)
@@ -72,6 +76,25 @@ def export_onnx(keras_model, path: Path) -> Path | None:
                         "Keras' by %.2g (over %g); it serves through tf.function", difference, TOLERANCE)
         return None
     return path
+
+
+@contextlib.contextmanager
+def _converter_quiet():
+    """tf2onnx's own lines kept off the output while it converts (unless ``FER_VERBOSE=1``): it logs
+    a line per graph rewrite ("Removed Mul ...", hundreds for a ResNet) and numpy's deprecation
+    warning; the outcome is this module's one line."""
+    if os.environ.get("FER_VERBOSE") == "1":
+        yield
+        return
+    converter = logging.getLogger("tf2onnx")
+    level = converter.level
+    converter.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        converter.setLevel(level)
 
 
 def onnx_network(path: str | Path) -> Network:

@@ -25,6 +25,7 @@ from fer_mlflow.data.sources import SourceReport, is_artifact, read_source
 from fer_mlflow.tracking.runs import (
     data_context, log_params, log_split_inputs, stage_run,
 )
+from fer_mlflow.tracking.names import DATA_DIGEST_TAG, DATA_TAG
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def run(
 ) -> CleanOutcome:
     """Read `data`, clean it with `config` and log everything to an MLflow run (see module docstring)."""
     tags, experiment = data_context(data)
-    label = tags["fer.data"]
+    label = tags[DATA_TAG]
     with stage_run("clean", f"clean-{label}", tags, nested=nested, experiment=experiment) as active:
         log_params(
             {"data": data, "val_fraction": val_fraction, "seed": seed, **_config_params(config)}
@@ -58,7 +59,7 @@ def run(
         dataset, report = read_source(data, val_fraction=val_fraction, seed=seed)
         result = clean(dataset, config)
         digest = result.dataset.digest()
-        mlflow.set_tag("fer.data_digest", digest)
+        mlflow.set_tag(DATA_DIGEST_TAG, digest)
         mlflow.log_metrics(_metrics(dataset, report, result))
         _log_figures(dataset, result, config)
         summary = _summary(data, report, dataset, result, config, digest)

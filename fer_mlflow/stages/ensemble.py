@@ -42,6 +42,15 @@ from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.tracking.runs import (
     DATA_EXPERIMENT, DEMO_TAG, data_context, log_params, log_split_inputs, run_params, stage_run,
 )
+from fer_mlflow.tracking.names import (
+    DATA_DIGEST_TAG,
+    DATA_TAG,
+    DATA_URI_TAG,
+    MODEL_FAMILY_TAG,
+    MODEL_TAG,
+    MODEL_URI_TAG,
+    STAGE_TAG,
+)
 
 METRICS = {"val_accuracy": "best_val_accuracy"}  # a training run's figure for each ranking name
 WEIGHTINGS = ("equal", "fitted")
@@ -73,7 +82,7 @@ class Member:
 
     @property
     def digest(self) -> str:
-        return self.run.data.tags.get("fer.data_digest", "")
+        return self.run.data.tags.get(DATA_DIGEST_TAG, "")
 
 
 def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest: str = "",
@@ -92,7 +101,7 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         members = _loaded([Member(_training_run(client, run_id)) for run_id in _unique(ids)])
         experiment = client.get_experiment(members[0].run.info.experiment_id).name
         tags, _ = data_context(_data_uri(members[0]))
-    with stage_run("ensemble", "ensemble", {**tags, "fer.model": MODEL_NAME, "fer.model_family": MODEL_NAME},
+    with stage_run("ensemble", "ensemble", {**tags, MODEL_TAG: MODEL_NAME, MODEL_FAMILY_TAG: MODEL_NAME},
                    experiment=experiment) as active:
         log_params({"runs": runs, "top": top, "metric": metric, "data_digest": data_digest, "weights": weights})
         if not ids:
@@ -100,11 +109,11 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         data_uri = _data_uri(members[0])
         tags, _ = data_context(data_uri)
         names = [member.run_id for member in members]
-        mlflow.set_tags({**tags, "fer.data_digest": members[0].digest, "fer.data_uri": data_uri,
+        mlflow.set_tags({**tags, DATA_DIGEST_TAG: members[0].digest, DATA_URI_TAG: data_uri,
                          "fer.members": ",".join(names),
                          "mlflow.runName": f"ensemble {'+'.join(map(_model, members))}-{tags['fer.data']}"})
         val = _validation(data_uri, members[0].digest)
-        log_split_inputs(val, data_uri, tags["fer.data"], splits=("val",))
+        log_split_inputs(val, data_uri, tags[DATA_TAG], splits=("val",))
         probabilities = _member_probabilities(members, val.images)
         chosen = fit_weights(probabilities, val.labels) if isinstance(weighting, str) else weighting
         combined = np.tensordot(chosen, np.stack(probabilities), axes=1)
@@ -123,7 +132,7 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
             metrics[f"member_{index}_val_accuracy"] = accuracy(found, val.labels)
             metrics[f"member_{index}_val_log_loss"] = log_loss(found, val.labels)
             params.update({f"member_{index}_run": member.run_id, f"member_{index}_model": _model(member),
-                           f"member_{index}_model_uri": member.run.data.tags.get("fer.model_uri",
+                           f"member_{index}_model_uri": member.run.data.tags.get(MODEL_URI_TAG,
                                                                                  f"runs:/{member.run_id}/model"),
                            f"member_{index}_data_digest": member.digest,
                            f"member_{index}_weight": f"{chosen[index]:.6f}"})
@@ -135,7 +144,7 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         info = pyfunc_model.log_model(combine([m.keras_model for m in members], chosen), name="model",
                                       class_names=members[0].class_names, example_image=val.images[0],
                                       temperature=temperature)
-        mlflow.set_tag("fer.model_uri", info.model_uri)
+        mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
         return EnsembleOutcome(active.info.run_id, f"runs:/{active.info.run_id}/model", names,
                                [float(w) for w in chosen], metrics["val_accuracy"])
 
@@ -180,10 +189,15 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """scikit-learn's log-loss over all the classes the probabilities have columns for, present or not."""
+    """scikit-learn's log-loss over all the classes the probabilities have columns for, present or not.
+    The rows are made to sum to one in float64 first: the members answer in float32, whose rows miss
+    one by about 1e-7, more than scikit-learn allows a float64 row before it warns that they are not
+    probabilities."""
     from sklearn.metrics import log_loss as sklearn_log_loss
 
-    return float(sklearn_log_loss(labels, probabilities, labels=np.arange(probabilities.shape[1])))
+    rows = np.asarray(probabilities, dtype=np.float64)
+    rows = rows / rows.sum(axis=1, keepdims=True)
+    return float(sklearn_log_loss(labels, rows, labels=np.arange(rows.shape[1])))
 
 
 def _weighting(weights: str, count: int) -> str | np.ndarray:
@@ -219,8 +233,8 @@ def _training_run(client: MlflowClient, run_id: str) -> Run:
     except MlflowException as error:
         raise ConfigError(f"run {run_id} not found in {mlflow.get_tracking_uri()}; "
                           "name training runs of this tracking store") from error
-    stage = found.data.tags.get("fer.stage", "?")
-    if stage != "train" or found.info.status != "FINISHED" or "fer.model_uri" not in found.data.tags:
+    stage = found.data.tags.get(STAGE_TAG, "?")
+    if stage != "train" or found.info.status != "FINISHED" or MODEL_URI_TAG not in found.data.tags:
         raise ConfigError(f"run {run_id} is not a finished training run with a model (stage {stage}, "
                           f"status {found.info.status}); name finished training runs")
     return found
@@ -232,14 +246,14 @@ def _top(client: MlflowClient, experiment_id: str, top: int, metric: str, data_d
     key = METRICS.get(metric, metric)
     found = client.search_runs([experiment_id], "tags.`fer.stage` = 'train' and attributes.status = 'FINISHED'",
                                order_by=["attributes.start_time DESC"], max_results=5000)
-    found = [r for r in found if key in r.data.metrics and "fer.model_uri" in r.data.tags
-             and "fer.data_digest" in r.data.tags]
+    found = [r for r in found if key in r.data.metrics and MODEL_URI_TAG in r.data.tags
+             and DATA_DIGEST_TAG in r.data.tags]
     where = client.get_experiment(experiment_id).name
     if not found:
         raise ConfigError(f"experiment {where} has no finished training run with metric {key}; train models "
                           "first, choose the experiment with --experiment-name, or check -P metric=...")
-    digest = data_digest or found[0].data.tags["fer.data_digest"]
-    on_digest = [r for r in found if r.data.tags["fer.data_digest"] == digest]  # newest first
+    digest = data_digest or found[0].data.tags[DATA_DIGEST_TAG]
+    on_digest = [r for r in found if r.data.tags[DATA_DIGEST_TAG] == digest]  # newest first
     # Demo-trained runs and others never mix, even on one digest (the demo's dataset read back from
     # a local copy is not tagged demo): the newest run's kind decides.
     demo = bool(on_digest) and _demo(on_digest[0])
@@ -312,7 +326,7 @@ def _member_probabilities(members: list[Member], images: np.ndarray) -> list[np.
 
 
 def _model(member: Member) -> str:
-    return member.run.data.tags.get("fer.model", "model")
+    return member.run.data.tags.get(MODEL_TAG, "model")
 
 
 def _description(members: list[Member], weights, metrics: dict) -> str:

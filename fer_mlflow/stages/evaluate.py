@@ -45,7 +45,23 @@ from fer_mlflow.tracking.runs import (
 )
 from fer_mlflow.serving.views import BATCH_SIZE, Settings
 from fer_mlflow.tracking.registry import load_model, registered_version
-from fer_mlflow.tracking.names import EVALUATED_SPLITS, SOURCE_RUN_TAG, TRAINED_ON_DEMO_TAG
+from fer_mlflow.tracking.names import (
+    DATA_DIGEST_TAG,
+    DATA_TAG,
+    EVALUATED_SPLITS,
+    MODEL_FAMILY_TAG,
+    MODEL_TAG,
+    MODEL_URI_TAG,
+    MODEL_VERSION_TAG,
+    SERVED_MODEL_URI_TAG,
+    SETTINGS_TAG,
+    SOURCE_RUN_TAG,
+    SPLIT_TAG,
+    TEST_DIGEST_TAG,
+    TRAINED_ON_DEMO_TAG,
+    TRAIN_DATA_DIGEST_TAG,
+    TRAIN_DATA_TAG,
+)
 
 
 
@@ -90,19 +106,19 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
     settings = Settings.from_mapping({"tta": tta, "tta_shift": tta_shift, "tta_rotation": tta_rotation,
                                       "tta_zoom": tta_zoom}, base=own)
     tags, experiment = data_context(target.data)
-    label = tags["fer.data"]
-    tags.update({"fer.model_uri": target.model_uri, "fer.test_digest": part.digest(), "fer.split": split,
-                 "fer.settings": settings.key})
+    label = tags[DATA_TAG]
+    tags.update({MODEL_URI_TAG: target.model_uri, TEST_DIGEST_TAG: part.digest(), SPLIT_TAG: split,
+                 SETTINGS_TAG: settings.key})
     if target.version:
-        tags["fer.model_version"] = target.version
+        tags[MODEL_VERSION_TAG] = target.version
     if target.source_run:
         tags[SOURCE_RUN_TAG] = target.source_run
         source = mlflow.get_run(target.source_run)
         experiment = MlflowClient().get_experiment(source.info.experiment_id).name
         if not nested:
             tags["mlflow.parentRunId"] = target.source_run
-        copied = {"fer.model": "fer.model", "fer.model_family": "fer.model_family",
-                  "fer.data_digest": "fer.train_data_digest", "fer.data": "fer.train_data",
+        copied = {MODEL_TAG: MODEL_TAG, MODEL_FAMILY_TAG: MODEL_FAMILY_TAG,
+                  DATA_DIGEST_TAG: TRAIN_DATA_DIGEST_TAG, DATA_TAG: TRAIN_DATA_TAG,
                   DEMO_TAG: TRAINED_ON_DEMO_TAG}
         tags.update({ours: source.data.tags[theirs] for theirs, ours in copied.items()
                      if theirs in source.data.tags})
@@ -123,7 +139,7 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
                 class_names=model.unwrap_python_model().class_names, example_image=part.images[0],
                 settings=settings, temperature=pyfunc_model.temperature_of(model)).model_uri
             model = load_model(served_uri)
-        mlflow.set_tag("fer.served_model_uri", served_uri)
+        mlflow.set_tag(SERVED_MODEL_URI_TAG, served_uri)
         # No params, so the served model's own settings: batch size changes memory, not the answer.
         probabilities = _probabilities(model, part.images,
                                        None if batch_size == BATCH_SIZE else {"batch_size": batch_size})

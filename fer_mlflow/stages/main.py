@@ -21,6 +21,7 @@ from mlflow.exceptions import ExecutionException, MlflowException
 
 from fer_mlflow.errors import FerError
 from fer_mlflow.tracking.runs import data_context, log_params, stage_run
+from fer_mlflow.tracking.names import REGISTERED_MODEL_TAG
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def run(data: str = "demo", models: str = "cnn,resnet50", epochs: str = "5", ima
         if ensemble:
             step("evaluate", {"run_id": step("ensemble", {"runs": ",".join(trained)})})
         promoted = step("promote", {"registered_model_name": registered_model_name, "metric": metric})
-        name = step.client.get_run(promoted).data.tags["fer.registered_model"]
+        name = step.client.get_run(promoted).data.tags[REGISTERED_MODEL_TAG]
         uri = f"models:/{name}@champion"
         mlflow.set_tag("fer.champion_uri", uri)
     return PipelineOutcome(uri, parent.info.experiment_id)

@@ -53,7 +53,7 @@ from fer_mlflow.tracking.registry import load_model, registered_version
 from fer_mlflow.serving.faces import CHOICES, MAX_FACES, MIN_FACE
 from fer_mlflow.data.limits import check_params
 from fer_mlflow.tracking.runs import log_params, stage_run
-from fer_mlflow.tracking.names import PREDICT_EXPERIMENT, SOURCE_RUN_TAG
+from fer_mlflow.tracking.names import MODEL_URI_TAG, MODEL_VERSION_TAG, PREDICT_EXPERIMENT, SOURCE_RUN_TAG
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,14 @@ def run(model_uri: str = DEFAULT_MODEL_URI, input: str = "", detector: str = "au
             model = pretrained.served_model()
         else:
             model = load_model(model_uri)
-        tags = {"fer.model_uri": model_uri, "fer.input": str(input)}
+        tags = {MODEL_URI_TAG: model_uri, "fer.input": str(input)}
         model_label = model_uri.removeprefix("models:/")
         if shipped:
-            tags.update({"fer.model_uri": "shipped", pretrained.SHA_TAG: pretrained.record()["sha256"]})
+            tags.update({MODEL_URI_TAG: "shipped", pretrained.SHA_TAG: pretrained.record()["sha256"]})
             model_label = "the shipped model"
         elif model_uri.startswith("models:/"):
             source_run, version = registered_version(model_uri)
-            tags.update({key: value for key, value in (("fer.model_version", version), (SOURCE_RUN_TAG, source_run))
+            tags.update({key: value for key, value in ((MODEL_VERSION_TAG, version), (SOURCE_RUN_TAG, source_run))
                          if value})
         elif model_uri.startswith("runs:/"):
             tags[SOURCE_RUN_TAG] = model_uri.split("/")[1]

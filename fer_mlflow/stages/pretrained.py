@@ -19,7 +19,22 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.pretrained import SHA_TAG, served_arguments, checked_model_file, describe, keras_model, record
-from fer_mlflow.tracking.names import SOURCE_RUN_TAG
+from fer_mlflow.tracking.names import (
+    CHAMPION_CHANGED_TAG,
+    DATA_DIGEST_TAG,
+    DATA_TAG,
+    DEMO_TAG,
+    MODEL_FAMILY_TAG,
+    MODEL_TAG,
+    MODEL_URI_TAG,
+    SERVED_MODEL_URI_TAG,
+    SETTINGS_TAG,
+    SOURCE_RUN_TAG,
+    SPLIT_TAG,
+    TEST_DIGEST_TAG,
+    TRAIN_DATA_DIGEST_TAG,
+    TRAIN_DATA_TAG,
+)
 from fer_mlflow.tracking.runs import DATA_EXPERIMENT, DATA_MODEL, log_params, stage_run
 
 ALIAS = "pretrained"
@@ -84,7 +99,7 @@ def _run(found: dict, data: str) -> PretrainedOutcome:
         version = str(version)
         _set_alias(client, version)
         champion = alias_version(client, DATA_MODEL, promote.CHAMPION)
-        mlflow.set_tags({"fer.registered_version": version, "fer.champion_changed": str(changed).lower()})
+        mlflow.set_tags({"fer.registered_version": version, CHAMPION_CHANGED_TAG: str(changed).lower()})
         message = f"registered {describe()} as {DATA_MODEL} v{version} (alias {ALIAS}); {decided}"
         return PretrainedOutcome(training, version, champion is not None and str(champion.version) == version, message)
 
@@ -95,7 +110,7 @@ def _logged_before(client: MlflowClient, sha256: str, current: str):
         [e.experiment_id for e in client.search_experiments()],
         f"tags.`{SHA_TAG}` = '{sha256}' and tags.`fer.stage` = '{STAGE}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time ASC"])
-    return next((r for r in runs if r.info.run_id != current and "fer.model_uri" in r.data.tags), None)
+    return next((r for r in runs if r.info.run_id != current and MODEL_URI_TAG in r.data.tags), None)
 
 
 def _registered_before(client: MlflowClient, training: str) -> str | None:
@@ -137,8 +152,8 @@ def _log_training(found: dict) -> None:
     mlflow.log_dict(found, "pretrained_record.json")
     info = pyfunc_model.log_model(keras_model(), name="model", **served_arguments())
     mlflow.set_tags({
-        "fer.model_uri": info.model_uri, "fer.model": found["model"], "fer.model_family": found["model_family"],
-        "fer.data": training["data"], "fer.data_digest": training["data_digest"], "fer.demo_data": "false",
+        MODEL_URI_TAG: info.model_uri, MODEL_TAG: found["model"], MODEL_FAMILY_TAG: found["model_family"],
+        DATA_TAG: training["data"], DATA_DIGEST_TAG: training["data_digest"], DEMO_TAG: "false",
         "fer.pretrained": "true", "fer.made_at_commit": found["made"]["commit"],
         "fer.made_in_run": training["run_id"],
         "mlflow.note.content": _note(found),
@@ -156,14 +171,14 @@ def _evaluation(found: dict, training: str, data: str):
         return mlflow.get_run(evaluate.run(run_id=training, data=data, nested=True).run_id)
     scored, source = found["evaluation"], mlflow.get_run(training)
     settings = Settings(**found["settings"])
-    tags = {SOURCE_RUN_TAG: training, "fer.settings": settings.key, "fer.split": scored["split"],
-            "fer.test_digest": scored["digest"], "fer.data": scored["data"], "fer.demo_data": "false",
-            "fer.trained_on_demo": "false", "fer.served_model_uri": source.data.tags["fer.model_uri"],
-            "fer.model_uri": source.data.tags["fer.model_uri"], "fer.recorded": "true",
-            "fer.model": source.data.tags.get("fer.model", ""),
-            "fer.model_family": source.data.tags.get("fer.model_family", ""),
-            "fer.train_data": source.data.tags.get("fer.data", ""),
-            "fer.train_data_digest": source.data.tags.get("fer.data_digest", "")}
+    tags = {SOURCE_RUN_TAG: training, SETTINGS_TAG: settings.key, SPLIT_TAG: scored["split"],
+            TEST_DIGEST_TAG: scored["digest"], DATA_TAG: scored["data"], DEMO_TAG: "false",
+            "fer.trained_on_demo": "false", SERVED_MODEL_URI_TAG: source.data.tags[MODEL_URI_TAG],
+            MODEL_URI_TAG: source.data.tags[MODEL_URI_TAG], "fer.recorded": "true",
+            MODEL_TAG: source.data.tags.get(MODEL_TAG, ""),
+            MODEL_FAMILY_TAG: source.data.tags.get(MODEL_FAMILY_TAG, ""),
+            TRAIN_DATA_TAG: source.data.tags.get(DATA_TAG, ""),
+            TRAIN_DATA_DIGEST_TAG: source.data.tags.get(DATA_DIGEST_TAG, "")}
     with stage_run("evaluate", f"evaluate pretrained {scored['split']} {settings.describe()} (recorded)", tags,
                    nested=True) as active:
         log_params({"run_id": training, "data_uri": scored["data_uri"], "split": scored["split"],

@@ -49,7 +49,23 @@ from fer_mlflow.tracking.runs import (
     DATA_EXPERIMENT, DATA_MODEL, DEMO_EXPERIMENT, DEMO_MODEL, DEMO_TAG, log_params, run_params, stage_run,
 )
 from fer_mlflow.serving.views import Settings
-from fer_mlflow.tracking.names import EVALUATED_SPLITS, SOURCE_RUN_TAG, TRAINED_ON_DEMO_TAG
+from fer_mlflow.tracking.names import (
+    CHAMPION_CHANGED_TAG,
+    DATA_TAG,
+    EVALUATED_SPLITS,
+    MODEL_FAMILY_TAG,
+    MODEL_TAG,
+    MODEL_URI_TAG,
+    REGISTERED_MODEL_TAG,
+    SERVED_MODEL_URI_TAG,
+    SETTINGS_TAG,
+    SOURCE_RUN_TAG,
+    SPLIT_TAG,
+    TEST_DIGEST_TAG,
+    TRAINED_ON_DEMO_TAG,
+    TRAIN_DATA_DIGEST_TAG,
+    TRAIN_DATA_TAG,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +96,7 @@ class Candidate:
     @property
     def key(self) -> tuple[str, str]:
         tags = self.evaluation.data.tags
-        return tags[SOURCE_RUN_TAG], tags["fer.settings"]
+        return tags[SOURCE_RUN_TAG], tags[SETTINGS_TAG]
 
     @property
     def demo(self) -> bool:
@@ -119,9 +135,9 @@ def run(registered_model_name: str = AUTO, metric: str = AUTO, test_digest: str 
                 version, changed, message = decision.make()
             decided = message
             mlflow.set_tags({"mlflow.runName": f"promote {name} by {metric}{' (rollback)' if rollback else ''}",
-                             "fer.registered_model": name, "fer.champion_version": str(version),
-                             "fer.champion_changed": str(changed).lower()})
-            log.info(message)
+                             REGISTERED_MODEL_TAG: name, "fer.champion_version": str(version),
+                             CHAMPION_CHANGED_TAG: str(changed).lower()})
+            log.debug(message)  # the CLI prints the outcome's message; a caller has it returned
             return PromoteOutcome(active.info.run_id, str(version), changed, message, name)
     except MlflowException as error:
         # Ending the run FAILED needs the server too: that failure must not hide the first one.
@@ -140,7 +156,7 @@ def consider(evaluation: Run, metric: str, name: str, evaluate_champion: bool = 
     compare them. Returns the candidate's version, whether the champion changed, and a message."""
     client = MlflowClient()
     tags = evaluation.data.tags
-    split, digest = tags.get("fer.split", "test"), tags["fer.test_digest"]
+    split, digest = tags.get(SPLIT_TAG, "test"), tags[TEST_DIGEST_TAG]
     decision = _Decision(client, name, Candidate(evaluation, evaluation.data.metrics[metric]), metric, split, digest)
     version = str(decision._registered().version)  # registered whatever the champion: it has its own alias
     champion = alias_version(client, name, CHAMPION)
@@ -159,14 +175,14 @@ def _best_candidate(client, experiment_id, name, metric, split, test_digest, inc
         order_by=["attributes.start_time DESC"], max_results=5000,
     )
     evaluations = [r for r in evaluations if metric in r.data.metrics and SOURCE_RUN_TAG in r.data.tags
-                   and "fer.settings" in r.data.tags and r.data.tags.get("fer.split", "test") == split]
+                   and SETTINGS_TAG in r.data.tags and r.data.tags.get(SPLIT_TAG, "test") == split]
     if not evaluations:
         where = client.get_experiment(experiment_id).name
         raise ConfigError(f"no finished evaluation with metric {metric} on the {split} split in experiment "
                           f"{where}; run the evaluate entry point first (-P split={split}), promote in the "
                           "experiment of your evaluations (--experiment-name ...), or check -P metric=...")
-    digest = test_digest or evaluations[0].data.tags["fer.test_digest"]
-    pool = [Candidate(r, r.data.metrics[metric]) for r in evaluations if r.data.tags["fer.test_digest"] == digest]
+    digest = test_digest or evaluations[0].data.tags[TEST_DIGEST_TAG]
+    pool = [Candidate(r, r.data.metrics[metric]) for r in evaluations if r.data.tags[TEST_DIGEST_TAG] == digest]
     if not pool:
         raise ConfigError(f"no evaluation on {split} data with digest {digest}; "
                           "leave -P test_digest empty to use the newest evaluation's")
@@ -253,9 +269,9 @@ class _Decision:
         scores: dict[tuple[str, str], float] = {}
         for found in runs:
             tags = found.data.tags
-            if (self.metric in found.data.metrics and SOURCE_RUN_TAG in tags and "fer.settings" in tags
-                    and tags.get("fer.split", "test") == self.split):
-                key = (tags[SOURCE_RUN_TAG], tags["fer.settings"])
+            if (self.metric in found.data.metrics and SOURCE_RUN_TAG in tags and SETTINGS_TAG in tags
+                    and tags.get(SPLIT_TAG, "test") == self.split):
+                key = (tags[SOURCE_RUN_TAG], tags[SETTINGS_TAG])
                 scores[key] = max(scores.get(key, float("-inf")), found.data.metrics[self.metric])
         return scores
 
@@ -293,8 +309,7 @@ class _Decision:
             ensure_model(self.client, self.name, "Facial-expression models (fer-mlflow): 7 emotions from "
                                                  "48x48 grayscale faces")
             evaluation = self.best.evaluation
-            created = retrying(mlflow.register_model, evaluation.data.tags["fer.served_model_uri"],
-                                self.name, tags=self._tags())
+            created = retrying(mlflow.register_model, self._source_uri(), self.name, tags=self._tags())
             existing = _versions(self.client, self.name, self.best.key)
             if existing and existing[0].version != created.version:
                 retrying(self.client.delete_model_version, self.name, created.version)
@@ -307,15 +322,15 @@ class _Decision:
         tags = self.best.evaluation.data.tags
         source_run, settings = self.best.key
         found = {"metric": self.metric, self.metric: f"{self.best.score:.6f}", "split": self.split,
-                 "test_digest": self.digest, "test_data": tags.get("fer.data", ""), "settings": settings,
+                 "test_digest": self.digest, "test_data": tags.get(DATA_TAG, ""), "settings": settings,
                  "source_run": source_run, "evaluation_run": self.best.evaluation.info.run_id,
-                 "model": tags.get("fer.model", ""), "model_family": tags.get("fer.model_family", ""),
-                 "train_data": tags.get("fer.train_data", ""),
-                 "train_data_digest": tags.get("fer.train_data_digest", "")}
+                 "model": tags.get(MODEL_TAG, ""), "model_family": tags.get(MODEL_FAMILY_TAG, ""),
+                 "train_data": tags.get(TRAIN_DATA_TAG, ""),
+                 "train_data_digest": tags.get(TRAIN_DATA_DIGEST_TAG, "")}
         if (reported := self._reported_test()) is not None:
             found.update({"reported_test_accuracy": f"{reported.data.metrics['test_accuracy']:.6f}",
-                          "reported_test_digest": reported.data.tags["fer.test_digest"],
-                          "reported_test_data": reported.data.tags.get("fer.data", "")})
+                          "reported_test_digest": reported.data.tags[TEST_DIGEST_TAG],
+                          "reported_test_data": reported.data.tags.get(DATA_TAG, "")})
         return found
 
     def _reported_test(self) -> Run | None:
@@ -356,6 +371,17 @@ class _Decision:
             "",
             f"![confusion matrix](get-artifact?path={figure}&run_uuid={evaluation.info.run_id})",
         ])
+
+    def _source_uri(self) -> str:
+        """The served model's URI as the registry records it: a training run's ``runs:/<id>/model``
+        by that run's logged model (``models:/m-...``, its ``fer.model_uri`` tag), the source MLflow
+        would look up itself, with a warning on every promote."""
+        served = self.best.evaluation.data.tags[SERVED_MODEL_URI_TAG]
+        source_run, _ = self.best.key
+        if served != f"runs:/{source_run}/model":
+            return served
+        logged = retrying(self.client.get_run, source_run).data.tags.get(MODEL_URI_TAG, "")
+        return logged if logged.startswith("models:/m-") else served
 
     def _message(self, old, champion, scores, changed) -> str:
         score = scores[_key(champion)]

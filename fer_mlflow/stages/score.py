@@ -56,7 +56,7 @@ from fer_mlflow.serving.faces import BOX_COLUMNS, CHOICES, MAX_FACES, MIN_FACE
 from fer_mlflow.data.limits import check_params
 from fer_mlflow.data.media import PHOTO_SUFFIXES
 from fer_mlflow.tracking.runs import log_params, stage_run
-from fer_mlflow.tracking.names import PREDICT_EXPERIMENT
+from fer_mlflow.tracking.names import MODEL_URI_TAG, PREDICT_EXPERIMENT
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def run(model_uri: str, input: str, output: str, master: str = "auto", mode: str
         class_names = pyfunc_model.class_names_of(load_model(str(local)))  # fails here, in one line, if it cannot
         spark = session(master)
         images = _read(spark, input)
-        with stage_run("score", f"score {Path(input.rstrip('/')).name or input}", {"fer.model_uri": model_uri},
+        with stage_run("score", f"score {Path(input.rstrip('/')).name or input}", {MODEL_URI_TAG: model_uri},
                        experiment=PREDICT_EXPERIMENT) as active:
             log_params({"model_uri": model_uri, "input": input, "output": output, "mode": mode,
                         "master": master, "master_resolved": spark.sparkContext.master, **params})

@@ -51,7 +51,7 @@ from fer_mlflow.errors import ConfigError
 from fer_mlflow.data.sources import is_artifact
 from fer_mlflow.tracking.runs import Stopped, data_context, log_params, param_text, stage_run
 from fer_mlflow.stages.clean import load_training_data
-from fer_mlflow.tracking.names import SOURCE_RUN_TAG
+from fer_mlflow.tracking.names import DATA_TAG, MODEL_TAG, SOURCE_RUN_TAG
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,9 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
             return run(replace(config, storage=str(Path(folder) / "study.journal")), fixed, fixed_args, check=check)
     storage = studies.open_storage(config.storage)
     tags, experiment = data_context(config.data)
-    label = tags["fer.data"]
+    label = tags[DATA_TAG]
     study_name = config.study or f"{config.model}-{label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    tags.update({"fer.model": config.model, "fer.study": study_name, "fer.sweep_worker": str(config.worker_index)})
+    tags.update({MODEL_TAG: config.model, "fer.study": study_name, "fer.sweep_worker": str(config.worker_index)})
     name = f"sweep {config.model}-{label} {study_name}" + (f" worker {config.worker_index}" if config.worker_index else "")
     started = time.perf_counter()
     deadline = config.deadline or (time.time() + config.time_budget * 60 if config.time_budget else None)

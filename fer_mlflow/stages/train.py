@@ -21,6 +21,7 @@ import logging
 import sys
 import tempfile
 import time
+import warnings
 from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -48,6 +49,15 @@ from fer_mlflow.learning.loop import (
     CHECKPOINT, CheckpointPlan, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal,
     TimeBudget, TrainingState, save_arrays, class_weights, curves_figure, keep_best_of_phases, load_arrays,
     make_strategy, optimizer, restore_model, soft_targets,
+)
+from fer_mlflow.tracking.names import (
+    DATA_DIGEST_TAG,
+    DATA_TAG,
+    DATA_URI_TAG,
+    MODEL_FAMILY_TAG,
+    MODEL_TAG,
+    MODEL_URI_TAG,
+    STAGE_TAG,
 )
 
 log = logging.getLogger(__name__)
@@ -96,8 +106,8 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
     model so far is logged; a run that ends FINISHED drops its logged checkpoint."""
     family = "resnet" if config.model in models.RESNET_NAMES else "cnn"
     data_tags, experiment = data_context(config.data)
-    label = data_tags["fer.data"]
-    tags = {**data_tags, "fer.model": config.model, "fer.model_family": family, **(tags or {})}
+    label = data_tags[DATA_TAG]
+    tags = {**data_tags, MODEL_TAG: config.model, MODEL_FAMILY_TAG: family, **(tags or {})}
     with tempfile.TemporaryDirectory(prefix="fer-checkpoint-") as folder:
         plan = CheckpointPlan(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
         previous = _resumable(config, plan) if config.resume else None
@@ -142,7 +152,7 @@ def _read_data(config: TrainConfig, previous, label: str):
                           "training needs both")
     if previous is None:
         digests = log_split_inputs(dataset, data_uri, label, splits=("train", "val"))
-        mlflow.set_tags({"fer.data_digest": dataset.digest(), "fer.data_uri": data_uri})
+        mlflow.set_tags({DATA_DIGEST_TAG: dataset.digest(), DATA_URI_TAG: data_uri})
         mlflow.log_params({"data_uri": data_uri, "data_digest": dataset.digest(),
                            "train_images": len(train), "val_images": len(val),
                            "train_digest": digests["train"], "val_digest": digests["val"]})
@@ -205,7 +215,7 @@ def _log_model(model: keras.Model, dataset, val) -> None:
     temperature = _fit_temperature(model, val)
     info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
                                   example_image=val.images[0], temperature=temperature)
-    mlflow.set_tag("fer.model_uri", info.model_uri)
+    mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
 
 
 def _load_teacher(model_uri: str):
@@ -261,7 +271,7 @@ def _resumable(config: TrainConfig, plan: CheckpointPlan):
     except MlflowException as error:
         raise ConfigError(f"resume={config.resume}: no such run in {mlflow.get_tracking_uri()}; "
                           "pass the id of a stopped training run") from error
-    if run.data.tags.get("fer.stage") != "train":
+    if run.data.tags.get(STAGE_TAG) != "train":
         raise ConfigError(f"resume={config.resume} is not a training run; pass the id of a stopped training run")
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {config.resume} finished; there is nothing to resume (evaluate its model, "
@@ -409,7 +419,9 @@ def _build_network(config: TrainConfig, resuming: bool) -> tuple[keras.Model, mo
     train in two phases), else None. Logs the params ``weights_used`` and ``num_params``
     (`log_machine_params`); warns when a ResNet starts from scratch (not again on resuming)."""
     if config.model in models.RESNET_NAMES:
-        parts = models.build_resnet(config.model, config.image_size, config.weights, dropout=config.dropout)
+        with warnings.catch_warnings():  # the fallback to random weights is logged below, once
+            warnings.filterwarnings("ignore", message="weights=auto", category=UserWarning)
+            parts = models.build_resnet(config.model, config.image_size, config.weights, dropout=config.dropout)
         model, described = parts.model, parts.weights
     else:
         parts = None
@@ -504,7 +516,8 @@ def _phase(fitting: _Fitting, model: keras.Model, learning_rate: float, epochs: 
     stop = ResumableEarlyStopping(config.patience, resumed, best_weights)
     plan.current = Checkpointer(plan.folder, plan.minutes, state, stop, counter, budget, plan.started)
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars in a terminal, a line per epoch in logs
-    model.fit(train, validation_data=val, epochs=epochs, initial_epoch=state.epoch,
+    # shuffle=False: `train` shuffles itself (learning/inputs.py); Keras would ignore True, with a warning.
+    model.fit(train, validation_data=val, epochs=epochs, initial_epoch=state.epoch, shuffle=False,
               callbacks=[*callbacks, stop, plan.current], verbose=verbose)
     return state.history
 

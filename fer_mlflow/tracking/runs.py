@@ -32,12 +32,12 @@ from mlflow.exceptions import MlflowException
 
 from fer_mlflow.data.dataset import SPLITS, Dataset
 from fer_mlflow.errors import ConfigError
+from fer_mlflow.tracking.names import DATA_TAG, DEMO_TAG, STAGE_TAG
 
 log = logging.getLogger(__name__)
 
 DEMO_EXPERIMENT, DATA_EXPERIMENT = "fer-demo", "fer2013"
 DEMO_MODEL, DATA_MODEL = "fer-emotion-demo", "fer-emotion"
-DEMO_TAG = "fer.demo_data"  # "true" on runs whose data is (cleaned from) the built-in demo
 DEFAULT_EXPERIMENT_ID = "0"
 # MLflow 3.17's UI opens an experiment without this tag in its GenAI view.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -60,7 +60,7 @@ def data_context(data: str) -> tuple[dict[str, str], str]:
     """The tags that name `data` (``fer.data``: `source_label`; `DEMO_TAG`), and the experiment a
     run on it goes to when the user chose none."""
     demo = is_demo(data)
-    return ({"fer.data": source_label(data), DEMO_TAG: str(demo).lower()},
+    return ({DATA_TAG: source_label(data), DEMO_TAG: str(demo).lower()},
             DEMO_EXPERIMENT if demo else DATA_EXPERIMENT)
 
 
@@ -70,7 +70,7 @@ def source_label(data: str) -> str:
     if data.startswith("runs:/"):
         run_id = data.split("/")[1]
         try:
-            return MlflowClient().get_run(run_id).data.tags["fer.data"]
+            return MlflowClient().get_run(run_id).data.tags[DATA_TAG]
         except (MlflowException, KeyError):
             return "run-" + run_id[:8]
     return Path(data.rstrip("/")).name or data
@@ -101,7 +101,7 @@ def stage_run(stage: str, run_name: str, tags: dict[str, str] | None = None, nes
     else:
         target = _target(experiment)
     with mlflow.start_run(**target) as run:
-        mlflow.set_tags({"mlflow.runName": run_name, "fer.stage": stage, **(tags or {})})
+        mlflow.set_tags({"mlflow.runName": run_name, STAGE_TAG: stage, **(tags or {})})
         _mark_kind(run.info.experiment_id)
         try:
             yield run
