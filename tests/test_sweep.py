@@ -213,7 +213,9 @@ def _check_one_study(tracking: str, storage, workers: int, trials: int) -> None:
                               storage=studies.open_storage(storage) if isinstance(storage, str) else storage)
     numbers = sorted(t.number for t in study.trials)
     assert numbers == list(range(trials))
-    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
+    unfinished = {t.number: (t.state.name, t.user_attrs.get("error")) for t in study.trials
+                  if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)}
+    assert not unfinished, unfinished
     mlflow.set_tracking_uri(tracking)
     runs = all_runs("tags.`fer.study` = 'shared'")
     parents = [r for r in runs if r.data.tags["fer.stage"] == "sweep"]

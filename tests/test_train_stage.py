@@ -19,6 +19,7 @@ from fer_mlflow.data import dataset as ds
 from fer_mlflow.learning import models
 from fer_mlflow.stages import train
 from fer_mlflow.cli import main
+from fer_mlflow.serving import pyfunc_model
 from fer_mlflow.serving.pyfunc_model import predict_pixels
 from fer_mlflow.tracking.runs import log_params
 from fer_mlflow.learning.loop import ImageCounter, TimeBudget, optimizer
@@ -241,6 +242,7 @@ def test_resnet_with_a_local_weights_file_trains_head_then_fine_tunes_and_logs_i
     # The model logged is the one best_val_accuracy describes, whichever phase it came from.
     dataset = ds.load(tiny_npz).split("val")
     logged = mlflow.pyfunc.load_model(outcome.model_uri)
+    assert pyfunc_model.runtime_of(logged) == "onnxruntime"  # a ResNet exports to ONNX like the cnns
     labels = predict_pixels(logged, dataset.images)["label"].to_numpy()
     accuracy = np.mean(labels == np.asarray(dataset.class_names)[dataset.labels])
     assert accuracy == pytest.approx(run.data.metrics["best_val_accuracy"], abs=1e-6)

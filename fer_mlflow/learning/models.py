@@ -53,6 +53,8 @@ _IMAGENET_NOTOP_MD5 = {
     "resnet101": "88cf7a10940856eca736dc7b7e228a21",
     "resnet152": "ee4c566cf9a93f14d82f913c2dc6dd0c",
 }
+# The per-channel means `keras.applications.resnet.preprocess_input` subtracts (its "caffe" mode, BGR).
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 # Per socket operation, not per download: offline machines fail at once or after this long.
 DOWNLOAD_TIMEOUT_S = 10.0
 
@@ -244,8 +246,10 @@ def build_resnet(
 ) -> ResNetParts:
     """A `keras.applications` ResNet (`name` in RESNET_NAMES) with a new head, as `ResNetParts`.
 
-    Inside the model: resize to `image_size`, replicate gray to 3 channels, then the backbone's own
-    `keras.applications.resnet.preprocess_input` (RGB to BGR, ImageNet mean subtracted). The head
+    Inside the model: resize to `image_size`, replicate gray to 3 channels, then what the backbone's
+    own `keras.applications.resnet.preprocess_input` does (RGB to BGR, ImageNet mean subtracted) as
+    one `Rescaling` layer: with three equal channels the swap changes nothing, and unlike the ops
+    `preprocess_input` adds, the layer exports to ONNX. The head
     is Dropout, Dense(`head_units`, relu), Dropout, Dense(`num_classes`, softmax). The backbone is
     left trainable; freeze it with `parts.backbone.trainable = False`, unfreeze its top with
     `unfreeze_top`.
@@ -273,7 +277,7 @@ def build_resnet(
             raise
         raise ConfigError(f"weights file {keras_weights} does not fit {name}: {error}") from None
     x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
-    x = keras.applications.resnet.preprocess_input(x)
+    x = layers.Rescaling(1.0, offset=[-mean for mean in IMAGENET_BGR_MEAN], name="imagenet_mean")(x)
     pooled = backbone(x)
     features = keras.Model(inputs, pooled, name=f"{name}_features")
 
