@@ -36,6 +36,15 @@ def missing_service(message: str) -> None:
     pytest.skip(message)
 
 
+def pytest_collection_modifyitems(config, items):
+    """On two processes (pytest-xdist's ``-n 2 --dist loadgroup``, the README's command) each test
+    file runs in one process, as ``--dist loadfile`` would have it, except the tests marked
+    ``resnet``, which all run in one process: each lifts its process by 6-7 GB, and two at once would
+    need more memory than a 24 GB machine has. In one process the groups change nothing."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("resnet" if item.get_closest_marker("resnet") else item.path.name))
+
+
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory) -> Path:
     """A tracking store with MLflow's tables made and nothing in it. Copied, it is a new store in a

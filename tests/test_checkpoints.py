@@ -124,6 +124,7 @@ def test_a_resumed_time_budget_counts_the_time_and_steps_used_before():
     assert model.stop_training
 
 
+@pytest.mark.resnet
 @pytest.mark.slow
 def test_a_pretrained_resnet_killed_while_fine_tuning_resumes_in_phase_two(tiny_npz, tracking, tmp_path):
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
@@ -222,6 +223,7 @@ class Killed(Exception):
     """The process died: nothing it would log after this reaches the store."""
 
 
+@pytest.mark.resnet
 @pytest.mark.slow
 def test_a_resnet_killed_in_its_first_fine_tuning_checkpoint_resumes_on_another_machine(tiny_npz, tmp_path,
                                                                                         monkeypatch):

@@ -222,6 +222,7 @@ def test_auto_parameters_get_their_resolved_value_logged_beside_them(tracking):
     assert params == {"epochs": "auto", "epochs_resolved": "30", "batch_size": "64", "seed": "0"}
 
 
+@pytest.mark.resnet
 @pytest.mark.slow  # over 10 s: keeps -m 'not slow' under 3 minutes
 def test_resnet_with_a_local_weights_file_trains_head_then_fine_tunes_and_logs_its_best(tiny_npz, tmp_path):
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
