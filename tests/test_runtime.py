@@ -91,6 +91,18 @@ def test_the_served_call_does_not_go_through_keras_predict(logged, monkeypatch):
 
 
 @pytest.mark.slow  # logs a second model
+def test_a_network_that_resizes_its_input_exports_with_its_batch_normalisation_in_inference_mode(tmp_path):
+    from fer_mlflow.learning import models
+    from fer_mlflow.serving.runtime import export_onnx, onnx_network
+
+    keras_model = models.build_model("cnn", image_size=32, widths=(8, 16))  # Resizing, then the cnn
+    pixels = np.random.default_rng(0).uniform(0, 255, (8, 48, 48, 1)).astype(np.float32)
+    network = onnx_network(export_onnx(keras_model, tmp_path / "model.onnx"))  # None (refused) before
+    assert np.abs(network.predict(pixels) - keras_model.predict(pixels, verbose=0)).max() <= TOLERANCE
+    alone = network.predict(pixels[:1])  # batch statistics would make a face's answer depend on its batch
+    assert np.abs(alone - network.predict(pixels)[:1]).max() <= TOLERANCE
+
+
 def test_a_model_logged_without_the_onnx_export_serves_through_tf_function(monkeypatch):
     """As a model logged before the export existed: only the Keras file among its artifacts."""
     with monkeypatch.context() as patch:

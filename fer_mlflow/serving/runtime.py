@@ -62,7 +62,7 @@ def export_onnx(keras_model, path: Path) -> Path | None:
         # Given, not read off the model: a model built but never called has no signature to read.
         spec = keras.InputSpec(shape=(None, *keras_model.input_shape[1:]), dtype="float32")
         with _converter_quiet():
-            keras_model.export(str(path), format="onnx", verbose=False, input_signature=[spec])
+            _inference(keras_model).export(str(path), format="onnx", verbose=False, input_signature=[spec])
         network = onnx_network(path)
         pixels = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, *keras_model.input_shape[1:]))
         pixels = pixels.astype(np.float32)
@@ -76,6 +76,27 @@ def export_onnx(keras_model, path: Path) -> Path | None:
                         "Keras' by %.2g (over %g); it serves through tf.function", difference, TOLERANCE)
         return None
     return path
+
+
+def _inference(keras_model):
+    """`keras_model` called with ``training=False``, to export. Exported as it is, a model whose
+    first layer is `Resizing` (image_size other than 48) had its batch normalisation traced in
+    training mode: normalised by each batch's own statistics, an answer that changed with the batch
+    (0.2-0.5 from Keras' probabilities, so the export was refused)."""
+    import keras
+    import numpy as np
+
+    class Inference(keras.Model):
+        def __init__(self, model):
+            super().__init__(name=f"{model.name}_inference")
+            self.model = model
+
+        def call(self, pixels):
+            return self.model(pixels, training=False)
+
+    wrapper = Inference(keras_model)
+    wrapper(np.zeros((1, *keras_model.input_shape[1:]), dtype="float32"))  # built, as export requires
+    return wrapper
 
 
 @contextlib.contextmanager
