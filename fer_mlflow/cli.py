@@ -27,6 +27,8 @@ DATA_HELP = (
 Probability = click.FloatRange(0.0, 1.0)
 # models.MODEL_NAMES, written out so that the command line answers without importing Keras.
 MODELS = click.Choice(["cnn", "cnn_shallow", "cnn_deep", "resnet50", "resnet101", "resnet152"])
+# pretrained.VARIANTS, likewise without importing MLflow.
+VARIANTS = click.Choice(["accurate"])
 
 
 class Auto(click.ParamType):
@@ -311,14 +313,16 @@ def promote(registered_model_name, metric, split, test_digest, rollback, include
 @cli.command()
 @click.option("--data", default="", help="Test data to score the shipped model on afresh (any source evaluate "
                                          "reads); empty: its recorded PublicTest scores.")
-def pretrained(data) -> None:
-    """Register the model shipped with the project (trained on FER2013) under fer-emotion, alias
-    'pretrained'; it becomes champion only by promote's rules."""
+@click.option("--variant", default="accurate", show_default=True, type=VARIANTS,
+              help="Which shipped model: the most accurate, or a narrower one distilled from it that serves faster.")
+def pretrained(data, variant) -> None:
+    """Register a model shipped with the project (trained on FER2013) under fer-emotion, alias
+    'pretrained' ('pretrained-fast' for the fast variant); it becomes champion only by promote's rules."""
     from fer_mlflow.stages import pretrained as stage
 
-    outcome = stage.run(data)
+    outcome = stage.run(data, variant)
     click.echo(outcome.message)
-    click.echo(f"models:/fer-emotion@pretrained is version {outcome.version}"
+    click.echo(f"models:/fer-emotion@{stage.alias(variant)} is version {outcome.version}"
                + (" (and champion)" if outcome.champion else ""))
 
 

@@ -20,6 +20,7 @@ from fer_mlflow.stages import pretrained as pretrained_stage
 from fer_mlflow import pretrained
 from fer_mlflow.serving import pyfunc_model
 from fer_mlflow.cli import main
+from fer_mlflow.errors import ConfigError
 from fer_mlflow.tracking.runs import DATA_MODEL, experiment_id
 
 RECORD = pretrained.record()
@@ -32,9 +33,12 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-def test_the_shipped_file_is_the_recorded_one_and_small_enough_for_a_wheel():
-    assert hashlib.sha256(pretrained.MODEL_FILE.read_bytes()).hexdigest() == RECORD["sha256"]
-    assert pretrained.MODEL_FILE.stat().st_size <= 15 * 2**20
+@pytest.mark.parametrize("variant", pretrained.VARIANTS)
+def test_the_shipped_file_is_the_recorded_one_and_small_enough_for_a_wheel(variant):
+    RECORD, TEST = pretrained.record(variant), pretrained.record(variant)["evaluation"]
+    path = pretrained.model_file(variant)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == RECORD["sha256"]
+    assert path.stat().st_size <= 15 * 2**20
     made, training = RECORD["made"], RECORD["training"]
     assert made["commit"] and made["commands"] and training["data_digest"] and training["minutes"] > 0
     assert len(training["history"]["val_accuracy"]) == training["epochs"] > 0
@@ -47,14 +51,14 @@ def test_the_shipped_file_is_the_recorded_one_and_small_enough_for_a_wheel():
 
 
 def test_a_changed_shipped_file_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    damaged = tmp_path / "model.keras"
-    shutil.copy(pretrained.MODEL_FILE, damaged)
+    shutil.copytree(pretrained.FILES / pretrained.DEFAULT_VARIANT, tmp_path / pretrained.DEFAULT_VARIANT)
+    damaged = tmp_path / pretrained.DEFAULT_VARIANT / "model.keras"
     with damaged.open("r+b") as file:
         file.seek(1000)
         byte = file.read(1)
         file.seek(1000)
         file.write(bytes([byte[0] ^ 1]))
-    monkeypatch.setattr(pretrained, "MODEL_FILE", damaged)
+    monkeypatch.setattr(pretrained, "FILES", tmp_path)
     with pytest.raises(SystemExit) as stopped:
         main(["pretrained"])
     assert stopped.value.code == 2
@@ -157,8 +161,21 @@ def test_a_logged_model_carries_the_code_but_not_the_shipped_files(tmp_path):
     assert sum(f.stat().st_size for f in (tmp_path / "model").rglob("*") if f.is_file()) < 2**20
 
 
-def test_the_model_card_is_what_the_record_renders():
+@pytest.mark.parametrize("variant", pretrained.VARIANTS)
+def test_the_model_card_is_what_the_record_renders(variant):
     from fer_mlflow.pretrained import card
 
-    page = Path(__file__).resolve().parents[1] / "docs" / "model-card.md"
-    assert page.read_text() == card.render(), "run: python -m fer_mlflow.pretrained.card > docs/model-card.md"
+    page = Path(__file__).resolve().parents[1] / "docs" / pretrained.card_page(variant)
+    assert page.read_text() == card.render(variant), \
+        f"run: python -m fer_mlflow.pretrained.card {variant} > docs/{pretrained.card_page(variant)}"
+
+
+def test_the_command_line_offers_the_shipped_variants_and_refuses_others(capsys):
+    from fer_mlflow import cli
+
+    assert tuple(cli.VARIANTS.choices) == pretrained.VARIANTS
+    with pytest.raises(SystemExit) as stopped:
+        main(["pretrained", "--variant", "tiny"])
+    assert stopped.value.code == 2 and "tiny" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown shipped model 'tiny'; expected one of"):
+        pretrained.record("tiny")

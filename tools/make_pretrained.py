@@ -1,8 +1,8 @@
-"""Make the shipped model (fer_mlflow/pretrained/files) from a finished training run.
+"""Make a shipped model (fer_mlflow/pretrained/files/<variant>) from a finished training run.
 
     MLFLOW_TRACKING_URI=sqlite:///<store> python tools/make_pretrained.py --run-id <train run> \\
         --data ../shared/data/fer2013-public.zip --title "cnn 32-64-128-256, 100 epochs" \\
-        --command "mlflow run . -e train ..."
+        --variant accurate --command "mlflow run . -e train ..."
 
 What it does, all of it with the project's own code:
 1. chooses how the model serves on the *validation* split of the run's own data: on the face alone
@@ -34,7 +34,7 @@ from fer_mlflow.serving import calibration, pyfunc_model, views
 from fer_mlflow.stages import evaluate
 from fer_mlflow.tracking import registry
 from fer_mlflow.data.limits import Limits
-from fer_mlflow.pretrained import FILES, MODEL_FILE, RECORD_FILE
+from fer_mlflow.pretrained import FILES, RECORD_NAME, VARIANTS, model_file
 from fer_mlflow.data.sources import read_source
 from fer_mlflow.tracking.runs import run_params
 
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--run-id", required=True, help="the finished training run")
     parser.add_argument("--data", required=True, help="the test data (PublicTest: the FER2013 zip)")
     parser.add_argument("--title", required=True, help="a few words naming the model")
+    parser.add_argument("--variant", required=True, choices=VARIANTS, help="which shipped model it becomes")
     parser.add_argument("--command", action="append", default=[], help="a command that made it (repeat)")
     args = parser.parse_args()
 
@@ -82,8 +83,9 @@ def main() -> None:
     confusion = json.loads((folder / "confusion_matrix.json").read_text())
     per_class = pd.read_csv(folder / "per_class_metrics.csv")
 
-    FILES.mkdir(parents=True, exist_ok=True)
-    served.save(MODEL_FILE)
+    path = model_file(args.variant)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    served.save(path)
     history = {key: _by_epoch(client.get_metric_history(args.run_id, key)) for key in CURVES}
     data_run = client.get_run(params["data_uri"].split("/")[1]) if params["data_uri"].startswith("runs:/") else None
     record = {
@@ -94,8 +96,8 @@ def main() -> None:
         "settings": asdict(settings),
         "settings_described": settings.describe(),
         "temperature": chosen["temperature"],
-        "sha256": hashlib.sha256(MODEL_FILE.read_bytes()).hexdigest(),
-        "bytes": MODEL_FILE.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "bytes": path.stat().st_size,
         "parameters": int(served.count_params()),
         "made": {
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -128,8 +130,8 @@ def main() -> None:
             "evaluated_in_run": scored.run_id,
         },
     }
-    RECORD_FILE.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {MODEL_FILE} ({record['bytes'] / 1e6:.1f} MB) and {RECORD_FILE}: "
+    (FILES / args.variant / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path} ({record['bytes'] / 1e6:.1f} MB) and its {RECORD_NAME}: "
           f"test_accuracy {record['evaluation']['metrics']['test_accuracy']:.4f} ({settings.describe()})")
 
 

@@ -1,12 +1,15 @@
-"""The shipped model's card (docs/model-card.md), written from its record so that the page and the
-model cannot disagree: `python -m fer_mlflow.pretrained.card > docs/model-card.md`, and a test
-checks that the page is what this renders."""
+"""The shipped models' cards (docs/model-card.md, docs/model-card-fast.md: `card_page`), written from
+their records so that a page and its model cannot disagree:
+`python -m fer_mlflow.pretrained.card [variant] > docs/<its page>`, and a test checks that each page
+is what this renders."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
-from fer_mlflow.pretrained import record
+from fer_mlflow.pretrained import DEFAULT_VARIANT, VARIANTS, card_page, record
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -18,9 +21,9 @@ def _standard_error(accuracy: float, count: int) -> float:
     return float(np.sqrt(accuracy * (1 - accuracy) / count))
 
 
-def render(found: dict | None = None) -> str:
-    """The model card of the shipped model described by `found` (default: its record)."""
-    found = found or record()
+def render(variant: str = DEFAULT_VARIANT) -> str:
+    """The model card of the shipped `variant`, from its record."""
+    found = record(variant)
     training, test, made = found["training"], found["evaluation"], found["made"]
     metrics, classes = test["metrics"], test["classes"]
     per_class = test["per_class"]
@@ -32,10 +35,11 @@ def render(found: dict | None = None) -> str:
                          for j in range(len(classes)) if i != j), reverse=True)[:3]
     choices = found["validation"]["choices"]
     lines = [
-        "# Model card: the shipped model",
+        f"# Model card: the shipped model ({variant})",
         "",
-        "<!-- Written by `python -m fer_mlflow.pretrained.card` from fer_mlflow/pretrained/files/record.json;"
-        " tests/test_pretrained.py checks that this page is what it renders. -->",
+        f"<!-- Written by `python -m fer_mlflow.pretrained.card {variant}` from "
+        f"fer_mlflow/pretrained/files/{variant}/record.json; tests/test_pretrained.py checks that this page is "
+        "what it renders. -->",
         "",
         f"**{found['title']}**: a convolutional network of {found['parameters']:,} parameters "
         f"({found['bytes'] / 2**20:.1f} MiB), trained by this project with its own `train` entry point. "
@@ -44,8 +48,7 @@ def render(found: dict | None = None) -> str:
         f"It serves {found['settings_described']} by default, with its probabilities divided by a temperature of "
         f"{found['temperature']:.3f} fitted on validation data (`calibration`).",
         "",
-        "`fer-mlflow pretrained` registers it as `models:/fer-emotion@pretrained` (and `@champion` when it "
-        "is the best on the same test data); `fer-mlflow predict` uses it when no champion is registered.",
+        _registered(variant),
         "",
         "## How it was made",
         "",
@@ -136,5 +139,19 @@ def render(found: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def _registered(variant: str) -> str:
+    """How a user gets the shipped `variant`: its command and alias."""
+    if variant == DEFAULT_VARIANT:
+        others = [f"[the {other} variant]({card_page(other)})" for other in VARIANTS if other != variant]
+        return ("`fer-mlflow pretrained` registers it as `models:/fer-emotion@pretrained` (and `@champion` when "
+                "it is the best on the same test data); `fer-mlflow predict` uses it when no champion is "
+                "registered." + (f" Narrower networks distilled from it serve faster: {', '.join(others)}."
+                                 if others else ""))
+    return (f"`fer-mlflow pretrained --variant {variant}` registers it as `models:/fer-emotion@pretrained-{variant}` "
+            "(and `@champion` only by the same rules: when there is none yet, or when it scores better on the same "
+            "test data). It is a narrower network distilled from [the accurate variant](model-card.md): "
+            "faster to serve, less accurate.")
+
+
 if __name__ == "__main__":
-    print(render(), end="")
+    print(render(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_VARIANT), end="")

@@ -1,9 +1,10 @@
-"""The `pretrained` stage: the shipped model (`fer_mlflow.pretrained`) put into the user's tracking
-store and registry.
+"""The `pretrained` stage: a shipped model (`fer_mlflow.pretrained`: ``accurate`` by default, or
+``fast``) put into the user's tracking store and registry.
 
 A run in the ``fer2013`` experiment (the recorded params, curves and metrics, the model, its lineage
 as tags), an evaluation of it (the recorded PublicTest scores, or scored afresh on `data` when
-given), then the version registered under ``fer-emotion`` with the alias ``pretrained``, and
+given), then the version registered under ``fer-emotion`` with the alias ``pretrained`` (the
+``fast`` variant: ``pretrained-fast``), and
 ``champion`` only by promote's rules (`promote.consider`): when there is none yet, or when it scores
 better on the same test data. Run again, it registers nothing new.
 """
@@ -18,7 +19,17 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from fer_mlflow.pretrained import SHA_TAG, served_arguments, checked_model_file, describe, keras_model, record
+from fer_mlflow.pretrained import (
+    DEFAULT_VARIANT,
+    SHA_TAG,
+    card_page,
+    check_variant,
+    checked_model_file,
+    describe,
+    keras_model,
+    record,
+    served_arguments,
+)
 from fer_mlflow.tracking.names import (
     CHAMPION_CHANGED_TAG,
     DATA_DIGEST_TAG,
@@ -37,8 +48,13 @@ from fer_mlflow.tracking.names import (
 )
 from fer_mlflow.tracking.runs import DATA_EXPERIMENT, DATA_MODEL, log_params, stage_run
 
-ALIAS = "pretrained"
+ALIAS = "pretrained"  # the default variant's alias; another variant's is ALIAS-<variant>
 STAGE = "pretrained"
+
+
+def alias(variant: str = DEFAULT_VARIANT) -> str:
+    """The registry alias of the shipped `variant`."""
+    return ALIAS if check_variant(variant) == DEFAULT_VARIANT else f"{ALIAS}-{variant}"
 
 
 @dataclass
@@ -51,14 +67,14 @@ class PretrainedOutcome:
     message: str
 
 
-def run(data: str = "") -> PretrainedOutcome:
-    """Put the shipped model into this tracking store and registry (see the module docstring).
+def run(data: str = "", variant: str = DEFAULT_VARIANT) -> PretrainedOutcome:
+    """Put the shipped `variant` into this tracking store and registry (see the module docstring).
     `data`: test data to score it on afresh (any source `evaluate` reads); empty: its recorded
     PublicTest scores."""
-    found = record()
-    checked_model_file()
+    found = record(variant)
+    checked_model_file(variant)
     try:
-        return _run(found, data)
+        return _run(found, data, variant)
     except MlflowException as error:
         from fer_mlflow.errors import FerError, RegistryError
         from fer_mlflow.tracking.registry import first_line
@@ -70,25 +86,25 @@ def run(data: str = "") -> PretrainedOutcome:
                             "twice, and promote's aliases are put back when their writing fails)") from error
 
 
-def _run(found: dict, data: str) -> PretrainedOutcome:
+def _run(found: dict, data: str, variant: str) -> PretrainedOutcome:
     from fer_mlflow.stages import promote
     from fer_mlflow.tracking.registry import alias_version
 
     client = MlflowClient()
     with stage_run(STAGE, f"pretrained {found['title']}", {SHA_TAG: found["sha256"]},
                    experiment=DATA_EXPERIMENT) as active:
-        log_params({"data": data})
+        log_params({"data": data, "variant": variant})
         earlier = _logged_before(client, found["sha256"], active.info.run_id)
         if earlier is None:
-            _log_training(found)
+            _log_training(found, variant)
             training = active.info.run_id
         else:
             training = earlier.info.run_id
             mlflow.set_tags({"fer.pretrained_run": training, "mlflow.runName": f"pretrained (already in run {training[:8]})"})
             registered = _registered_before(client, training)
             if registered is not None and not data:
-                _set_alias(client, registered)
-                message = (f"the shipped model is already {DATA_MODEL} v{registered} (alias {ALIAS}, run "
+                _set_alias(client, registered, variant)
+                message = (f"the shipped model is already {DATA_MODEL} v{registered} (alias {alias(variant)}, run "
                            f"{training}); nothing new registered")
                 champion = alias_version(client, DATA_MODEL, promote.CHAMPION)
                 return PretrainedOutcome(training, registered, champion is not None and str(champion.version) == registered,
@@ -97,10 +113,10 @@ def _run(found: dict, data: str) -> PretrainedOutcome:
         evaluate_champion = bool(data) or Path(evaluation.data.params.get("data_uri", "")).exists()
         version, changed, decided = promote.consider(evaluation, "test_accuracy", DATA_MODEL, evaluate_champion)
         version = str(version)
-        _set_alias(client, version)
+        _set_alias(client, version, variant)
         champion = alias_version(client, DATA_MODEL, promote.CHAMPION)
         mlflow.set_tags({"fer.registered_version": version, CHAMPION_CHANGED_TAG: str(changed).lower()})
-        message = f"registered {describe()} as {DATA_MODEL} v{version} (alias {ALIAS}); {decided}"
+        message = f"registered {describe(variant)} as {DATA_MODEL} v{version} (alias {alias(variant)}); {decided}"
         return PretrainedOutcome(training, version, champion is not None and str(champion.version) == version, message)
 
 
@@ -121,13 +137,13 @@ def _registered_before(client: MlflowClient, training: str) -> str | None:
     return str(found[0].version) if found else None
 
 
-def _set_alias(client: MlflowClient, version: str) -> None:
+def _set_alias(client: MlflowClient, version: str, variant: str) -> None:
     from fer_mlflow.tracking.registry import retrying
 
-    retrying(client.set_registered_model_alias, DATA_MODEL, ALIAS, version)
+    retrying(client.set_registered_model_alias, DATA_MODEL, alias(variant), version)
 
 
-def _log_training(found: dict) -> None:
+def _log_training(found: dict, variant: str) -> None:
     """Log the shipped model's training to the active run: its params, per-epoch curves, final
     metrics, curves figure, lineage tags and the served model."""
     import matplotlib.pyplot as plt
@@ -150,13 +166,13 @@ def _log_training(found: dict) -> None:
     mlflow.log_figure(figure, "figures/training_curves.png")
     plt.close(figure)
     mlflow.log_dict(found, "pretrained_record.json")
-    info = pyfunc_model.log_model(keras_model(), name="model", **served_arguments())
+    info = pyfunc_model.log_model(keras_model(variant), name="model", **served_arguments(variant))
     mlflow.set_tags({
         MODEL_URI_TAG: info.model_uri, MODEL_TAG: found["model"], MODEL_FAMILY_TAG: found["model_family"],
         DATA_TAG: training["data"], DATA_DIGEST_TAG: training["data_digest"], DEMO_TAG: "false",
-        "fer.pretrained": "true", "fer.made_at_commit": found["made"]["commit"],
+        "fer.pretrained": "true", "fer.pretrained_variant": variant, "fer.made_at_commit": found["made"]["commit"],
         "fer.made_in_run": training["run_id"],
-        "mlflow.note.content": _note(found),
+        "mlflow.note.content": _note(found, variant),
     })
 
 
@@ -212,16 +228,16 @@ def _log_confusion(scored: dict) -> None:
         plt.close(figure)
 
 
-def _note(found: dict) -> str:
+def _note(found: dict, variant: str) -> str:
     """The run's description in the UI: what the model is and where its card is."""
     scored = found["evaluation"]
     return "\n".join([
-        f"**The shipped model**: {found['title']}, trained by this project on `{found['training']['data']}` "
+        f"**The shipped model** ({variant}): {found['title']}, trained by this project on `{found['training']['data']}` "
         f"(digest `{found['training']['data_digest']}`) in {found['training']['minutes']:.0f} minutes, "
         f"{found['training']['epochs']} epochs, at commit `{found['made']['commit']}`.",
         "",
         f"- {scored['split']}_accuracy **{scored['metrics']['test_accuracy']:.4f}** on {scored['data']} "
         f"{scored['part']} ({scored['images']} faces) as served ({found['settings_described']})",
         f"- SHA-256 of model.keras: `{found['sha256']}`",
-        "- model card: docs/model-card.md in the project",
+        f"- model card: docs/{card_page(variant)} in the project",
     ])
