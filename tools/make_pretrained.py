@@ -6,8 +6,9 @@
 
 What it does, all of it with the project's own code:
 1. chooses how the model serves on the *validation* split of the run's own data: on the face alone
-   or with the default ten test-time views, whichever is more accurate there; fits the temperature
-   for that choice on the same split (`calibration`);
+   or with the default ten test-time views, whichever is more accurate there (`--views plain` keeps
+   a variant made for speed on the face alone; both are still scored and recorded); fits the
+   temperature for that choice on the same split (`calibration`);
 2. logs that served model to a run of its own and scores it with the `evaluate` stage on the test
    split of `--data` (PublicTest for the FER2013 zip): what a user's `pretrained` reports;
 3. writes model.keras (the network) and record.json (how it was made, the choices with their
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="the test data (PublicTest: the FER2013 zip)")
     parser.add_argument("--title", required=True, help="a few words naming the model")
     parser.add_argument("--variant", required=True, choices=VARIANTS, help="which shipped model it becomes")
+    parser.add_argument("--views", default="best", choices=("best", "plain"),
+                        help="best: the face alone or ten views, whichever scores higher on validation; plain: the face alone")
     parser.add_argument("--command", action="append", default=[], help="a command that made it (repeat)")
     args = parser.parse_args()
 
@@ -70,7 +73,8 @@ def main() -> None:
             "val_ece": calibration.expected_calibration_error(calibration.tempered(probabilities, temperature),
                                                               val.labels)}
         print(settings.key, choices[settings.key])
-    chosen = max(choices.values(), key=lambda c: c["val_accuracy"])
+    considered = [views.Settings().key] if args.views == "plain" else list(choices)
+    chosen = max((choices[key] for key in considered), key=lambda c: c["val_accuracy"])
     settings = views.Settings(**chosen["settings"])
 
     mlflow.set_experiment("pretrained-making")
@@ -120,7 +124,7 @@ def main() -> None:
             "metrics": {k: train.data.metrics[k] for k in FINAL if k in train.data.metrics},
             "history": history,
         },
-        "validation": {"images": len(val), "choices": choices, "chosen": settings.key},
+        "validation": {"images": len(val), "choices": choices, "considered": considered, "chosen": settings.key},
         "evaluation": {
             "split": "test", "part": "PublicTest", "data": evaluation.data.tags["fer.data"],
             "data_uri": args.data, "digest": scored.test_digest, "images": int(evaluation.data.params["images"]),

@@ -66,7 +66,9 @@ def render(variant: str = DEFAULT_VARIANT) -> str:
         "",
         "- Serving choice, on validation data ("
         + "; ".join(f"`{key}`: val_accuracy {c['val_accuracy']:.4f}" for key, c in choices.items())
-        + f"): `{found['validation']['chosen']}`.",
+        + f"): `{found['validation']['chosen']}`"
+        + (" (the face alone by purpose: ten views cost ten network passes a face)."
+           if len(found["validation"].get("considered", choices)) == 1 else "."),
         f"- SHA-256 of `model.keras`: `{found['sha256']}` (checked each time it is loaded).",
         "",
         f"## Accuracy on PublicTest ({test['images']:,} faces, as served)",
