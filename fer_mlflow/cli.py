@@ -28,7 +28,7 @@ Probability = click.FloatRange(0.0, 1.0)
 # models.MODEL_NAMES, written out so that the command line answers without importing Keras.
 MODELS = click.Choice(["cnn", "cnn_shallow", "cnn_deep", "resnet50", "resnet101", "resnet152"])
 # pretrained.VARIANTS, likewise without importing MLflow.
-VARIANTS = click.Choice(["accurate"])
+VARIANTS = click.Choice(["accurate", "fast"])
 
 
 class Auto(click.ParamType):

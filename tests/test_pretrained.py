@@ -95,6 +95,24 @@ def test_pretrained_registers_the_shipped_model_once_as_served():
                                evaluate.predict_probabilities(f"runs:/{first.run_id}/model", crops), atol=1e-6)
 
 
+@pytest.mark.slow
+def test_the_fast_variant_registers_beside_the_accurate_one_under_its_own_alias():
+    accurate = pretrained_stage.run()
+    fast = pretrained_stage.run(variant="fast")
+    client = MlflowClient()
+    assert fast.version != accurate.version and "pretrained-fast" in fast.message
+    assert str(client.get_model_version_by_alias(DATA_MODEL, "pretrained-fast").version) == fast.version
+    assert str(client.get_model_version_by_alias(DATA_MODEL, "pretrained").version) == accurate.version
+    # champion by promote's rules: the better of the two on the same PublicTest
+    scores = {v: pretrained.record(v)["evaluation"]["metrics"]["test_accuracy"] for v in pretrained.VARIANTS}
+    assert fast.champion == (scores["fast"] > scores["accurate"])
+    assert client.get_run(fast.run_id).data.tags[pretrained.SHA_TAG] == pretrained.record("fast")["sha256"]
+    again = pretrained_stage.run(variant="fast")
+    assert again.version == fast.version and "nothing new" in again.message
+    served = mlflow.pyfunc.load_model(f"models:/{DATA_MODEL}@pretrained-fast")
+    assert not pyfunc_model.settings_of(served).tta  # made for speed: the face alone
+
+
 def _champion_scoring(score: float) -> str:
     """Registers a tiny model as champion of `DATA_MODEL` with `score` on the shipped model's test data."""
     with mlflow.start_run(experiment_id=experiment_id("fer2013")) as trained:

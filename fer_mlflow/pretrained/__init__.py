@@ -32,7 +32,7 @@ from fer_mlflow.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 FILES = Path(__file__).resolve().parent / "files"
-VARIANTS = ("accurate",)
+VARIANTS = ("accurate", "fast")
 DEFAULT_VARIANT = "accurate"
 MODEL_NAME, RECORD_NAME = "model.keras", "record.json"
 SHA_TAG = "fer.shipped_sha256"
