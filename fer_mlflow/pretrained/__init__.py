@@ -4,7 +4,8 @@ first answer needs no training.
 Two variants (`VARIANTS`): ``accurate`` (the default, the most accurate network the project has
 trained) and ``fast`` (a narrower network distilled from it: several times the crops a second, a few
 points less accurate; BENCHMARKS.md). ``files/<variant>/`` holds ``model.keras`` (the network: 48x48
-grey pixels 0..255 in, 7 probabilities out) and ``record.json``: how it was made (commands, commit, data and its digest, minutes and epochs, the
+grey pixels 0..255 in, 7 probabilities out) and ``record.json``: how it was made (commands, commit,
+data and its digest, minutes and epochs, the
 per-epoch curves), what it serves with (test-time views, temperature), its SHA-256, and its scores
 (validation, PublicTest as served: accuracy, F1, per class, confusion matrix, calibration). The
 model file is checked against that checksum each time it is read (`keras_model`).
@@ -36,6 +37,7 @@ VARIANTS = ("accurate", "fast")
 DEFAULT_VARIANT = "accurate"
 MODEL_NAME, RECORD_NAME = "model.keras", "record.json"
 SHA_TAG = "fer.shipped_sha256"
+ALIAS = "pretrained"  # the default variant's registry alias (`alias`)
 
 
 def check_variant(variant: str) -> str:
@@ -48,6 +50,11 @@ def check_variant(variant: str) -> str:
 def model_file(variant: str = DEFAULT_VARIANT) -> Path:
     """Where the shipped `variant`'s network is (``files/<variant>/model.keras``)."""
     return FILES / check_variant(variant) / MODEL_NAME
+
+
+def alias(variant: str = DEFAULT_VARIANT) -> str:
+    """The registry alias the ``pretrained`` stage gives the shipped `variant`: `ALIAS`, or ALIAS-<variant>."""
+    return ALIAS if check_variant(variant) == DEFAULT_VARIANT else f"{ALIAS}-{variant}"
 
 
 def card_page(variant: str = DEFAULT_VARIANT) -> str:

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from fer_mlflow.pretrained import DEFAULT_VARIANT, VARIANTS, card_page, record
+from fer_mlflow.pretrained import DEFAULT_VARIANT, VARIANTS, alias, card_page, record
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -145,14 +145,14 @@ def _registered(variant: str) -> str:
     """How a user gets the shipped `variant`: its command and alias."""
     if variant == DEFAULT_VARIANT:
         others = [f"[the {other} variant]({card_page(other)})" for other in VARIANTS if other != variant]
-        return ("`fer-mlflow pretrained` registers it as `models:/fer-emotion@pretrained` (and `@champion` when "
+        return (f"`fer-mlflow pretrained` registers it as `models:/fer-emotion@{alias(variant)}` (and `@champion` when "
                 "it is the best on the same test data); `fer-mlflow predict` uses it when no champion is "
                 "registered." + (f" Narrower networks distilled from it serve faster: {', '.join(others)}."
                                  if others else ""))
-    return (f"`fer-mlflow pretrained --variant {variant}` registers it as `models:/fer-emotion@pretrained-{variant}` "
+    return (f"`fer-mlflow pretrained --variant {variant}` registers it as `models:/fer-emotion@{alias(variant)}` "
             "(and `@champion` only by the same rules: when there is none yet, or when it scores better on the same "
-            "test data). It is a narrower network distilled from [the accurate variant](model-card.md): "
-            "faster to serve, less accurate.")
+            f"test data). It is a narrower network distilled from [the {DEFAULT_VARIANT} variant]"
+            f"({card_page(DEFAULT_VARIANT)}): faster to serve, less accurate.")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.pretrained import (
+    ALIAS,
     DEFAULT_VARIANT,
     SHA_TAG,
+    alias,
     card_page,
-    check_variant,
     checked_model_file,
     describe,
     keras_model,
@@ -48,13 +49,7 @@ from fer_mlflow.tracking.names import (
 )
 from fer_mlflow.tracking.runs import DATA_EXPERIMENT, DATA_MODEL, log_params, stage_run
 
-ALIAS = "pretrained"  # the default variant's alias; another variant's is ALIAS-<variant>
 STAGE = "pretrained"
-
-
-def alias(variant: str = DEFAULT_VARIANT) -> str:
-    """The registry alias of the shipped `variant`."""
-    return ALIAS if check_variant(variant) == DEFAULT_VARIANT else f"{ALIAS}-{variant}"
 
 
 @dataclass
