@@ -1,5 +1,5 @@
 """Knowledge distillation: `train -P teacher=<model>` mixes the teacher's served probabilities into
-the training targets."""
+the training targets; `train -P init=<model>` starts from a logged model's weights (fine-tuning)."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ def test_a_student_trains_on_its_teachers_served_probabilities(tiny_npz, monkeyp
     seen = {}
     original = train._fit
 
-    def recording_fit(config, train_split, val, replicas, plan, extra=(), teaching=None):
+    def recording_fit(config, train_split, val, replicas, plan, extra=(), teaching=None, initial=None):
         seen["targets"], seen["labels"] = teaching, train_split.labels
-        return original(config, train_split, val, replicas, plan, extra, teaching)
+        return original(config, train_split, val, replicas, plan, extra, teaching, initial)
 
     monkeypatch.setattr(train, "_fit", recording_fit)
     student = train.run(train.TrainConfig(model="cnn", data=teacher.data_uri, epochs=1, batch_size=32,
@@ -58,3 +58,31 @@ def test_a_teacher_that_cannot_be_loaded_is_one_line_and_no_run(tiny_npz, capsys
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "runs:/0123456789abcdef/model" in errors[0]
     assert not MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+
+
+@pytest.mark.slow
+def test_init_starts_training_from_a_logged_models_weights(tiny_npz):
+    first = train.run(train.TrainConfig(model="cnn", data=tiny_npz, epochs=1, batch_size=32, widths=(8, 16)))
+    # A rate of zero keeps the weights where they start: the logged network is the one it began from.
+    tuned = train.run(train.TrainConfig(model="cnn", data=first.data_uri, epochs=1, batch_size=32, widths=(8, 16),
+                                        init=first.model_uri, learning_rate=0.0))
+    started, ended = (pyfunc_model.keras_model_of(load_model(uri)).get_weights()
+                      for uri in (first.model_uri, tuned.model_uri))
+    # The kernels; batch normalisation's moving statistics go on following the training batches.
+    assert all(np.array_equal(a, b) for a, b in zip(started, ended) if a.ndim > 1)
+    params = MlflowClient().get_run(tuned.run_id).data.params
+    assert params["init"] == first.model_uri and params["weights_used"] == f"{first.model_uri} (init)"
+    scratch = train.run(train.TrainConfig(model="cnn", data=first.data_uri, epochs=1, batch_size=32, widths=(8, 16),
+                                          learning_rate=0.0, seed=1))
+    assert not np.array_equal(pyfunc_model.keras_model_of(load_model(scratch.model_uri)).get_weights()[0], started[0])
+
+
+def test_init_of_another_network_is_one_line_and_no_run(tiny_npz, capsys):
+    first = train.run(train.TrainConfig(model="cnn", data=tiny_npz, epochs=1, batch_size=32, widths=(8, 16)))
+    before = len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", first.data_uri, "--epochs", "1", "--widths", "8,16,32", "--init", first.model_uri])
+    assert exit_info.value.code != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and first.model_uri in errors[0] and "widths 8,16,32" in errors[0]
+    assert len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])) == before

@@ -56,6 +56,7 @@ class TrainConfig:
     strategy: str = "default"  # default | mirrored | multi_worker (TF_CONFIG: `learning.distribution`)
     checkpoint_minutes: float = 5.0  # log the training state at most this often (0: every epoch)
     resume: str = ""  # a stopped training run's id: go on from its last checkpoint, in that run
+    init: str = ""  # a logged model of the same network whose weights training starts from (fine-tuning)
     teacher: str = ""  # a logged model (or ensemble) whose served probabilities are soft targets
     distill_alpha: float = 0.5  # the teacher's share of each target, the labels' the rest
     distill_temperature: float = 2.0  # the teacher's probabilities softened by this (`calibration.tempered`)

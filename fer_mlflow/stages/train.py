@@ -112,6 +112,7 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
         plan = CheckpointPlan(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
         previous = _resumable(config, plan) if config.resume else None
         teacher = _load_teacher(config.teacher) if config.teacher else None  # a bad URI: before any run
+        initial = _initial_weights(config) if config.init and not config.resume else None
         with stage_run("train", run_name(config, label), tags, nested=nested, experiment=experiment,
                        resume=config.resume or None) as active:
             if previous is not None:
@@ -123,7 +124,7 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
             _log_replicas(config, strategy)
             teaching = _teacher_targets(config, teacher, dataset, train) if teacher is not None else None
             model, history, seen, seconds = _fit_until_stopped(config, train, val, strategy, plan,
-                                                               tuple(callbacks), teaching)
+                                                               tuple(callbacks), teaching, initial)
             run_id = active.info.run_id
             if interrupts.pending():
                 log.warning("%s: logging the best model so far, then ending the run KILLED; go on with "
@@ -169,7 +170,8 @@ def _log_replicas(config: TrainConfig, strategy) -> None:
 
 
 def _fit_until_stopped(config: TrainConfig, train, val, strategy, plan: CheckpointPlan, extra: tuple,
-                       teaching: np.ndarray | None) -> tuple[keras.Model, dict, int, float]:
+                       teaching: np.ndarray | None,
+                       initial: list[np.ndarray] | None) -> tuple[keras.Model, dict, int, float]:
     """`_fit` within `strategy`'s scope, SIGINT and SIGTERM deferred: either ends the fit after the
     current batch (`interrupts.pending()` then says which). Returns what `_fit` does and the
     training seconds, earlier sessions' included.
@@ -181,7 +183,8 @@ def _fit_until_stopped(config: TrainConfig, train, val, strategy, plan: Checkpoi
     plan.started = time.perf_counter() - (plan.resumed.train_seconds if plan.resumed else 0.0)
     try:
         with strategy.scope(), interrupts.deferred():
-            model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan, extra, teaching)
+            model, history, seen = _fit(config, train, val, strategy.num_replicas_in_sync, plan, extra, teaching,
+                                        initial)
     except Stopped:
         raise
     except BaseException:
@@ -216,6 +219,22 @@ def _log_model(model: keras.Model, dataset, val) -> None:
     info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
                                   example_image=val.images[0], temperature=temperature)
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+
+
+def _initial_weights(config: TrainConfig) -> list[np.ndarray]:
+    """The weights of the network inside the logged model ``config.init``, to start training
+    from; ConfigError in one line when it cannot be loaded or is not the network `config` builds."""
+    from fer_mlflow.tracking.registry import load_model
+
+    initial = pyfunc_model.keras_model_of(load_model(config.init)).get_weights()
+    network = models.build_model(config.model, image_size=config.image_size, widths=config.widths,
+                                 dropout=config.dropout, weights="none")
+    shapes = [tuple(w.shape) for w in network.get_weights()]
+    if shapes != [tuple(w.shape) for w in initial]:
+        widths = f" of widths {','.join(map(str, config.widths))}" if config.model == "cnn" else ""
+        raise ConfigError(f"init {config.init} is not the {config.model} network{widths} at {config.image_size} "
+                          "pixels that this run builds; pass the model, widths and image_size it was trained with")
+    return initial
 
 
 def _load_teacher(model_uri: str):
@@ -400,13 +419,15 @@ class _Fitting:
 
 
 def _fit(config: TrainConfig, train, val, replicas: int, plan: CheckpointPlan,
-         extra: tuple = (), teaching: np.ndarray | None = None) -> tuple[keras.Model, dict, int]:
+         extra: tuple = (), teaching: np.ndarray | None = None,
+         initial: list[np.ndarray] | None = None) -> tuple[keras.Model, dict, int]:
     """Build and fit the model (from `plan.resumed` on, if given), with the caller's `extra`
     callbacks in every phase; returns it with the weights of its best validation epoch (over both
     phases of a pretrained ResNet), the merged history and the images seen. `teaching`: the
-    train split's targets mixed with a teacher's (`_teacher_targets`), else the labels alone."""
+    train split's targets mixed with a teacher's (`_teacher_targets`), else the labels alone.
+    `initial`: the weights to start from (``init``), trained in one phase."""
     fitting = _Fitting.of(config, train, val, replicas, plan, extra, teaching)
-    model, pretrained = _build_network(config, resuming=plan.resumed is not None)
+    model, pretrained = _build_network(config, resuming=plan.resumed is not None, initial=initial)
     if pretrained is None:
         history = _fit_in_one_phase(fitting, model)
     else:
@@ -414,10 +435,20 @@ def _fit(config: TrainConfig, train, val, replicas: int, plan: CheckpointPlan,
     return model, history, fitting.counter.seen
 
 
-def _build_network(config: TrainConfig, resuming: bool) -> tuple[keras.Model, models.ResNetParts | None]:
+def _build_network(config: TrainConfig, resuming: bool,
+                   initial: list[np.ndarray] | None = None) -> tuple[keras.Model, models.ResNetParts | None]:
     """The network `config` names, and its parts when it is a ResNet with pretrained weights (to
     train in two phases), else None. Logs the params ``weights_used`` and ``num_params``
-    (`log_machine_params`); warns when a ResNet starts from scratch (not again on resuming)."""
+    (`log_machine_params`); warns when a ResNet starts from scratch (not again on resuming).
+    With `initial` (or on resuming a run that had it) the network starts from `config.init`'s
+    weights, in one phase; ConfigError when that network's shapes differ from this one's."""
+    if config.init:
+        model = models.build_model(config.model, image_size=config.image_size, widths=config.widths,
+                                   dropout=config.dropout, weights="none")
+        if initial is not None:
+            model.set_weights(initial)
+        log_machine_params({"weights_used": f"{config.init} (init)", "num_params": model.count_params()})
+        return model, None
     if config.model in models.RESNET_NAMES:
         with warnings.catch_warnings():  # the fallback to random weights is logged below, once
             warnings.filterwarnings("ignore", message="weights=auto", category=UserWarning)
