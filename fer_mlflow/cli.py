@@ -15,7 +15,7 @@ import click
 from fer_mlflow.tracking import credentials
 from fer_mlflow.learning import interrupts
 from fer_mlflow import quiet
-from fer_mlflow.errors import ConfigError, FerError, check_widths
+from fer_mlflow.errors import ConfigError, FerError, check_convs, check_widths
 from fer_mlflow.serving.faces import CHOICES, MAX_FACES, MIN_FACE
 from fer_mlflow.data.media import FRAMES_PER_SECOND
 from fer_mlflow.serving.views import BATCH_SIZE, TTA_ROTATION, TTA_SHIFT, TTA_ZOOM
@@ -59,6 +59,22 @@ class Widths(click.ParamType):
             return check_widths(tuple(int(part) for part in str(value).split(",")))
         except ValueError:
             self.fail(f"{value!r} is not channel counts separated by commas, e.g. 16,32,128,256", param, ctx)
+        except ConfigError as error:
+            self.fail(str(error), param, ctx)
+
+
+class Convs(click.ParamType):
+    """Convolutions per block of the cnn, one count for all blocks (2) or one per block (1,1,1,2)."""
+
+    name = "convs"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return check_convs(tuple(int(part) for part in str(value).split(",")))
+        except ValueError:
+            self.fail(f"{value!r} is not counts separated by commas, e.g. 2 or 1,1,1,2", param, ctx)
         except ConfigError as error:
             self.fail(str(error), param, ctx)
 
@@ -144,6 +160,9 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
               type=click.FloatRange(min=0, min_open=True), help="Phase 2 learning rate.")
 @click.option("--widths", default="20,40,80,160", show_default=True, type=Widths(),
               help="cnn only: channels of each of its blocks, e.g. 16,32,128,256 (one entry per block).")
+@click.option("--convs", default="2", show_default=True, type=Convs(),
+              help="cnn only: convolutions in each block, one count for all (2) or one per block (1,1,1,2): "
+                   "fewer serve faster.")
 @click.option("--dropout", default="auto", show_default=True,
               type=Auto(click.FloatRange(0, 1, max_open=True)),
               help="Dropout rate (cnn: after each block; ResNets: in the head); auto: the model's default.")

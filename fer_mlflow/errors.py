@@ -18,6 +18,7 @@ class RegistryError(FerError):
 
 
 MAX_CNN_BLOCKS = 5  # 48 pixels pooled 2x2 five times is 1x1
+MAX_CNN_CONVS = 4  # convolutions in one block of the cnn
 
 
 def check_widths(widths: tuple[int, ...]) -> tuple[int, ...]:
@@ -29,3 +30,19 @@ def check_widths(widths: tuple[int, ...]) -> tuple[int, ...]:
         raise ConfigError(f"widths must be 1 to {MAX_CNN_BLOCKS} positive channel counts, one per block, "
                           f"e.g. 16,32,128,256; got {','.join(map(str, widths)) or 'none'}")
     return widths
+
+
+def check_convs(convs: tuple[int, ...], widths: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The cnn's `convs` (convolutions per block: one count for every block, or one per block) if
+    valid, else a ConfigError; with `widths`, spelled out to one count per block."""
+    if not convs or min(convs) < 1 or max(convs) > MAX_CNN_CONVS:
+        raise ConfigError(f"convs must be counts of 1 to {MAX_CNN_CONVS} convolutions per block, e.g. 2 or "
+                          f"1,1,1,2; got {','.join(map(str, convs)) or 'none'}")
+    if widths is None:
+        return convs
+    if len(convs) == 1:
+        return convs * len(widths)
+    if len(convs) != len(widths):
+        raise ConfigError(f"convs={','.join(map(str, convs))} gives {len(convs)} blocks but widths="
+                          f"{','.join(map(str, widths))} {len(widths)}; give one count per width, or one for all")
+    return convs

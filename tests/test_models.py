@@ -187,3 +187,15 @@ def test_saved_model_serves_raw_pixels(name, built, pixels, tmp_path):
     np.testing.assert_allclose(
         np.asarray(reloaded(pixels, training=False)), np.asarray(model(pixels, training=False)), atol=1e-6
     )
+
+
+def test_cnn_convs_set_each_blocks_depth_and_a_mismatch_is_refused():
+    model = models.build_cnn(widths=(8, 16, 24), convs=(1, 1, 2))
+    convs = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs == ["block1_conv1", "block2_conv1", "block3_conv1", "block3_conv2"]
+    every = models.build_cnn(widths=(8, 16), convs=(3,))
+    assert sum(isinstance(layer, keras.layers.Conv2D) for layer in every.layers) == 6
+    with pytest.raises(ConfigError, match="convs=1,2 gives 2 blocks but widths=8,16,24 3"):
+        models.build_cnn(widths=(8, 16, 24), convs=(1, 2))
+    with pytest.raises(ConfigError, match="convs"):
+        models.build_cnn(widths=(8,), convs=(0,))

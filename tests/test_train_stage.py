@@ -284,6 +284,8 @@ def test_imagenet_offline_is_one_clear_line(tiny_npz, capsys):
     (["--time-budget", "-1"], "--time-budget"),
     (["--widths", "16,x"], "--widths"),
     (["--widths", "16,0"], "--widths"),
+    (["--convs", "1,x"], "--convs"),
+    (["--convs", "5"], "--convs"),
 ])
 def test_bad_train_options_are_one_line(args, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -291,6 +293,15 @@ def test_bad_train_options_are_one_line(args, expected, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0]
+
+
+def test_convs_that_do_not_match_the_widths_are_one_line_and_no_run(tiny_npz, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", tiny_npz, "--widths", "8,16", "--convs", "1,2,3"])
+    assert exit_info.value.code != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "convs=1,2,3" in errors[0] and "widths=8,16" in errors[0]
+    assert not all_runs()
 
 
 @pytest.mark.slow  # over 10 s: keeps -m 'not slow' under 3 minutes

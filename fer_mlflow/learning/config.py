@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fer_mlflow.errors import ConfigError
+from fer_mlflow.errors import ConfigError, check_convs
 from fer_mlflow.learning import models
 from fer_mlflow.learning.inputs import Augmentation
 
@@ -45,6 +45,7 @@ class TrainConfig:
     fine_tune_layers: int = 30  # ...how many top backbone layers phase 2 unfreezes
     fine_tune_learning_rate: float = 1e-5
     widths: tuple[int, ...] = models.CNN_WIDTHS  # cnn only: channels of each block (models.build_cnn)
+    convs: tuple[int, ...] = (2,)  # cnn only: convolutions in each block, one count for all or one per block
     dropout: float | None = None  # None: models.DEFAULT_DROPOUT[model]
     shift: float = 0.1
     flip: bool = True
@@ -79,6 +80,8 @@ class TrainConfig:
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise ConfigError(f"distill_alpha={self.distill_alpha} must lie in 0..1 and distill_temperature="
                               f"{self.distill_temperature} be above 0")
+        if self.model == "cnn":
+            check_convs(self.convs, self.widths)  # kept as given (2: every block), so a resumed run's match
         if self.time_budget < 0:
             raise ConfigError(f"time_budget={self.time_budget} is negative; give minutes of training, or 0 for none")
         if self.strategy == "multi_worker" and self.teacher:

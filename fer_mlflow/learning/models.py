@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from fer_mlflow.errors import ConfigError, check_widths
+from fer_mlflow.errors import ConfigError, check_convs, check_widths
 
 INPUT_SHAPE = (48, 48, 1)
 NUM_CLASSES = 7
@@ -121,10 +121,12 @@ def build_cnn(
     widths: tuple[int, ...] = CNN_WIDTHS,
     dropout: float = DEFAULT_DROPOUT["cnn"],
     head_dropout: float = 0.4,
+    convs: tuple[int, ...] = (2,),
     image_size: int = 48,
     num_classes: int = NUM_CLASSES,
 ) -> keras.Model:
-    """The project's default: VGG-style, one block of two conv3x3-BN-ReLU per entry of `widths`.
+    """The project's default: VGG-style, one block of two conv3x3-BN-ReLU per entry of `widths`
+    (`convs`: how many in each block, one count for all or one per block; fewer is faster).
 
     Each block ends in 2x2 max-pooling and `dropout` (0 by default: in its hour-sized budget the
     network underfits, and block dropout 0.2 scored 2.3 points lower on validation data,
@@ -141,10 +143,11 @@ def build_cnn(
     better (BENCHMARKS.md).
     """
     check_widths(widths)
+    convs = check_convs(convs, widths)
     inputs, x = _pixels(image_size)
     x = layers.Rescaling(1 / 255)(x)
-    for block, width in enumerate(widths, start=1):
-        for conv in (1, 2):
+    for block, (width, count) in enumerate(zip(widths, convs), start=1):
+        for conv in range(1, count + 1):
             name = f"block{block}_conv{conv}"
             # No bias: the BatchNormalization that follows has its own offset.
             x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=name)(x)
@@ -315,11 +318,12 @@ def build_model(
     num_classes: int = NUM_CLASSES,
     widths: tuple[int, ...] = CNN_WIDTHS,
     dropout: float | None = None,
+    convs: tuple[int, ...] = (2,),
 ) -> keras.Model:
     """The end-to-end model `name` (one of MODEL_NAMES); `image_size` None means its default.
 
     `weights` applies to the ResNets only (see `resolve_weights`); for the CNNs it must be "auto" or
-    "none". `widths` applies to `cnn` only; `dropout` None keeps each builder's default.
+    "none". `widths` and `convs` apply to `cnn` only; `dropout` None keeps each builder's default.
     Use `build_resnet` instead to get the ResNet's parts and the description of its weights.
     """
     if name not in MODEL_NAMES:
@@ -334,6 +338,6 @@ def build_model(
             "so use weights=auto or weights=none"
         )
     if name == "cnn":
-        return build_cnn(widths=widths, image_size=size, num_classes=num_classes, **options)
+        return build_cnn(widths=widths, image_size=size, num_classes=num_classes, convs=convs, **options)
     builder = build_cnn_shallow if name == "cnn_shallow" else build_cnn_deep
     return builder(image_size=size, num_classes=num_classes, **options)

@@ -228,12 +228,13 @@ def _initial_weights(config: TrainConfig) -> list[np.ndarray]:
 
     initial = pyfunc_model.keras_model_of(load_model(config.init)).get_weights()
     network = models.build_model(config.model, image_size=config.image_size, widths=config.widths,
-                                 dropout=config.dropout, weights="none")
+                                 convs=config.convs, dropout=config.dropout, weights="none")
     shapes = [tuple(w.shape) for w in network.get_weights()]
     if shapes != [tuple(w.shape) for w in initial]:
-        widths = f" of widths {','.join(map(str, config.widths))}" if config.model == "cnn" else ""
+        widths = (f" of widths {','.join(map(str, config.widths))} and convs {','.join(map(str, config.convs))}"
+                  if config.model == "cnn" else "")
         raise ConfigError(f"init {config.init} is not the {config.model} network{widths} at {config.image_size} "
-                          "pixels that this run builds; pass the model, widths and image_size it was trained with")
+                          "pixels that this run builds; pass the model, widths, convs and image_size it was trained with")
     return initial
 
 
@@ -374,6 +375,8 @@ def run_name(config: TrainConfig, label: str) -> str:
     extras = [config.optimizer, f"lr={config.learning_rate:g}", length]
     if config.model == "cnn" and config.widths != models.CNN_WIDTHS:
         extras.append("widths=" + ",".join(map(str, config.widths)))
+    if config.model == "cnn" and set(config.convs) != {2}:
+        extras.append("convs=" + ",".join(map(str, config.convs)))
     if config.model in models.RESNET_NAMES:
         extras.append(f"weights={Path(config.weights).name}")
     return f"{config.model}-{label} " + " ".join(extras)
@@ -444,7 +447,7 @@ def _build_network(config: TrainConfig, resuming: bool,
     weights, in one phase; ConfigError when that network's shapes differ from this one's."""
     if config.init:
         model = models.build_model(config.model, image_size=config.image_size, widths=config.widths,
-                                   dropout=config.dropout, weights="none")
+                                   convs=config.convs, dropout=config.dropout, weights="none")
         if initial is not None:
             model.set_weights(initial)
         log_machine_params({"weights_used": f"{config.init} (init)", "num_params": model.count_params()})
@@ -457,7 +460,7 @@ def _build_network(config: TrainConfig, resuming: bool,
     else:
         parts = None
         model = models.build_model(config.model, image_size=config.image_size, widths=config.widths,
-                                   dropout=config.dropout,
+                                   convs=config.convs, dropout=config.dropout,
                                    weights="none" if config.weights == "auto" else config.weights)
         described = "none (trained from scratch)"
     log_machine_params({"weights_used": described, "num_params": model.count_params()})
