@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import mlflow
+import psutil
 from mlflow import MlflowClient
 from mlflow.exceptions import ExecutionException, MlflowException
 
@@ -26,6 +27,8 @@ from fer_mlflow.tracking.names import REGISTERED_MODEL_TAG
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+# How long a stopped step may take to log what it has and exit before it is killed outright.
+STOP_SECONDS = 180
 # Where `mlflow ui` serves by default.
 DEFAULT_UI = "http://127.0.0.1:5000"
 
@@ -110,7 +113,7 @@ class _Steps:
             # The step runs in its own process group, which a Ctrl-C on the terminal does not
             # reach: pass the stop on (SIGTERM; it logs what it has and ends KILLED) and wait.
             log.warning("stopping the %s step (run %s)", entry_point, child.info.run_id)
-            submitted.cancel()
+            _stop(submitted)
             self._end(child.info.run_id, "KILLED")
             raise
         if not succeeded:
@@ -122,3 +125,23 @@ class _Steps:
         """End the step's run with `status` unless it ended itself (a step killed outright cannot)."""
         if self.client.get_run(run_id).info.status == "RUNNING":
             self.client.set_terminated(run_id, status)
+
+
+def _stop(submitted) -> None:
+    """Stop a step and wait until every process of it has exited.
+
+    MLflow's `cancel` sends SIGTERM to the step's process group but waits only for the group's
+    leader (the shell): the training process beneath it, still logging its best model, would
+    outlive `main`. Each one gets `STOP_SECONDS` to finish, then SIGKILL."""
+    try:
+        leader = psutil.Process(submitted.command_proc.pid)
+        family = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    submitted.cancel()
+    _, alive = psutil.wait_procs(family, timeout=STOP_SECONDS)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
