@@ -196,6 +196,9 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
               help="With a teacher: its share of each training target; the label has the rest.")
 @click.option("--distill-temperature", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="With a teacher: its probabilities are softened by this temperature first.")
+@click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Weight averaging: validate, and keep, an exponential moving average of the weights with "
+                   "this momentum per step (e.g. 0.999); 0: off.")
 def train(**options) -> None:
     """Train one model on DATA and log parameters, per-epoch metrics, figures and the model."""
     from fer_mlflow.stages import train as stage

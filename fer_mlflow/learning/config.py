@@ -61,6 +61,7 @@ class TrainConfig:
     teacher: str = ""  # a logged model (or ensemble) whose served probabilities are soft targets
     distill_alpha: float = 0.5  # the teacher's share of each target, the labels' the rest
     distill_temperature: float = 2.0  # the teacher's probabilities softened by this (`calibration.tempered`)
+    ema: float = 0.0  # momentum of an exponential moving average of the weights (e.g. 0.999), validated and kept; 0: off
 
     @property
     def augmentation(self) -> Augmentation:
@@ -80,6 +81,9 @@ class TrainConfig:
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise ConfigError(f"distill_alpha={self.distill_alpha} must lie in 0..1 and distill_temperature="
                               f"{self.distill_temperature} be above 0")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema={self.ema} must lie in 0..1 (1 excluded): the moving average's momentum per "
+                              "step, e.g. 0.999, or 0 for none")
         if self.model == "cnn":
             check_convs(self.convs, self.widths)  # kept as given (2: every block), so a resumed run's match
         if self.time_budget < 0:

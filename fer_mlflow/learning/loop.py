@@ -41,13 +41,17 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
             for c in range(num_classes)}
 
 
-def optimizer(name: str, schedule: str, learning_rate: float, weight_decay: float, steps: int, warmup_steps: int):
+def optimizer(name: str, schedule: str, learning_rate: float, weight_decay: float, steps: int, warmup_steps: int,
+              ema: float = 0.0):
     """The optimizer `name` ("adamw", or "sgd": Nesterov momentum 0.9) for `learning_rate`.
 
     With `schedule` "cosine" the rate warms up linearly over `warmup_steps`, then decays to zero by
     `steps`; else it stays constant. Keras decouples `weight_decay` from the gradient in both
-    optimizers: each step shrinks the weights by learning rate x weight_decay.
+    optimizers: each step shrinks the weights by learning rate x weight_decay. With `ema` (a
+    momentum, 0 < ema < 1) the optimizer also keeps an exponential moving average of the trainable
+    weights, updated every step (Keras' own ``use_ema``; `AveragedWeights` validates it).
     """
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema else {}
     if schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(
             0.0 if warmup_steps else learning_rate, max(steps - warmup_steps, 1),
@@ -56,8 +60,8 @@ def optimizer(name: str, schedule: str, learning_rate: float, weight_decay: floa
     else:
         rate = learning_rate
     if name == "sgd":
-        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    return keras.optimizers.AdamW(rate, weight_decay=weight_decay)
+        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True, weight_decay=weight_decay, **averaging)
+    return keras.optimizers.AdamW(rate, weight_decay=weight_decay, **averaging)
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -109,6 +113,38 @@ class StopOnSignal(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if interrupts.pending():
             self.model.stop_training = True
+
+
+class AveragedWeights(keras.callbacks.Callback):
+    """Validates the optimizer's moving average of the weights (``use_ema``) instead of the weights
+    being trained: the average goes in as validation begins and stays through the epoch's end, so
+    early stopping keeps it as the best weights (and restores it at the end); then the trained
+    weights come back, for the next epoch and for the checkpoint (which holds the average among
+    the optimizer's variables). Place it after early stopping and before the checkpointer.
+
+    At the end of the fit Keras itself puts the average in (`finalize_variable_values`), before
+    early stopping restores the best epoch's average."""
+
+    def __init__(self):
+        super().__init__()
+        self.trained: list | None = None
+
+    def _variables(self) -> tuple[list, list]:
+        averages = self.model.optimizer._model_variables_moving_average  # Keras keeps no public name for them
+        return self.model.trainable_variables, averages
+
+    def on_test_begin(self, logs=None):
+        if self.trained is None and self.model.optimizer.built:
+            variables, averages = self._variables()
+            self.trained = [v.numpy() for v in variables]
+            for variable, average in zip(variables, averages, strict=True):
+                variable.assign(average)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.trained is not None:
+            for variable, value in zip(self.model.trainable_variables, self.trained, strict=True):
+                variable.assign(value)
+            self.trained = None
 
 
 class ImageCounter(keras.callbacks.Callback):

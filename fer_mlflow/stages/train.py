@@ -46,9 +46,9 @@ from fer_mlflow.learning.config import (  # noqa: F401  (train.TrainConfig and i
     DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULT_OPTIMIZER, DEFAULT_WEIGHT_DECAY, MAX_EPOCHS, TrainConfig,
 )
 from fer_mlflow.learning.loop import (
-    CHECKPOINT, CheckpointPlan, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping, StopOnSignal,
-    TimeBudget, TrainingState, save_arrays, class_weights, curves_figure, keep_best_of_phases, load_arrays,
-    make_strategy, optimizer, restore_model, soft_targets,
+    CHECKPOINT, AveragedWeights, CheckpointPlan, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping,
+    StopOnSignal, TimeBudget, TrainingState, save_arrays, class_weights, curves_figure, keep_best_of_phases,
+    load_arrays, make_strategy, optimizer, restore_model, soft_targets,
 )
 from fer_mlflow.tracking.names import (
     DATA_DIGEST_TAG,
@@ -551,8 +551,9 @@ def _phase(fitting: _Fitting, model: keras.Model, learning_rate: float, epochs: 
     plan.current = Checkpointer(plan.folder, plan.minutes, state, stop, counter, budget, plan.started)
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars in a terminal, a line per epoch in logs
     # shuffle=False: `train` shuffles itself (learning/inputs.py); Keras would ignore True, with a warning.
+    averaged = [AveragedWeights()] if config.ema else []  # between early stopping and the checkpoint
     model.fit(train, validation_data=val, epochs=epochs, initial_epoch=state.epoch, shuffle=False,
-              callbacks=[*callbacks, stop, plan.current], verbose=verbose)
+              callbacks=[*callbacks, stop, *averaged, plan.current], verbose=verbose)
     return state.history
 
 
@@ -563,7 +564,8 @@ def _compile(model: keras.Model, config: TrainConfig, schedule: str, learning_ra
     (`inputs.eval_dataset`), so accuracy and loss honour sample weights there."""
     replicated = tf.distribute.get_strategy().num_replicas_in_sync > 1
     model.compile(
-        optimizer=optimizer(config.optimizer, schedule, learning_rate, config.weight_decay, steps, warmup_steps),
+        optimizer=optimizer(config.optimizer, schedule, learning_rate, config.weight_decay, steps, warmup_steps,
+                            config.ema),
         loss=keras.losses.CategoricalCrossentropy(
             label_smoothing=config.label_smoothing,
             reduction="mean_with_sample_weight" if replicated else "sum_over_batch_size"),
