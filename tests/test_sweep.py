@@ -240,29 +240,6 @@ def test_two_workers_started_together_share_one_study_without_running_a_trial_tw
     _check_one_study(tracking, storage, workers=2, trials=6)
 
 
-@pytest.mark.slow
-def test_a_two_worker_sweep_on_a_team_server_backed_by_postgresql(tracking_server, postgres, postgres_server,
-                                                                  tiny_npz, monkeypatch, capsys):
-    """`workers=2` through `mlflow run`, the study in the team's PostgreSQL (its own database there:
-    Optuna and MLflow each keep an Alembic version table by the same name)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
-    mlflow.set_tracking_uri(tracking_server)
-    with pytest.raises(SystemExit):  # `postgres` is the server's own database
-        cli_main(["sweep", "--storage", postgres.replace("+psycopg2", ""), "--data", tiny_npz])
-    assert "give the study a database of its own" in capsys.readouterr().err
-    storage = postgres_server.database().replace("+psycopg2", "")  # a bare postgresql:// means psycopg2
-    done = mlflow_run("sweep", {"data": tiny_npz, "workers": 2, "storage": storage, "study": "shared",
-                                "trials": 4, "epochs": 1}, tracking_server)
-    assert done.returncode == 0, done.stderr[-4000:]
-    _check_one_study(tracking_server, storage, workers=2, trials=4)
-    parents = all_runs("tags.`fer.stage` = 'sweep'")
-    launcher = next(r for r in parents if r.data.tags["fer.sweep_worker"] == "0")
-    assert launcher.data.metrics["trials_complete"] + launcher.data.metrics["trials_pruned"] == 4
-    assert "***" not in storage and launcher.data.params["storage"] == storage  # no password to hide here
-    evaluation = MlflowClient().get_run(launcher.data.tags["fer.best_evaluation"])
-    assert evaluation.data.tags["fer.source_run"] == launcher.data.tags["fer.best_run"]
-
-
 SECRET = "s3cret-Pa55"  # a password for the tests below; it must turn up nowhere
 
 
@@ -396,16 +373,24 @@ def _command_lines(root: psutil.Process, seen: list, done: threading.Event) -> N
 
 
 @pytest.mark.slow
-def test_a_two_worker_sweep_takes_its_password_from_the_environment_and_shows_it_nowhere(
-        password_database, tiny_npz, tmp_path, tracking, monkeypatch):
-    """As the README says to run it: the password in PGPASSWORD, the URL without it. The study lives
-    in PostgreSQL behind that password; the password turns up in no param, tag or artifact (every
-    file of the tracking store), no line the sweep prints, and no command line of it or its workers."""
+def test_a_two_worker_sweep_on_a_team_server_takes_its_password_from_the_environment_and_shows_it_nowhere(
+        tracking_server, postgres, password_database, tiny_npz, tmp_path, monkeypatch, capsys):
+    """`workers=2` through `mlflow run` against a team's server (PostgreSQL behind it), as the README
+    says to run it: the study in a PostgreSQL database of its own (Optuna and MLflow each keep an
+    Alembic version table by the same name), its password in PGPASSWORD and the URL without it. The
+    password turns up in no param, tag or artifact (every file under the test's folder, the server's
+    artifacts included), no line the sweep prints, and no command line of it or its workers."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    mlflow.set_tracking_uri(tracking_server)
+    with pytest.raises(SystemExit):  # `postgres` is the tracking server's own database
+        cli_main(["sweep", "--storage", postgres.replace("+psycopg2", ""), "--data", tiny_npz])
+    assert "give the study a database of its own" in capsys.readouterr().err
+
     command = [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", "sweep", "--env-manager", "local"]
     for key, value in {"data": tiny_npz, "workers": 2, "storage": password_database, "study": "shared",
-                       "trials": 2, "epochs": 1, "evaluate": "false"}.items():
+                       "trials": 3, "epochs": 1}.items():
         command += ["-P", f"{key}={value}"]
-    process = subprocess.Popen(command, env={**os.environ, "MLFLOW_TRACKING_URI": tracking, "PGPASSWORD": SECRET},
+    process = subprocess.Popen(command, env={**os.environ, "PGPASSWORD": SECRET},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen, done = [], threading.Event()
     sampler = threading.Thread(target=_command_lines, args=(psutil.Process(process.pid), seen, done))
@@ -417,18 +402,23 @@ def test_a_two_worker_sweep_takes_its_password_from_the_environment_and_shows_it
         sampler.join()
     assert process.returncode == 0, output[-4000:]
     monkeypatch.setenv("PGPASSWORD", SECRET)  # to read the study back
-    _check_one_study(tracking, password_database, workers=2, trials=2)
+    _check_one_study(tracking_server, password_database, workers=2, trials=3)
+    parents = all_runs("tags.`fer.stage` = 'sweep'")
+    launcher = next(r for r in parents if r.data.tags["fer.sweep_worker"] == "0")
+    assert launcher.data.metrics["trials_complete"] + launcher.data.metrics["trials_pruned"] == 3
+    evaluation = MlflowClient().get_run(launcher.data.tags["fer.best_evaluation"])
+    assert evaluation.data.tags["fer.source_run"] == launcher.data.tags["fer.best_run"]
 
     assert SECRET not in output
     workers = [line for line in seen if "--worker-index" in line]
     assert workers and any("--storage" in line for line in workers)  # the started worker was seen
     assert not [line for line in seen if SECRET in " ".join(line)]
     runs = all_runs()
-    assert {r.data.params["storage"] for r in runs if r.data.tags["fer.stage"] == "sweep"} == {password_database}
+    assert {r.data.params["storage"] for r in parents} == {password_database}
     for run in runs:
         assert not [v for v in (*run.data.params.values(), *run.data.tags.values()) if SECRET in v], run.info.run_id
     files = [path for path in tmp_path.rglob("*") if path.is_file()]
-    assert any(path.name == "trials.csv" for path in files)  # the artifacts are among them
+    assert any(path.name == "trials.csv" for path in files)  # the server's artifacts are among them
     assert not [path for path in files if SECRET.encode() in path.read_bytes()]
 
 
