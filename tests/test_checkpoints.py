@@ -124,39 +124,6 @@ def test_a_resumed_time_budget_counts_the_time_and_steps_used_before():
     assert model.stop_training
 
 
-@pytest.mark.resnet
-@pytest.mark.slow
-def test_a_pretrained_resnet_killed_while_fine_tuning_resumes_in_phase_two(tiny_npz, tracking, tmp_path):
-    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
-                                           pooling="avg")
-    weights = tmp_path / "resnet50_notop.weights.h5"
-    backbone.save_weights(weights)
-    arguments = ["--model", "resnet50", "--image-size", "32", "--weights", str(weights), "--epochs", "1",
-                 "--fine-tune-epochs", "3", "--batch-size", "32", "--patience", "20"]
-    process = start(["train", "--data", tiny_npz, "--checkpoint-minutes", "0", *arguments], tracking)
-    deadline = time.monotonic() + 600
-    while True:
-        assert process.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
-        runs = all_runs("tags.`fer.stage` = 'train'")
-        if runs and MlflowClient().list_artifacts(runs[0].info.run_id, "checkpoint"):
-            path = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id,
-                                                       artifact_path="checkpoint/state.json")
-            state = json.loads(open(path).read())
-            if state["phase"] == 2 and state["epoch"] >= 1:
-                break
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    resumed = train.run(train.TrainConfig(model="resnet50", data=tiny_npz, image_size=32, weights=str(weights),
-                                          epochs=1, fine_tune_epochs=3, batch_size=32, patience=20,
-                                          checkpoint_minutes=0, resume=runs[0].info.run_id))
-    assert resumed.run_id == runs[0].info.run_id and resumed.epochs_trained == 4
-    run = MlflowClient().get_run(resumed.run_id)
-    assert run.info.status == "FINISHED" and "of phase 2" in run.data.tags["fer.resume_1"]
-    steps = {m.step for m in MlflowClient().get_metric_history(resumed.run_id, "val_accuracy")}
-    assert steps == set(range(4))
-
-
 SMALL = dict(widths=(8, 16), batch_size=8, checkpoint_minutes=0)  # about ten steps an epoch, quick
 
 
@@ -225,8 +192,10 @@ class Killed(Exception):
 
 @pytest.mark.resnet
 @pytest.mark.slow
-def test_a_resnet_killed_in_its_first_fine_tuning_checkpoint_resumes_on_another_machine(tiny_npz, tmp_path,
-                                                                                        monkeypatch):
+def test_a_resnet_killed_twice_while_fine_tuning_resumes_in_the_phase_it_was_in_on_another_machine(
+        tiny_npz, tmp_path, monkeypatch):
+    """Killed first while its first fine-tuning checkpoint was half uploaded (so it resumes in phase
+    1), then after a whole epoch of phase 2 on a second machine (so it resumes there): one run."""
     from fer_mlflow.learning import models
 
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
@@ -237,7 +206,7 @@ def test_a_resnet_killed_in_its_first_fine_tuning_checkpoint_resumes_on_another_
         backbone.save_weights(cache)
     monkeypatch.setattr(models, "_fetch_imagenet", lambda *args: str(caches[0]))
     settings = train.TrainConfig(model="resnet50", data=tiny_npz, image_size=32, weights="imagenet", epochs=1,
-                                 fine_tune_epochs=1, batch_size=32, patience=5, checkpoint_minutes=0)
+                                 fine_tune_epochs=3, batch_size=32, patience=20, checkpoint_minutes=0)
     real, uploaded = mlflow.log_artifact, []
 
     def dies_in_phase_two(local_path, artifact_path=None, *args, **kwargs):
@@ -257,14 +226,31 @@ def test_a_resnet_killed_in_its_first_fine_tuning_checkpoint_resumes_on_another_
     state = logged_state(run.info.run_id)
     assert state["phase"] == 1 and uploaded == [f"checkpoint/{'b' if state['slot'] == 'a' else 'a'}"] * 2
 
+    log_dict = mlflow.log_dict
+
+    def dies_after_an_epoch_of_phase_two(dictionary, artifact_file, *args, **kwargs):
+        log_dict(dictionary, artifact_file, *args, **kwargs)  # the whole checkpoint is logged, then
+        if artifact_file == "checkpoint/state.json" and dictionary["phase"] == 2 and dictionary["epoch"] >= 1:
+            raise Killed()
+
     monkeypatch.setattr(mlflow, "log_artifact", real)
+    monkeypatch.setattr(mlflow, "log_dict", dies_after_an_epoch_of_phase_two)
     monkeypatch.setattr(models, "_fetch_imagenet", lambda *args: str(caches[1]))
+    with pytest.raises(Killed):
+        train.run(replace(settings, resume=run.info.run_id))
+    state = logged_state(run.info.run_id)
+    assert state["phase"] == 2 and state["epoch"] >= 1
+
+    monkeypatch.setattr(mlflow, "log_dict", log_dict)
     resumed = train.run(replace(settings, resume=run.info.run_id))
-    assert resumed.run_id == run.info.run_id and resumed.epochs_trained == 2
+    assert resumed.run_id == run.info.run_id and resumed.epochs_trained == 4
     run = MlflowClient().get_run(run.info.run_id)
-    assert run.info.status == "FINISHED" and "of phase 1" in run.data.tags["fer.resume_1"]
+    assert run.info.status == "FINISHED"
+    assert "of phase 1" in run.data.tags["fer.resume_1"] and "of phase 2" in run.data.tags["fer.resume_2"]
     assert run.data.params["weights_used"] == f"imagenet ({caches[0]})"  # what the run started with
     assert run.data.tags["fer.resume_1.weights_used"] == f"imagenet ({caches[1]})"  # and where it went on
+    steps = {m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")}
+    assert steps == set(range(4))
 
 
 def test_a_run_resumed_on_a_machine_with_other_replicas_records_them_in_a_tag_not_a_refused_param():
