@@ -292,30 +292,39 @@ def postgres(postgres_server) -> str:
     return postgres_server.database()
 
 
+def start_mlflow_server(backend_store: str, artifacts: Path) -> tuple[str, subprocess.Popen]:
+    """`mlflow server` on a free loopback port with `backend_store` and artifacts served through it
+    from `artifacts`, once it answers /health: (url, process). Started without MLflow's job runner
+    (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`, as docs/guides/teams-and-scale.md advises): the
+    project runs no MLflow jobs, and the runner's five consumer processes only slow the start."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", backend_store, "--artifacts-destination", str(artifacts), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return url, process
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_group(process)
+            pytest.fail(f"mlflow server did not start: {process.stderr.read().decode()[-2000:]}")
+        time.sleep(0.5)
+
+
 @pytest.fixture
 def tracking_server(tmp_path, postgres):
     """A team's `mlflow server` on loopback: a PostgreSQL backend store, artifacts served through
     the server (``--artifacts-destination``), as the README's team section runs it."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", postgres,
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    url, server = start_mlflow_server(postgres, tmp_path / "server-artifacts")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
         yield url
     finally:
         stop_group(server)

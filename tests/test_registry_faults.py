@@ -8,18 +8,15 @@ import http.client
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import free_port, stop_group
+from conftest import free_port, start_mlflow_server, stop_group
 from mlflow import MlflowClient
 
 from fer_mlflow.stages import promote
@@ -100,25 +97,8 @@ class FaultyProxy:
 @pytest.fixture
 def server(tmp_path):
     """A real `mlflow server` on loopback (SQLite store, artifacts through the server): (url, process)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url, process = start_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "server-artifacts")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {process.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
         yield url, process
     finally:
         stop_group(process)
