@@ -19,6 +19,9 @@ from conftest import PROJECT, all_runs
 from mlflow import MlflowClient
 from test_interrupts import start
 
+from fer_mlflow.data import dataset as ds
+from fer_mlflow.serving import pyfunc_model
+from fer_mlflow.serving.pyfunc_model import predict_pixels
 from fer_mlflow.stages import train
 from fer_mlflow.cli import main
 from fer_mlflow.errors import ConfigError
@@ -249,8 +252,20 @@ def test_a_resnet_killed_twice_while_fine_tuning_resumes_in_the_phase_it_was_in_
     assert "of phase 1" in run.data.tags["fer.resume_1"] and "of phase 2" in run.data.tags["fer.resume_2"]
     assert run.data.params["weights_used"] == f"imagenet ({caches[0]})"  # what the run started with
     assert run.data.tags["fer.resume_1.weights_used"] == f"imagenet ({caches[1]})"  # and where it went on
-    steps = {m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")}
-    assert steps == set(range(4))
+    assert int(run.data.params["num_params"]) > 0
+    # The ResNet's own defaults (in-process, left unset, they are logged resolved).
+    assert float(run.data.params["dropout"]) == models.DEFAULT_DROPOUT["resnet50"]
+    assert run.data.params["optimizer"] == train.DEFAULT_OPTIMIZER["resnet50"]
+    history = {m.step: m.value for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")}
+    assert sorted(history) == [0, 1, 2, 3]  # one head epoch, then three fine-tuning epochs, counted on
+    assert max(history.values()) == run.data.metrics["best_val_accuracy"]
+    # The model logged is the one best_val_accuracy describes, whichever phase and run it came from.
+    dataset = ds.load(tiny_npz).split("val")
+    logged = mlflow.pyfunc.load_model(resumed.model_uri)
+    assert pyfunc_model.runtime_of(logged) == "onnxruntime"  # a ResNet exports to ONNX like the cnns
+    labels = predict_pixels(logged, dataset.images)["label"].to_numpy()
+    accuracy = np.mean(labels == np.asarray(dataset.class_names)[dataset.labels])
+    assert accuracy == pytest.approx(run.data.metrics["best_val_accuracy"], abs=1e-6)
 
 
 def test_a_run_resumed_on_a_machine_with_other_replicas_records_them_in_a_tag_not_a_refused_param():

@@ -19,7 +19,6 @@ from fer_mlflow.data import dataset as ds
 from fer_mlflow.learning import models
 from fer_mlflow.stages import train
 from fer_mlflow.cli import main
-from fer_mlflow.serving import pyfunc_model
 from fer_mlflow.serving.pyfunc_model import predict_pixels
 from fer_mlflow.tracking.runs import log_params
 from fer_mlflow.learning.loop import ImageCounter, TimeBudget, optimizer
@@ -220,33 +219,6 @@ def test_auto_parameters_get_their_resolved_value_logged_beside_them(tracking):
         log_params({"epochs": 30, "batch_size": 64, "seed": 0})
     params = MlflowClient().get_run(run.info.run_id).data.params
     assert params == {"epochs": "auto", "epochs_resolved": "30", "batch_size": "64", "seed": "0"}
-
-
-@pytest.mark.resnet
-@pytest.mark.slow  # over 10 s: keeps -m 'not slow' under 3 minutes
-def test_resnet_with_a_local_weights_file_trains_head_then_fine_tunes_and_logs_its_best(tiny_npz, tmp_path):
-    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3),
-                                           pooling="avg")
-    path = tmp_path / "resnet50_notop.weights.h5"
-    backbone.save_weights(path)
-    config = train.TrainConfig(model="resnet50", data=tiny_npz, epochs=2, fine_tune_epochs=1, image_size=32,
-                               weights=str(path), batch_size=32)
-    outcome = train.run(config)
-    run = MlflowClient().get_run(outcome.run_id)
-    assert str(path) in run.data.params["weights_used"] and int(run.data.params["num_params"]) > 0
-    # The ResNet's own defaults (in-process, left unset, they are logged resolved).
-    assert float(run.data.params["dropout"]) == models.DEFAULT_DROPOUT["resnet50"]
-    assert run.data.params["optimizer"] == train.DEFAULT_OPTIMIZER["resnet50"]
-    history = {m.step: m.value for m in MlflowClient().get_metric_history(outcome.run_id, "val_accuracy")}
-    assert sorted(history) == [0, 1, 2]  # two head epochs, then one fine-tuning epoch, counted on
-    assert max(history.values()) == run.data.metrics["best_val_accuracy"]
-    # The model logged is the one best_val_accuracy describes, whichever phase it came from.
-    dataset = ds.load(tiny_npz).split("val")
-    logged = mlflow.pyfunc.load_model(outcome.model_uri)
-    assert pyfunc_model.runtime_of(logged) == "onnxruntime"  # a ResNet exports to ONNX like the cnns
-    labels = predict_pixels(logged, dataset.images)["label"].to_numpy()
-    accuracy = np.mean(labels == np.asarray(dataset.class_names)[dataset.labels])
-    assert accuracy == pytest.approx(run.data.metrics["best_val_accuracy"], abs=1e-6)
 
 
 @pytest.mark.parametrize("phase_two_peak, kept", [(0.55, "phase one"), (0.6, "phase one"), (0.7, "phase two")])
