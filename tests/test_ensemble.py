@@ -43,6 +43,31 @@ def logged_training_run(data_uri: str, seed: int = 0, class_names=CLASS_NAMES, s
     return run.info.run_id
 
 
+def logged_shipped_run(data_uri: str, seed: int = 0) -> str:
+    """A finished run that looks to the stage like one the ``pretrained`` stage logged for a shipped
+    model trained on the data of `data_uri`, in a store not this one (its data_uri cannot be read)."""
+    with mlflow.start_run(experiment_id=experiment_id(DEMO_EXPERIMENT)) as run:
+        info = log_model(tiny_keras_model(seed))
+        mlflow.set_tags({"fer.stage": "pretrained", "fer.model": "tiny", "fer.model_uri": info.model_uri,
+                         "fer.data_digest": ds.load(data_uri).digest(), "fer.data": "demo"})
+        mlflow.log_params({"data_uri": "runs:/0123456789abcdef0123456789abcdef/dataset/dataset.npz"})
+    return run.info.run_id
+
+
+def test_a_shipped_models_run_joins_a_training_run_on_its_data(tiny_npz):
+    shipped, trained = logged_shipped_run(tiny_npz, 0), logged_training_run(tiny_npz, 1)
+    outcome = ensemble.run(runs=f"{shipped},{trained}")
+    assert outcome.members == [shipped, trained]
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.data.params["data_uri"] == tiny_npz  # the validation split of the training run's data
+    val = ds.load(tiny_npz).split("val")
+    mean = np.mean([views_of(keras_model_of(member_model(r)), val.images[..., np.newaxis].astype(np.float32),
+                             Settings()) for r in (shipped, trained)], axis=0)
+    assert run.data.metrics["val_accuracy"] == pytest.approx(np.mean(mean.argmax(1) == val.labels))
+    with pytest.raises(ConfigError, match="every member is a shipped model's run; name a training run"):
+        ensemble.run(runs=f"{shipped},{logged_shipped_run(tiny_npz, 2)}")
+
+
 def member_model(run_id: str) -> mlflow.pyfunc.PyFuncModel:
     return mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
 

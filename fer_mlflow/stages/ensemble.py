@@ -6,6 +6,9 @@ on the demo data or none (as the newest such run). Members must
 share that digest (the same cleaned dataset, so the same train and validation split: train them on
 one clean run's dataset, ``-P data=runs:/<clean run>/dataset/dataset.npz``, with different seeds or
 models) and their class names; else the stage refuses in one line before anything is logged.
+A named member may also be the run the ``pretrained`` stage logged for a shipped model: it was
+trained on the FER2013 zip cleaned with the defaults (its digest says so), so it joins training runs
+made on that same clean; the validation split is read from the first training run among the members.
 
 The ensemble is a single Keras model: the members side by side on the same pixels, each member's
 probabilities scaled by its weight and summed. So it is logged by `pyfunc_model.log_model` as a
@@ -53,6 +56,7 @@ from fer_mlflow.tracking.names import (
 )
 
 METRICS = {"val_accuracy": "best_val_accuracy"}  # a training run's figure for each ranking name
+MEMBER_STAGES = ("train", "pretrained")  # the stages whose runs may be named as members
 WEIGHTINGS = ("equal", "fitted")
 MODEL_NAME = "ensemble"
 
@@ -100,13 +104,13 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
     if ids:  # named members are checked before any run starts
         members = _loaded([Member(_training_run(client, run_id)) for run_id in _unique(ids)])
         experiment = client.get_experiment(members[0].run.info.experiment_id).name
-        tags, _ = data_context(_data_uri(members[0]))
+        tags, _ = data_context(_data_uri(_reader(members)))
     with stage_run("ensemble", "ensemble", {**tags, MODEL_TAG: MODEL_NAME, MODEL_FAMILY_TAG: MODEL_NAME},
                    experiment=experiment) as active:
         log_params({"runs": runs, "top": top, "metric": metric, "data_digest": data_digest, "weights": weights})
         if not ids:
             members = _loaded(_top(client, active.info.experiment_id, top, metric, data_digest))
-        data_uri = _data_uri(members[0])
+        data_uri = _data_uri(_reader(members))
         tags, _ = data_context(data_uri)
         names = [member.run_id for member in members]
         mlflow.set_tags({**tags, DATA_DIGEST_TAG: members[0].digest, DATA_URI_TAG: data_uri,
@@ -234,10 +238,21 @@ def _training_run(client: MlflowClient, run_id: str) -> Run:
         raise ConfigError(f"run {run_id} not found in {mlflow.get_tracking_uri()}; "
                           "name training runs of this tracking store") from error
     stage = found.data.tags.get(STAGE_TAG, "?")
-    if stage != "train" or found.info.status != "FINISHED" or MODEL_URI_TAG not in found.data.tags:
+    if stage not in MEMBER_STAGES or found.info.status != "FINISHED" or MODEL_URI_TAG not in found.data.tags:
         raise ConfigError(f"run {run_id} is not a finished training run with a model (stage {stage}, "
-                          f"status {found.info.status}); name finished training runs")
+                          f"status {found.info.status}); name finished training runs (or a pretrained run)")
     return found
+
+
+def _reader(members: list[Member]) -> Member:
+    """The member whose dataset gives the validation split: the first training run. A shipped model's
+    run records the data of the store it was trained in, which this one need not have."""
+    trained = [m for m in members if m.run.data.tags.get(STAGE_TAG) == "train"]
+    if not trained:
+        raise ConfigError("every member is a shipped model's run; name a training run of this store beside "
+                          "them (trained on the FER2013 zip cleaned with the defaults), whose dataset gives "
+                          "the validation split")
+    return trained[0]
 
 
 def _top(client: MlflowClient, experiment_id: str, top: int, metric: str, data_digest: str) -> list[Member]:
