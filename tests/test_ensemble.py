@@ -54,6 +54,7 @@ def logged_shipped_run(data_uri: str, seed: int = 0) -> str:
     return run.info.run_id
 
 
+@pytest.mark.slow
 def test_a_shipped_models_run_joins_a_training_run_on_its_data(tiny_npz):
     shipped, trained = logged_shipped_run(tiny_npz, 0), logged_training_run(tiny_npz, 1)
     outcome = ensemble.run(runs=f"{shipped},{trained}")
