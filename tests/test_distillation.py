@@ -3,8 +3,10 @@ the training targets; `train -P init=<model>` starts from a logged model's weigh
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import pytest
+from conftest import tiny_keras_model
 from mlflow import MlflowClient
 
 from fer_mlflow.data import dataset as ds
@@ -78,11 +80,12 @@ def test_init_starts_training_from_a_logged_models_weights(tiny_npz):
 
 
 def test_init_of_another_network_is_one_line_and_no_run(tiny_npz, capsys):
-    first = train.run(train.TrainConfig(model="cnn", data=tiny_npz, epochs=1, batch_size=32, widths=(8, 16)))
+    with mlflow.start_run():  # a logged model whose network is not the cnn of widths 8,16,32
+        model_uri = pyfunc_model.log_model(tiny_keras_model(0)).model_uri
     before = len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]))
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--data", first.data_uri, "--epochs", "1", "--widths", "8,16,32", "--init", first.model_uri])
+        main(["train", "--data", tiny_npz, "--epochs", "1", "--widths", "8,16,32", "--init", model_uri])
     assert exit_info.value.code != 0
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and first.model_uri in errors[0] and "widths 8,16,32" in errors[0]
+    assert len(errors) == 1 and model_uri in errors[0] and "widths 8,16,32" in errors[0]
     assert len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])) == before
