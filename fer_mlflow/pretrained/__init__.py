@@ -2,8 +2,8 @@
 first answer needs no training.
 
 Two variants (`VARIANTS`): ``accurate`` (the default, the most accurate network the project has
-trained) and ``fast`` (a narrower network distilled from it: several times the crops a second, a few
-points less accurate; BENCHMARKS.md). ``files/<variant>/`` holds ``model.keras`` (the network: 48x48
+trained) and ``fast`` (a narrower network distilled from it: several times the crops a second,
+about six points less accurate on PublicTest; BENCHMARKS.md). ``files/<variant>/`` holds ``model.keras`` (the network: 48x48
 grey pixels 0..255 in, 7 probabilities out) and ``record.json``: how it was made (commands, commit,
 data and its digest, minutes and epochs, the
 per-epoch curves), what it serves with (test-time views, temperature), its SHA-256, and its scores
