@@ -4,6 +4,7 @@ logged without one, each answering the Keras model's probabilities for crops, vi
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,6 +89,26 @@ def test_the_served_call_does_not_go_through_keras_predict(logged, monkeypatch):
 
     monkeypatch.setattr(model.unwrap_python_model().keras_model, "predict", refuse)
     assert len(model.predict(np.zeros((3, 48, 48), np.uint8))) == 3
+
+
+def test_serving_crops_through_onnx_starts_without_tensorflow(logged):
+    """Importing TensorFlow costs seconds at every start of a server, Spark worker or `evaluate`: a
+    model with its ONNX export loads and answers crops without it, and still hands over its Keras
+    model when asked (after its download folder is gone)."""
+    _, local = logged
+    script = (
+        "import sys, mlflow, numpy as np, shutil, tempfile\n"
+        "from fer_mlflow.serving import pyfunc_model\n"
+        "folder = tempfile.mkdtemp()\n"
+        f"model = mlflow.pyfunc.load_model(shutil.copytree({str(local)!r}, folder + '/m'))\n"
+        "shutil.rmtree(folder)\n"
+        "answer = model.predict(np.zeros((3, 48, 48), np.uint8))\n"
+        "print(len(answer), 'tensorflow' in sys.modules)\n"
+        "print(pyfunc_model.keras_model_of(model).output_shape[-1])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["3", "False", "7"]
 
 
 @pytest.mark.slow  # logs a second model

@@ -56,7 +56,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
-from functools import partial
+from functools import cached_property, partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -228,14 +228,16 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
     """Pyfunc model: pixel arrays or encoded images in, emotion probabilities out."""
 
     def load_context(self, context) -> None:
-        """Load the Keras model from the `keras_model` artifact and the class names from the model
-        config; fails if their counts disagree."""
-        import keras  # deferred: importing TensorFlow takes seconds and only loading needs it
-
-        self.keras_model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
+        """Open the network and read the class names from the model config; fails if their counts
+        disagree. A model with its ONNX export runs it through onnxruntime and leaves the Keras file
+        unread until `keras_model` is asked for: serving crops then never imports TensorFlow (seconds
+        at every start; a photo's detector or the turned and zoomed views import it when first used)."""
+        # Its bytes, read now: the files may be gone by the time it is asked for (`registry.load_model`
+        # loads from a temporary folder).
+        self._keras_file = Path(context.artifacts["keras_model"]).read_bytes()
         # What the network runs on (`runtime`): the Keras model's answer without predict()'s
         # per-call cost; models logged before the ONNX artifact run it as a tf.function.
-        self.network = fastest(self.keras_model, context.artifacts.get(ONNX_ARTIFACT))
+        self.network = fastest(lambda: self.keras_model, context.artifacts.get(ONNX_ARTIFACT))
         config = context.model_config or {}
         self.class_names = tuple(config.get("class_names", CLASS_NAMES))
         # Models logged before settings were part of the config predict on the face alone.
@@ -247,11 +249,21 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         # model_config={"max_pixels": ...}) overrides; models logged before limits get the defaults.
         self.limits = Limits.resolve(config)
         self.detector = config.get("detector", DEFAULT_DETECTOR)  # what detector=auto searches photos with
-        if self.keras_model.output_shape[-1] != len(self.class_names):
+        if self.network.outputs != len(self.class_names):
             raise ConfigError(
-                f"the Keras model has {self.keras_model.output_shape[-1]} outputs but "
+                f"the Keras model has {self.network.outputs} outputs but "
                 f"{len(self.class_names)} class names were logged"
             )
+
+    @cached_property
+    def keras_model(self):
+        """The Keras model (pixels in, probabilities out), loaded from its file when first asked for."""
+        import keras  # deferred: importing TensorFlow takes seconds, and serving through ONNX needs none
+
+        with tempfile.TemporaryDirectory(prefix="fer-keras-") as folder:
+            path = Path(folder) / "model.keras"
+            path.write_bytes(self._keras_file)
+            return keras.models.load_model(path, compile=False)
 
     # The hint is not the whole truth (arrays, dicts and lists are accepted too), but MLflow reads it
     # at class creation and at logging: DataFrame (or ndarray) switches its type-hint validation and

@@ -37,11 +37,12 @@ _logger = logging.getLogger(__name__)
 class Network:
     """A network runtime with Keras' predict contract: `predict(pixels, batch_size)` returns the
     probabilities (N x classes, float32) of float32 `pixels` (N x H x W x C); `name` says which
-    runtime runs it."""
+    runtime runs it and `outputs` how many classes it answers."""
 
-    def __init__(self, name: str, call):
+    def __init__(self, name: str, call, outputs: int):
         self.name = name
         self._call = call
+        self.outputs = outputs
 
     def predict(self, pixels: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
         """The probabilities of `pixels`, `batch_size` images a call (changes memory, not the answer);
@@ -124,7 +125,8 @@ def onnx_network(path: str | Path) -> Network:
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return Network("onnxruntime", lambda pixels: session.run(None, {name: pixels})[0])
+    return Network("onnxruntime", lambda pixels: session.run(None, {name: pixels})[0],
+                   int(session.get_outputs()[0].shape[-1]))
 
 
 def compiled_network(keras_model) -> Network:
@@ -134,15 +136,16 @@ def compiled_network(keras_model) -> Network:
 
     signature = [tf.TensorSpec((None, *keras_model.input_shape[1:]), tf.float32)]
     call = tf.function(lambda pixels: keras_model(pixels, training=False), input_signature=signature)
-    return Network("tf.function", lambda pixels: call(pixels).numpy())
+    return Network("tf.function", lambda pixels: call(pixels).numpy(), int(keras_model.output_shape[-1]))
 
 
-def fastest(keras_model, onnx_path: str | None) -> Network:
+def fastest(load_keras_model, onnx_path: str | None) -> Network:
     """The runtime a loaded model serves with: onnxruntime on its ONNX artifact (`onnx_path`) when
-    there is one and onnxruntime imports, else `compiled_network`."""
+    there is one and onnxruntime imports, else `compiled_network` of the Keras model that
+    `load_keras_model()` returns (called only then: loading it imports TensorFlow)."""
     if onnx_path and Path(onnx_path).is_file():
         try:
             return onnx_network(onnx_path)
         except ImportError as error:
             _logger.warning("onnxruntime cannot be imported (%s); the model serves through tf.function", error)
-    return compiled_network(keras_model)
+    return compiled_network(load_keras_model())
