@@ -202,7 +202,7 @@ def test_no_trial_starts_that_the_sweep_budget_cannot_finish(tiny_npz):
 def _worker(data: str, storage: str, tracking: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "fer_mlflow", "sweep", "--data", data, "--storage", storage, "--study", "shared",
-         "--trials", "6", "--evaluate", "false", "--epochs", "2"],
+         "--trials", "4", "--evaluate", "false", "--epochs", "1"],
         env={**os.environ, "MLFLOW_TRACKING_URI": tracking}, cwd=PROJECT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -237,7 +237,7 @@ def test_two_workers_started_together_share_one_study_without_running_a_trial_tw
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
-    _check_one_study(tracking, storage, workers=2, trials=6)
+    _check_one_study(tracking, storage, workers=2, trials=4)
 
 
 SECRET = "s3cret-Pa55"  # a password for the tests below; it must turn up nowhere
