@@ -93,8 +93,8 @@ def test_the_served_call_does_not_go_through_keras_predict(logged, monkeypatch):
 
 def test_serving_crops_through_onnx_starts_without_tensorflow(logged):
     """Importing TensorFlow costs seconds at every start of a server, Spark worker or `evaluate`: a
-    model with its ONNX export loads and answers crops without it, and still hands over its Keras
-    model when asked (after its download folder is gone)."""
+    model with its ONNX export loads and answers crops, alone and with its ten views, without it,
+    and still hands over its Keras model when asked (after its download folder is gone)."""
     _, local = logged
     script = (
         "import sys, mlflow, numpy as np, shutil, tempfile\n"
@@ -102,7 +102,8 @@ def test_serving_crops_through_onnx_starts_without_tensorflow(logged):
         "folder = tempfile.mkdtemp()\n"
         f"model = mlflow.pyfunc.load_model(shutil.copytree({str(local)!r}, folder + '/m'))\n"
         "shutil.rmtree(folder)\n"
-        "answer = model.predict(np.zeros((3, 48, 48), np.uint8))\n"
+        "crops = np.random.default_rng(0).integers(0, 256, (3, 48, 48), dtype=np.uint8)\n"
+        "answer = model.predict(crops).join(model.predict(crops, params={'tta': True}), rsuffix='_views')\n"
         "print(len(answer), 'tensorflow' in sys.modules)\n"
         "print(pyfunc_model.keras_model_of(model).output_shape[-1])\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,

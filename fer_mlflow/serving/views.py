@@ -5,8 +5,8 @@ model (`pyfunc_model`) reads its default `Settings` from its model config, takes
 predict params, and averages its Keras model's probabilities over `views` here; `evaluate` scores a
 model by calling that same `predict`, so what is scored is what is served.
 
-Keras is imported inside the functions that need it: the command line imports this module to check
-options before any framework loads.
+Nothing here imports Keras or TensorFlow: the command line imports this module to check options
+before any framework loads, and a model served through ONNX predicts with its views without them.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def probabilities(keras_model, pixels: np.ndarray, settings: Settings,
     if not settings.tta:
         return np.asarray(keras_model.predict(pixels, batch_size=batch_size, verbose=0))
     # Up to VIEW_INPUTS views of the faces at a time: every view of a face in one network call and
-    # every turned or zoomed view in one transform, since each call costs milliseconds whatever its
+    # since each call costs milliseconds whatever its
     # batch (for one face, most of the time), while bounding the memory of many faces' views.
     step = max(1, VIEW_INPUTS // settings.view_count)
     return np.concatenate([_mean_over_views(keras_model, pixels[start:start + step], settings, batch_size)
@@ -110,16 +110,8 @@ def _mean_over_views(keras_model, pixels: np.ndarray, settings: Settings, batch_
 
 
 def all_transformed(images: np.ndarray, views: list[tuple[int, int, float, float]]) -> list[np.ndarray]:
-    """`transformed(images, *view)` for each of `views`, with every turn and zoom done in one
-    transform of all those views' images (the same per image; one call instead of one a view)."""
-    turned = [index for index, (_, _, degrees, scale) in enumerate(views) if degrees or scale != 1.0]
-    moved = dict.fromkeys(range(len(views)), images)
-    if turned:
-        matrices = np.concatenate([np.repeat(_transform(images.shape, *views[index][2:])[np.newaxis], len(images), 0)
-                                   for index in turned])
-        together = _affine(np.concatenate([images] * len(turned)), matrices)
-        moved.update(zip(turned, np.split(together, len(turned))))
-    return [shifted(moved[index], dy, dx) for index, (dy, dx, _, _) in enumerate(views)]
+    """`transformed(images, *view)` for each of `views`."""
+    return [transformed(images, *view) for view in views]
 
 
 def transformed(images: np.ndarray, dy: int = 0, dx: int = 0, degrees: float = 0.0,
@@ -128,7 +120,7 @@ def transformed(images: np.ndarray, dy: int = 0, dx: int = 0, degrees: float = 0
     their centre (bilinear), then moved down `dy` and right `dx` pixels; edge pixels are repeated in.
     """
     if degrees or scale != 1.0:
-        images = _affine(images, np.repeat(_transform(images.shape, degrees, scale)[np.newaxis], len(images), 0))
+        images = _affine(images, _transform(images.shape, degrees, scale))
     return shifted(images, dy, dx)
 
 
@@ -143,12 +135,24 @@ def _transform(shape: tuple, degrees: float, scale: float) -> np.ndarray:
     return np.array([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0], np.float32)
 
 
-def _affine(images: np.ndarray, transforms: np.ndarray) -> np.ndarray:
-    """`images` each sampled (bilinear, edge pixels repeated) through its row of `transforms`."""
-    import keras
-
-    return np.asarray(keras.ops.image.affine_transform(images, transforms, interpolation="bilinear",
-                                                       fill_mode="nearest"))
+def _affine(images: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """`images` (N x H x W x C) each sampled through `transform` (Keras' 8 numbers, the last two 0):
+    bilinear, coordinates outside the image moved to its nearest edge. The arithmetic of TensorFlow's
+    ``ImageProjectiveTransformV3`` (what ``keras.ops.image.affine_transform`` runs; the same float32
+    answer, pixel for pixel) in numpy, so that the views need no TensorFlow."""
+    height, width = images.shape[1:3]
+    a = transform.astype(np.float32)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    x = np.clip(a[0] * cols + a[1] * rows + a[2], 0, width - 1)
+    y = np.clip(a[3] * cols + a[4] * rows + a[5], 0, height - 1)
+    left, top = np.floor(x), np.floor(y)
+    fx, fy = (x - left)[..., np.newaxis], (y - top)[..., np.newaxis]
+    left, top = left.astype(np.intp), top.astype(np.intp)
+    right, bottom = np.minimum(left + 1, width - 1), np.minimum(top + 1, height - 1)
+    images = images.astype(np.float32, copy=False)
+    upper = (1 - fx) * images[:, top, left] + fx * images[:, top, right]
+    lower = (1 - fx) * images[:, bottom, left] + fx * images[:, bottom, right]
+    return (1 - fy) * upper + fy * lower
 
 
 def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
