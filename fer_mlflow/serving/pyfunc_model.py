@@ -230,8 +230,8 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         """Open the network and read the class names from the model config; fails if their counts
         disagree. A model with its ONNX export runs it through onnxruntime and leaves the Keras file
-        unread until `keras_model` is asked for: serving crops then never imports TensorFlow (seconds
-        at every start; a photo's detector or the turned and zoomed views import it when first used)."""
+        unread until `keras_model` is asked for: serving crops, with or without views, then never
+        imports TensorFlow (seconds at every start); MTCNN, searching photos, imports it when first used."""
         # Its bytes, read now: the files may be gone by the time it is asked for (`registry.load_model`
         # loads from a temporary folder).
         self._keras_file = Path(context.artifacts["keras_model"]).read_bytes()
