@@ -90,9 +90,9 @@ def probabilities(keras_model, pixels: np.ndarray, settings: Settings,
     """
     if not settings.tta:
         return np.asarray(keras_model.predict(pixels, batch_size=batch_size, verbose=0))
-    # Up to VIEW_INPUTS views of the faces at a time: every view of a face in one network call and
-    # since each call costs milliseconds whatever its
-    # batch (for one face, most of the time), while bounding the memory of many faces' views.
+    # Up to VIEW_INPUTS views of the faces at a time: every view of a face in one network call, since
+    # each call costs milliseconds whatever its batch (for one face, most of the time), while bounding
+    # the memory of many faces' views.
     step = max(1, VIEW_INPUTS // settings.view_count)
     return np.concatenate([_mean_over_views(keras_model, pixels[start:start + step], settings, batch_size)
                            for start in range(0, len(pixels), step)])
@@ -101,17 +101,13 @@ def probabilities(keras_model, pixels: np.ndarray, settings: Settings,
 def _mean_over_views(keras_model, pixels: np.ndarray, settings: Settings, batch_size: int) -> np.ndarray:
     """`probabilities` with tta for a few faces: all their views through the network at once, then
     summed view by view in `settings.views` order, each view before its mirror."""
-    inputs = [each for moved in all_transformed(pixels, settings.views) for each in (moved, moved[:, :, ::-1])]
+    moved = [transformed(pixels, *view) for view in settings.views]
+    inputs = [each for faces in moved for each in (faces, faces[:, :, ::-1])]
     found = np.asarray(keras_model.predict(np.concatenate(inputs), batch_size=batch_size, verbose=0))
     total = 0.0
     for view in found.reshape(len(inputs), len(pixels), -1):
         total = total + view
     return total / settings.view_count
-
-
-def all_transformed(images: np.ndarray, views: list[tuple[int, int, float, float]]) -> list[np.ndarray]:
-    """`transformed(images, *view)` for each of `views`."""
-    return [transformed(images, *view) for view in views]
 
 
 def transformed(images: np.ndarray, dy: int = 0, dx: int = 0, degrees: float = 0.0,
