@@ -6,22 +6,10 @@ calling its Keras model on one 64x64 crop, p50 of 30 calls after a warm-up, in o
 """
 
 import argparse
-import time
 import warnings
 
 import numpy as np
-
-import fer_mlflow  # noqa: F401 -- sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads
-
-
-def p50_ms(call, calls: int = 30) -> float:
-    call()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times)) * 1000
+from bench_serving import percentiles  # its timing loop; importing it imports fer_mlflow (oneDNN on)
 
 
 def main() -> None:
@@ -38,7 +26,8 @@ def main() -> None:
     for name, call in (("predict", lambda: network.predict(crop, verbose=0)),
                        ("called eagerly (as the fer package calls it)", lambda: np.asarray(network(crop))),
                        ("called inside one tf.function", lambda: traced(crop).numpy())):
-        print(f"{name}: one crop p50 {p50_ms(call):.2f} ms", flush=True)
+        p50, _ = percentiles(lambda _: call(), [None], 30)
+        print(f"{name}: one crop p50 {p50:.2f} ms", flush=True)
 
 
 if __name__ == "__main__":
