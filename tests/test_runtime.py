@@ -64,6 +64,7 @@ def logged(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runtime")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}/mlflow.db")
+        patch.chdir(folder)  # where the store's artifacts go (./mlruns), not the checkout
         mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
         yield log_and_load(tiny_keras_model())
 
