@@ -36,6 +36,7 @@ def missing_service(message: str) -> None:
     pytest.skip(message)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """On two processes (pytest-xdist's ``-n 2 --dist loadgroup``, the README's command) each test
     file runs in one process, as ``--dist loadfile`` would have it, except the tests marked

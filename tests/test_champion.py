@@ -116,6 +116,7 @@ def test_mlflow_run_without_an_experiment_leaves_nothing_in_default(tracking):
 # --- 2. never replace a champion unseen --------------------------------------------------------
 
 
+@pytest.mark.slow  # logs and evaluates several models
 def test_promote_scores_a_champion_from_another_experiment_before_replacing_it(tmp_path, monkeypatch):
     mostly_happy = labelled(tmp_path, "d2", {HAPPY: 6, ANGRY: 4})
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-a")
@@ -208,6 +209,7 @@ def test_the_served_model_takes_its_settings_as_predict_params():
 # --- 4. rollback sticks ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # logs and evaluates several models
 def test_a_rolled_back_version_is_rejected_and_skipped_until_included(tmp_path):
     data = labelled(tmp_path, "d", {HAPPY: 7, ANGRY: 3})
     angry, happy = logged(constant_model(ANGRY), name="angry"), logged(constant_model(HAPPY), name="happy")
@@ -317,6 +319,7 @@ def test_two_promotes_at_once_on_a_postgresql_backed_server_agree_too(tracking_s
 # --- 6. selection on validation data -----------------------------------------------------------
 
 
+@pytest.mark.slow  # logs and evaluates several models
 def test_promote_can_choose_on_val_and_reports_test(tmp_path):
     data = labelled(tmp_path, "d", test={HAPPY: 6, ANGRY: 4}, val={ANGRY: 6, HAPPY: 4})
     angry, happy = logged(constant_model(ANGRY), name="angry"), logged(constant_model(HAPPY), name="happy")

@@ -57,7 +57,15 @@ def end_to_end(name: str, built) -> keras.Model:
     return model.model if isinstance(model, models.ResNetParts) else model
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+# The deeper ResNets take seconds each to build: checked in the full suite, resnet50 in the quick one too.
+DEEP_RESNETS = ("resnet101", "resnet152")
+
+
+def marked(names):
+    return [pytest.param(name, marks=pytest.mark.slow) if name in DEEP_RESNETS else name for name in names]
+
+
+@pytest.mark.parametrize("name", marked(models.MODEL_NAMES))
 def test_model_maps_raw_pixels_to_probabilities(name, built, pixels):
     model = end_to_end(name, built)
     probabilities = np.asarray(model(pixels, training=False))
@@ -94,7 +102,7 @@ def test_cnn_widths_set_every_block_and_the_head():
         models.build_cnn(widths=())
 
 
-@pytest.mark.parametrize("name", models.RESNET_NAMES)
+@pytest.mark.parametrize("name", marked(models.RESNET_NAMES))
 def test_resnet_parts_compose_and_preprocess_inside(name, built, pixels):
     parts = built(name)
     features = np.asarray(parts.features(pixels, training=False))

@@ -92,6 +92,7 @@ def test_the_served_call_does_not_go_through_keras_predict(logged, monkeypatch):
     assert len(model.predict(np.zeros((3, 48, 48), np.uint8))) == 3
 
 
+@pytest.mark.slow  # a Python process of its own
 def test_serving_crops_through_onnx_starts_without_tensorflow(logged):
     """Importing TensorFlow costs seconds at every start of a server, Spark worker or `evaluate`: a
     model with its ONNX export loads and answers crops, alone and with its ten views, without it,
