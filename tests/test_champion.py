@@ -67,6 +67,7 @@ def versions(name="fer-emotion"):
 # --- 1. the demo stays apart -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # three clean runs
 def test_runs_go_to_the_project_experiment_for_their_data_unless_the_user_chose_one(kaggle_folder, monkeypatch):
     client = MlflowClient()
     demo = clean.run("demo")
