@@ -4,6 +4,9 @@ logged without one, each answering the Keras model's probabilities for crops, vi
 from __future__ import annotations
 
 import io
+import logging
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +209,28 @@ def test_all_views_of_a_face_go_through_the_network_in_one_call_with_the_same_an
     network.calls = 0
     np.testing.assert_allclose(views.probabilities(network, pixels, settings), expected, atol=1e-7, rtol=0)
     assert network.calls == 3
+
+
+def test_a_model_logged_with_other_versions_loads_with_a_warning_naming_them(logged, tmp_path, caplog):
+    """What MLflow's own check tells, in one line (without its seconds-long scan of every package)."""
+    from fer_mlflow.tracking import registry
+
+    _, local = logged
+    copy = Path(shutil.copytree(local, tmp_path / "model"))
+    requirements = copy / "requirements.txt"
+    pinned = f"numpy=={np.__version__}"
+    assert pinned in requirements.read_text()
+    requirements.write_text(requirements.read_text().replace(pinned, "numpy==1.21.0").rstrip() + "\nabsent-package==1.0\n")
+    python = copy / "python_env.yaml"
+    python.write_text(re.sub(r"python: *\S+", "python: 3.9.1", python.read_text()))
+    with caplog.at_level(logging.WARNING, logger=registry.__name__):
+        model = registry.load_model(str(copy))
+    assert len(model.predict(np.zeros((1, 48, 48), np.uint8))) == 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == registry.__name__]
+    assert f"numpy==1.21.0 (installed: {np.__version__})" in warning and "\n" not in warning
+    assert "absent-package==1.0 (installed: none)" in warning and "python 3.9.1 (installed: 3." in warning
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=registry.__name__):
+        registry.load_model(str(local))  # logged in this environment: nothing to tell
+    assert not [r for r in caplog.records if r.name == registry.__name__]

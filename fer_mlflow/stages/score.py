@@ -246,7 +246,10 @@ class _Scorer:
         if self.model_name not in _LOADED:
             from pyspark import SparkFiles
 
-            _LOADED[self.model_name] = mlflow.pyfunc.load_model(SparkFiles.get(self.model_name))
+            # The driver loaded it first (`registry.load_model`) and told the user of any requirement
+            # unmet; an executor's own warning would go to its log, after MLflow's seconds-long check.
+            _LOADED[self.model_name] = mlflow.pyfunc.load_model(SparkFiles.get(self.model_name),
+                                                                suppress_warnings=True)
         return _LOADED[self.model_name]
 
 
