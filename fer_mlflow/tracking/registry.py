@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import platform
 import random
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -173,10 +172,9 @@ def unmet_requirements(model_folder: Path) -> list[str]:
     unmet = []
     python = model_folder / "python_env.yaml"
     if python.is_file():
-        logged = (yaml.safe_load(python.read_text()) or {}).get("python")
-        here = ".".join(map(str, sys.version_info[:2]))
-        if logged and ".".join(str(logged).split(".")[:2]) != here:
-            unmet.append(f"python {logged} (installed: {platform.python_version()})")
+        logged, here = (yaml.safe_load(python.read_text()) or {}).get("python"), platform.python_version()
+        if logged and str(logged).split(".")[:2] != here.split(".")[:2]:  # major.minor, as MLflow compares
+            unmet.append(f"python {logged} (installed: {here})")
     requirements = model_folder / "requirements.txt"
     for line in requirements.read_text().splitlines() if requirements.is_file() else []:
         try:
