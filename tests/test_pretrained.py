@@ -27,6 +27,20 @@ RECORD = pretrained.record()
 TEST = RECORD["evaluation"]
 
 
+def curves(record: dict) -> dict[str, int]:
+    """The per-epoch validation curve the `pretrained` stage logs for a shipped record, by metric name,
+    with its number of epochs: one network's ``val_accuracy``, or each ensemble member's."""
+    members = record["training"].get("members")
+    if members:
+        return {f"member_{i}/val_accuracy": member["epochs"] for i, member in enumerate(members)}
+    return {"val_accuracy": record["training"]["epochs"]}
+
+
+def histories(record: dict) -> list[dict]:
+    """The training blocks that carry per-epoch curves: the network's, or each ensemble member's."""
+    return record["training"].get("members") or [record["training"]]
+
+
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     """The served copy of the shipped model goes to the test's own cache folder."""
@@ -41,7 +55,8 @@ def test_the_shipped_file_is_the_recorded_one_and_small_enough_for_a_wheel(varia
     assert path.stat().st_size <= 15 * 2**20
     made, training = RECORD["made"], RECORD["training"]
     assert made["commit"] and made["commands"] and training["data_digest"] and training["minutes"] > 0
-    assert len(training["history"]["val_accuracy"]) == training["epochs"] > 0
+    assert all(len(block["history"]["val_accuracy"]) == block["epochs"] > 0 for block in histories(RECORD))
+    assert training["epochs"] == sum(block["epochs"] for block in histories(RECORD))
     # The serving choice was made on validation data: the chosen settings scored best there, of those
     # considered (a variant made for speed serves the face alone).
     choices = RECORD["validation"]["choices"]
@@ -81,7 +96,8 @@ def test_pretrained_registers_the_shipped_model_once_as_served():
     assert run.data.tags[pretrained.SHA_TAG] == RECORD["sha256"]
     assert run.data.tags["fer.data_digest"] == RECORD["training"]["data_digest"]
     assert client.get_experiment(run.info.experiment_id).name == "fer2013"
-    assert len(client.get_metric_history(first.run_id, "val_accuracy")) == RECORD["training"]["epochs"]
+    for key, epochs in curves(RECORD).items():
+        assert len(client.get_metric_history(first.run_id, key)) == epochs
 
     again = pretrained_stage.run()
     assert (again.version, again.run_id) == ("1", first.run_id) and "nothing new" in again.message
@@ -199,3 +215,70 @@ def test_the_command_line_offers_the_shipped_variants_and_refuses_others(capsys)
     assert stopped.value.code == 2 and "tiny" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown shipped model 'tiny'; expected one of"):
         pretrained.record("tiny")
+
+
+def _made_module():
+    """tools/make_pretrained.py, imported by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_pretrained", Path(__file__).resolve().parents[1] / "tools"
+                                                  / "make_pretrained.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trained_run(data_uri: str, seed: int, epochs: int) -> str:
+    """A finished run as `train` leaves one: the tiny model of `seed`, its tags, data_uri, per-epoch
+    curves and final metrics."""
+    from fer_mlflow.data import dataset as ds
+
+    with mlflow.start_run(experiment_id=experiment_id("fer2013")) as run:
+        info = pyfunc_model.log_model(tiny_keras_model(seed))
+        mlflow.set_tags({"fer.stage": "train", "fer.model": "cnn", "fer.model_uri": info.model_uri,
+                         "fer.data_digest": ds.load(data_uri).digest(), "fer.data": "tiny"})
+        mlflow.log_params({"data_uri": data_uri, "model": "cnn", "seed": seed})
+        for step in range(epochs):
+            mlflow.log_metrics({"loss": 2 - step / 10, "accuracy": 0.2 + step / 20, "val_loss": 2.1 - step / 10,
+                                "val_accuracy": 0.2 + step / 25, "learning_rate": 0.05 / (step + 1)}, step=step)
+        mlflow.log_metrics({"best_val_accuracy": 0.2 + (epochs - 1) / 25, "train_seconds": 60.0 * epochs})
+    return run.info.run_id
+
+
+@pytest.mark.slow
+def test_an_ensemble_made_into_the_shipped_model_registers_with_each_members_curves_and_card(
+        tiny_npz, tmp_path, monkeypatch, capsys):
+    from fer_mlflow.pretrained import card
+    from fer_mlflow.stages import ensemble
+
+    made = _made_module()
+    runs = [_trained_run(tiny_npz, 0, 3), _trained_run(tiny_npz, 1, 5)]
+    outcome = ensemble.run(runs=",".join(runs))
+    monkeypatch.setattr(pretrained, "FILES", tmp_path / "files")
+    monkeypatch.setattr(made, "FILES", tmp_path / "files")
+    monkeypatch.setattr("sys.argv", ["make_pretrained.py", "--run-id", outcome.run_id, "--data", tiny_npz,
+                                     "--title", "two tiny networks", "--variant", "accurate", "--command", "ensemble"])
+    made.main()
+    shipped = pretrained.record("accurate")
+    training = shipped["training"]
+    assert training["kind"] == "ensemble" and training["run_id"] == outcome.run_id
+    assert [m["run_id"] for m in training["members"]] == runs
+    assert [m["epochs"] for m in training["members"]] == [3, 5] and training["epochs"] == 8
+    assert training["minutes"] == pytest.approx(8.0)
+    assert all(len(m["history"]["val_accuracy"]) == m["epochs"] for m in training["members"])
+    # the shipped file is the ensemble's one Keras model, and its record's checksum is that file's
+    assert hashlib.sha256(pretrained.model_file().read_bytes()).hexdigest() == shipped["sha256"]
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1)).astype(np.float32)
+    members = [pyfunc_model.keras_model_of(mlflow.pyfunc.load_model(f"runs:/{r}/model")) for r in runs]
+    np.testing.assert_allclose(pretrained.keras_model()(pixels), np.mean([m(pixels) for m in members], axis=0),
+                               atol=1e-6)
+
+    registered = pretrained_stage.run()
+    client = MlflowClient()
+    for key, epochs in curves(shipped).items():
+        assert len(client.get_metric_history(registered.run_id, key)) == epochs
+    figures = {a.path for a in client.list_artifacts(registered.run_id, "figures")}
+    assert {"figures/training_curves_member_0.png", "figures/training_curves_member_1.png"} <= figures
+    page = card.render("accurate")
+    assert "an ensemble of 2 convolutional networks" in page and "8 epochs in 8 minutes in all" in page
+    assert all(f"run `{r}`" in page for r in runs)

@@ -14,6 +14,12 @@ What it does, all of it with the project's own code:
 3. writes model.keras (the network) and record.json (how it was made, the choices with their
    validation figures, the scores, the SHA-256 of model.keras).
 Never tune on the test split: it is scored once, after every choice is made.
+
+`--run-id` may also name an `ensemble` run (`mlflow run . -e ensemble -P runs=<a>,<b>`): the shipped
+network is then the ensemble's one Keras model (its members side by side), and the record's
+``training`` block describes the ensemble (its params and validation figures, the members' epochs and
+minutes summed) with one block per member under ``members`` (a member that is a shipped model's
+`pretrained` run brings the training block of the record it was shipped with).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from fer_mlflow.tracking.runs import run_params
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 MODEL_CONFIG_PARAMS = {"resume", "class_names", "temperature", "detector", *asdict(Limits())}
 FINAL = ("best_val_accuracy", "best_epoch", "train_seconds", "train_images_per_second")
+ENSEMBLE_FINAL = ("val_accuracy", "best_val_accuracy", "val_log_loss", "temperature", "val_ece", "val_ece_untempered")
 
 
 def main() -> None:
@@ -90,8 +97,6 @@ def main() -> None:
     path = model_file(args.variant)
     path.parent.mkdir(parents=True, exist_ok=True)
     served.save(path)
-    history = {key: _by_epoch(client.get_metric_history(args.run_id, key)) for key in CURVES}
-    data_run = client.get_run(params["data_uri"].split("/")[1]) if params["data_uri"].startswith("runs:/") else None
     record = {
         "title": args.title,
         "model": train.data.tags.get("fer.model", params.get("model", "")),
@@ -110,20 +115,7 @@ def main() -> None:
             "commands": args.command,
             "machine": _machine(),
         },
-        "training": {
-            "run_id": args.run_id,
-            "commit": train.data.tags.get("mlflow.source.git.commit", "")[:7],
-            "data": train.data.tags.get("fer.data", ""),
-            "data_digest": train.data.tags.get("fer.data_digest", ""),
-            "cleaned_in_run": data_run.info.run_id if data_run else "",
-            # train's own params; MLflow also logged the model's config as params, which `pretrained`
-            # logs again with the shipped model (its temperature and views differ): left out here.
-            "params": {k: v for k, v in params.items() if k not in MODEL_CONFIG_PARAMS and "/" not in k},
-            "epochs": len(history["val_accuracy"]),
-            "minutes": train.data.metrics["train_seconds"] / 60,
-            "metrics": {k: train.data.metrics[k] for k in FINAL if k in train.data.metrics},
-            "history": history,
-        },
+        "training": training_block(client, train),
         "validation": {"images": len(val), "choices": choices, "considered": considered, "chosen": settings.key},
         "evaluation": {
             "split": "test", "part": "PublicTest", "data": evaluation.data.tags["fer.data"],
@@ -137,6 +129,44 @@ def main() -> None:
     (FILES / args.variant / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path} ({record['bytes'] / 1e6:.1f} MB) and its {RECORD_NAME}: "
           f"test_accuracy {record['evaluation']['metrics']['test_accuracy']:.4f} ({settings.describe()})")
+
+
+def training_block(client: MlflowClient, run) -> dict:
+    """How the network of `run` was trained: a training run's params, epochs, minutes, final metrics
+    and per-epoch curves; an ensemble run's own params and validation figures, with a block per member
+    (`member_block`) and their epochs and minutes summed."""
+    params = run_params(run)
+    data_uri = params["data_uri"]
+    data_run = client.get_run(data_uri.split("/")[1]) if data_uri.startswith("runs:/") else None
+    block = {
+        "run_id": run.info.run_id,
+        "commit": run.data.tags.get("mlflow.source.git.commit", "")[:7],
+        "data": run.data.tags.get("fer.data", ""),
+        "data_digest": run.data.tags.get("fer.data_digest", ""),
+        "cleaned_in_run": data_run.info.run_id if data_run else "",
+        # the stage's own params; MLflow also logged the model's config as params, which `pretrained`
+        # logs again with the shipped model (its temperature and views differ): left out here.
+        "params": {k: v for k, v in params.items() if k not in MODEL_CONFIG_PARAMS and "/" not in k},
+    }
+    if run.data.tags.get("fer.stage") == "ensemble":
+        members = [member_block(client, member) for member in params["members"].split(",")]
+        metrics = {k: v for k, v in run.data.metrics.items() if k in ENSEMBLE_FINAL or k.startswith("member_")}
+        return {**block, "kind": "ensemble", "epochs": sum(m["epochs"] for m in members),
+                "minutes": sum(m["minutes"] for m in members), "metrics": metrics, "history": {}, "members": members}
+    history = {key: _by_epoch(client.get_metric_history(run.info.run_id, key)) for key in CURVES}
+    return {**block, "epochs": len(history["val_accuracy"]), "minutes": run.data.metrics["train_seconds"] / 60,
+            "metrics": {k: run.data.metrics[k] for k in FINAL if k in run.data.metrics}, "history": history}
+
+
+def member_block(client: MlflowClient, run_id: str) -> dict:
+    """The training block of an ensemble's member: its training run's (`training_block`), or, for a
+    shipped model's `pretrained` run, the one recorded with that shipped model."""
+    run = client.get_run(run_id)
+    if run.data.tags.get("fer.stage") == "pretrained":
+        shipped = json.loads(Path(client.download_artifacts(run_id, "pretrained_record.json")).read_text())
+        return {**shipped["training"], "title": shipped["title"], "shipped_sha256": shipped["sha256"],
+                "made_commit": shipped["made"]["commit"], "pretrained_run": run_id}
+    return {**training_block(client, run), "title": run.data.tags.get("mlflow.runName", "")}
 
 
 def _machine() -> str:

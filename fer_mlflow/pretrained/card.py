@@ -41,7 +41,7 @@ def render(variant: str = DEFAULT_VARIANT) -> str:
         f"fer_mlflow/pretrained/files/{variant}/record.json; tests/test_pretrained.py checks that this page is "
         "what it renders. -->",
         "",
-        f"**{found['title']}**: a convolutional network of {found['parameters']:,} parameters "
+        f"**{found['title']}**: {_networks(found)} of {found['parameters']:,} parameters "
         f"({found['bytes'] / 2**20:.1f} MiB), trained by this project with its own `train` entry point. "
         "It takes a 48x48 grey face (pixels 0..255) and answers seven probabilities: "
         + ", ".join(found["class_names"]) + ".",
@@ -57,9 +57,7 @@ def render(variant: str = DEFAULT_VARIANT) -> str:
         f"leakage into the test splits, conflicting labels removed), {training['params'].get('train_images', '?')} "
         f"images to train and {training['params'].get('val_images', '?')} held out for validation. "
         "PublicTest was not seen in training or in any choice.",
-        f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes on a "
-        f"{made['machine']}, run `{training['run_id']}` at commit `{training.get('commit', '?')}`; best val_accuracy "
-        f"{training['metrics'].get('best_val_accuracy', float('nan')):.4f}.",
+        *_training_lines(found),
         f"- Made at commit `{made['commit']}` on {made['date']}, with:",
         "",
         *(f"      {command}" for command in made["commands"]),
@@ -139,6 +137,34 @@ def render(variant: str = DEFAULT_VARIANT) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _networks(found: dict) -> str:
+    """What the shipped network is, in a few words: one convolutional network, or an ensemble of them."""
+    members = found["training"].get("members")
+    if not members:
+        return "a convolutional network"
+    return (f"an ensemble of {len(members)} convolutional networks (their probabilities averaged with weights "
+            f"{found['training']['params'].get('weights_resolved', '?')}, one Keras model)")
+
+
+def _training_lines(found: dict) -> list[str]:
+    """The training of the shipped network (each member's, for an ensemble), as list items."""
+    training, made = found["training"], found["made"]
+    if not training.get("members"):
+        return [f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes on a "
+                f"{made['machine']}, run `{training['run_id']}` at commit `{training.get('commit', '?')}`; best "
+                f"val_accuracy {training['metrics'].get('best_val_accuracy', float('nan')):.4f}."]
+    lines = [f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes in all, the members "
+             f"trained one after another on the same split; the ensemble (run `{training['run_id']}`) scores "
+             f"val_accuracy {training['metrics'].get('val_accuracy', float('nan')):.4f} on the face alone:"]
+    for index, member in enumerate(training["members"]):
+        lines.append(f"    - member {index}, {member.get('title') or member['params'].get('model', '?')}: "
+                     f"{member['epochs']} epochs in {member['minutes']:.0f} minutes, run `{member['run_id']}` at "
+                     f"commit `{member.get('commit', '?')}`; best val_accuracy "
+                     f"{member['metrics'].get('best_val_accuracy', float('nan')):.4f}.")
+    lines.append(f"- Machine: {made['machine']}.")
+    return lines
 
 
 def _registered(variant: str) -> str:

@@ -50,6 +50,7 @@ from fer_mlflow.tracking.names import (
 from fer_mlflow.tracking.runs import DATA_EXPERIMENT, DATA_MODEL, log_params, stage_run
 
 STAGE = "pretrained"
+CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")  # drawn in the training-curves figure
 
 
 @dataclass
@@ -149,17 +150,17 @@ def _log_training(found: dict, variant: str) -> None:
 
     training = found["training"]
     log_params(training["params"])
-    history = training["history"]
     now = int(mlflow.active_run().info.start_time)
-    curves = [Metric(key, float(value), now, step) for key, values in history.items()
-              for step, value in enumerate(values)]
-    for start in range(0, len(curves), 1000):  # MLflow takes at most 1,000 metrics a batch
-        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=curves[start:start + 1000])
+    for prefix, title, history in _histories(found):
+        curves = [Metric(f"{prefix}{key}", float(value), now, step) for key, values in history.items()
+                  for step, value in enumerate(values)]
+        for start in range(0, len(curves), 1000):  # MLflow takes at most 1,000 metrics a batch
+            MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=curves[start:start + 1000])
+        figure = curves_figure({k: v for k, v in history.items() if k in CURVES}, title)
+        name = f"training_curves_{prefix.rstrip('/')}" if prefix else "training_curves"
+        mlflow.log_figure(figure, f"figures/{name}.png")
+        plt.close(figure)
     mlflow.log_metrics(training["metrics"])
-    figure = curves_figure({k: v for k, v in history.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")},
-                           found["title"])
-    mlflow.log_figure(figure, "figures/training_curves.png")
-    plt.close(figure)
     mlflow.log_dict(found, "pretrained_record.json")
     info = pyfunc_model.log_model(keras_model(variant), name="model", **served_arguments(variant))
     mlflow.set_tags({
@@ -169,6 +170,16 @@ def _log_training(found: dict, variant: str) -> None:
         "fer.made_in_run": training["run_id"],
         "mlflow.note.content": _note(found, variant),
     })
+
+
+def _histories(found: dict) -> list[tuple[str, str, dict]]:
+    """(metric prefix, title, per-epoch curves) of the shipped network's training: one network's
+    curves under their own names, an ensemble's members' under ``member_<i>/``."""
+    training = found["training"]
+    if training.get("members"):
+        return [(f"member_{index}/", f"{found['title']}: member {index}, {member.get('title', '')}",
+                 member["history"]) for index, member in enumerate(training["members"])]
+    return [("", found["title"], training["history"])]
 
 
 def _evaluation(found: dict, training: str, data: str):
@@ -229,7 +240,9 @@ def _note(found: dict, variant: str) -> str:
     return "\n".join([
         f"**The shipped model** ({variant}): {found['title']}, trained by this project on `{found['training']['data']}` "
         f"(digest `{found['training']['data_digest']}`) in {found['training']['minutes']:.0f} minutes, "
-        f"{found['training']['epochs']} epochs, at commit `{found['made']['commit']}`.",
+        f"{found['training']['epochs']} epochs"
+        + (f" ({len(found['training']['members'])} networks together)" if found["training"].get("members") else "")
+        + f", at commit `{found['made']['commit']}`.",
         "",
         f"- {scored['split']}_accuracy **{scored['metrics']['test_accuracy']:.4f}** on {scored['data']} "
         f"{scored['part']} ({scored['images']} faces) as served ({found['settings_described']})",
