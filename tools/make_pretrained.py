@@ -165,8 +165,10 @@ def member_block(client: MlflowClient, run_id: str) -> dict:
     if run.data.tags.get("fer.stage") == "pretrained":
         shipped = json.loads(Path(client.download_artifacts(run_id, "pretrained_record.json")).read_text())
         return {**shipped["training"], "title": shipped["title"], "shipped_sha256": shipped["sha256"],
-                "made_commit": shipped["made"]["commit"], "pretrained_run": run_id}
-    return {**training_block(client, run), "title": run.data.tags.get("mlflow.runName", "")}
+                "made_commit": shipped["made"]["commit"], "machine": shipped["made"]["machine"],
+                "pretrained_run": run_id}
+    # a member trained in this store is taken to have trained on this machine
+    return {**training_block(client, run), "title": run.data.tags.get("mlflow.runName", ""), "machine": _machine()}
 
 
 def _machine() -> str:

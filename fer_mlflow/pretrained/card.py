@@ -160,10 +160,10 @@ def _training_lines(found: dict) -> list[str]:
              f"val_accuracy {training['metrics'].get('val_accuracy', float('nan')):.4f} on the face alone:"]
     for index, member in enumerate(training["members"]):
         lines.append(f"    - member {index}, {member.get('title') or member['params'].get('model', '?')}: "
-                     f"{member['epochs']} epochs in {member['minutes']:.0f} minutes, run `{member['run_id']}` at "
-                     f"commit `{member.get('commit', '?')}`; best val_accuracy "
+                     f"{member['epochs']} epochs in {member['minutes']:.0f} minutes on a "
+                     f"{member.get('machine', made['machine'])}, run `{member['run_id']}` at commit "
+                     f"`{member.get('commit', '?')}`; best val_accuracy "
                      f"{member['metrics'].get('best_val_accuracy', float('nan')):.4f}.")
-    lines.append(f"- Machine: {made['machine']}.")
     return lines
 
 
