@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -258,7 +259,12 @@ def test_an_ensemble_made_into_the_shipped_model_registers_with_each_members_cur
     monkeypatch.setattr(made, "FILES", tmp_path / "files")
     monkeypatch.setattr("sys.argv", ["make_pretrained.py", "--run-id", outcome.run_id, "--data", tiny_npz,
                                      "--title", "two tiny networks", "--variant", "accurate", "--command", "ensemble"])
-    made.main()
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    try:
+        made.main()
+    finally:  # the tool sets an experiment for its process: not for the tests after this one
+        mlflow.tracking.fluent._active_experiment_id = None
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     shipped = pretrained.record("accurate")
     training = shipped["training"]
     assert training["kind"] == "ensemble" and training["run_id"] == outcome.run_id
