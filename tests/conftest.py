@@ -73,9 +73,13 @@ def tracking(tmp_path, monkeypatch, empty_store):
         monkeypatch.delenv(chosen, raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
+    # An experiment set in this process (`mlflow.set_experiment`, as tools/make_pretrained.py does) is
+    # an id of the previous test's store: each test starts with none.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment sets it too, for subprocesses
 
 
 def all_runs(filter_string: str = "", **kwargs) -> list:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -37,11 +36,6 @@ def curves(record: dict) -> dict[str, int]:
     return {"val_accuracy": record["training"]["epochs"]}
 
 
-def histories(record: dict) -> list[dict]:
-    """The training blocks that carry per-epoch curves: the network's, or each ensemble member's."""
-    return record["training"].get("members") or [record["training"]]
-
-
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     """The served copy of the shipped model goes to the test's own cache folder."""
@@ -56,8 +50,8 @@ def test_the_shipped_file_is_the_recorded_one_and_small_enough_for_a_wheel(varia
     assert path.stat().st_size <= 15 * 2**20
     made, training = RECORD["made"], RECORD["training"]
     assert made["commit"] and made["commands"] and training["data_digest"] and training["minutes"] > 0
-    assert all(len(block["history"]["val_accuracy"]) == block["epochs"] > 0 for block in histories(RECORD))
-    assert training["epochs"] == sum(block["epochs"] for block in histories(RECORD))
+    assert all(len(block["history"]["val_accuracy"]) == block["epochs"] > 0 for block in pretrained.networks(RECORD))
+    assert training["epochs"] == sum(block["epochs"] for block in pretrained.networks(RECORD))
     # The serving choice was made on validation data: the chosen settings scored best there, of those
     # considered (a variant made for speed serves the face alone).
     choices = RECORD["validation"]["choices"]
@@ -259,12 +253,7 @@ def test_an_ensemble_made_into_the_shipped_model_registers_with_each_members_cur
     monkeypatch.setattr(made, "FILES", tmp_path / "files")
     monkeypatch.setattr("sys.argv", ["make_pretrained.py", "--run-id", outcome.run_id, "--data", tiny_npz,
                                      "--title", "two tiny networks", "--variant", "accurate", "--command", "ensemble"])
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    try:
-        made.main()
-    finally:  # the tool sets an experiment for its process: not for the tests after this one
-        mlflow.tracking.fluent._active_experiment_id = None
-        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    made.main()
     shipped = pretrained.record("accurate")
     training = shipped["training"]
     assert training["kind"] == "ensemble" and training["run_id"] == outcome.run_id

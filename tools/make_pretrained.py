@@ -43,6 +43,7 @@ from fer_mlflow.tracking import registry
 from fer_mlflow.data.limits import Limits
 from fer_mlflow.pretrained import FILES, RECORD_NAME, VARIANTS, model_file
 from fer_mlflow.data.sources import read_source
+from fer_mlflow.tracking.names import DATA_DIGEST_TAG, DATA_TAG, STAGE_TAG
 from fer_mlflow.tracking.runs import run_params
 
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
@@ -141,14 +142,14 @@ def training_block(client: MlflowClient, run) -> dict:
     block = {
         "run_id": run.info.run_id,
         "commit": run.data.tags.get("mlflow.source.git.commit", "")[:7],
-        "data": run.data.tags.get("fer.data", ""),
-        "data_digest": run.data.tags.get("fer.data_digest", ""),
+        "data": run.data.tags.get(DATA_TAG, ""),
+        "data_digest": run.data.tags.get(DATA_DIGEST_TAG, ""),
         "cleaned_in_run": data_run.info.run_id if data_run else "",
         # the stage's own params; MLflow also logged the model's config as params, which `pretrained`
         # logs again with the shipped model (its temperature and views differ): left out here.
         "params": {k: v for k, v in params.items() if k not in MODEL_CONFIG_PARAMS and "/" not in k},
     }
-    if run.data.tags.get("fer.stage") == "ensemble":
+    if run.data.tags.get(STAGE_TAG) == "ensemble":
         members = [member_block(client, member) for member in params["members"].split(",")]
         metrics = {k: v for k, v in run.data.metrics.items() if k in ENSEMBLE_FINAL or k.startswith("member_")}
         return {**block, "kind": "ensemble", "epochs": sum(m["epochs"] for m in members),
@@ -162,7 +163,7 @@ def member_block(client: MlflowClient, run_id: str) -> dict:
     """The training block of an ensemble's member: its training run's (`training_block`), or, for a
     shipped model's `pretrained` run, the one recorded with that shipped model."""
     run = client.get_run(run_id)
-    if run.data.tags.get("fer.stage") == "pretrained":
+    if run.data.tags.get(STAGE_TAG) == "pretrained":
         shipped = json.loads(Path(client.download_artifacts(run_id, "pretrained_record.json")).read_text())
         return {**shipped["training"], "title": shipped["title"], "shipped_sha256": shipped["sha256"],
                 "made_commit": shipped["made"]["commit"], "machine": shipped["made"]["machine"],

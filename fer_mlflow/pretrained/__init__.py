@@ -67,6 +67,12 @@ def record(variant: str = DEFAULT_VARIANT) -> dict:
     return _read_record(FILES / check_variant(variant) / RECORD_NAME)
 
 
+def networks(found: dict) -> list[dict]:
+    """The training blocks of the networks in a shipped `found` record (each with its epochs,
+    minutes and per-epoch ``history``): the one network's, or each ensemble member's."""
+    return found["training"].get("members") or [found["training"]]
+
+
 @cache
 def _read_record(path: Path) -> dict:
     try:

@@ -28,6 +28,7 @@ from fer_mlflow.pretrained import (
     checked_model_file,
     describe,
     keras_model,
+    networks,
     record,
     served_arguments,
 )
@@ -175,11 +176,10 @@ def _log_training(found: dict, variant: str) -> None:
 def _histories(found: dict) -> list[tuple[str, str, dict]]:
     """(metric prefix, title, per-epoch curves) of the shipped network's training: one network's
     curves under their own names, an ensemble's members' under ``member_<i>/``."""
-    training = found["training"]
-    if training.get("members"):
-        return [(f"member_{index}/", f"{found['title']}: member {index}, {member.get('title', '')}",
-                 member["history"]) for index, member in enumerate(training["members"])]
-    return [("", found["title"], training["history"])]
+    if not found["training"].get("members"):
+        return [("", found["title"], found["training"]["history"])]
+    return [(f"member_{index}/", f"{found['title']}: member {index}, {member.get('title', '')}", member["history"])
+            for index, member in enumerate(networks(found))]
 
 
 def _evaluation(found: dict, training: str, data: str):
