@@ -239,7 +239,7 @@ class Postgres:
         deadline = time.monotonic() + 60
         while True:
             try:
-                self._execute("SELECT 1")
+                self.execute("SELECT 1")
                 break
             except Exception:
                 if self.process.poll() is not None or time.monotonic() > deadline:
@@ -247,7 +247,8 @@ class Postgres:
                     pytest.fail(f"PostgreSQL did not start: {self.process.stderr.read().decode()[-2000:]}")
                 time.sleep(0.2)
 
-    def _execute(self, statement: str) -> None:
+    def execute(self, statement: str) -> None:
+        """Run one SQL statement as the superuser `postgres`."""
         import psycopg2
 
         connection = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
@@ -262,7 +263,7 @@ class Postgres:
         """The URL of a new, empty database."""
         self.count += 1
         name = f"test_{self.count}"
-        self._execute(f"CREATE DATABASE {name}")
+        self.execute(f"CREATE DATABASE {name}")
         # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; this project ships psycopg2.
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
 

@@ -319,18 +319,6 @@ def test_mlflow_run_with_a_password_in_storage_is_refused_and_its_run_deleted(tr
     assert all_runs() == []
 
 
-def _sql(port: int, statement: str) -> None:
-    import psycopg2
-
-    connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
-
-
 @pytest.fixture
 def password_database(postgres_server):
     """A database owned by a role that must give its password (`SECRET`, scram-sha-256 on loopback;
@@ -338,12 +326,12 @@ def password_database(postgres_server):
     import psycopg2
 
     role = f"optuna_{uuid.uuid4().hex[:8]}"
-    _sql(postgres_server.port, f"CREATE ROLE {role} LOGIN PASSWORD '{SECRET}'")
-    _sql(postgres_server.port, f"CREATE DATABASE {role} OWNER {role}")
+    postgres_server.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{SECRET}'")
+    postgres_server.execute(f"CREATE DATABASE {role} OWNER {role}")
     hba = postgres_server.folder / "data" / "pg_hba.conf"
     before = hba.read_text()
     hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + before)  # the first matching line wins
-    _sql(postgres_server.port, "SELECT pg_reload_conf()")
+    postgres_server.execute("SELECT pg_reload_conf()")
     try:
         deadline = time.monotonic() + 30
         while True:  # until the reloaded rules ask the role for its password
@@ -358,7 +346,7 @@ def password_database(postgres_server):
         yield f"postgresql://{role}@127.0.0.1:{postgres_server.port}/{role}"
     finally:
         hba.write_text(before)
-        _sql(postgres_server.port, "SELECT pg_reload_conf()")
+        postgres_server.execute("SELECT pg_reload_conf()")
 
 
 def _command_lines(root: psutil.Process, seen: list, done: threading.Event) -> None:
