@@ -22,6 +22,8 @@ from test_interrupts import start
 from fer_mlflow.data import dataset as ds
 from fer_mlflow.serving import pyfunc_model
 from fer_mlflow.serving.pyfunc_model import predict_pixels
+from fer_mlflow.learning.loop import soft_targets
+from fer_mlflow.tracking.registry import load_model
 from fer_mlflow.stages import train
 from fer_mlflow.cli import main
 from fer_mlflow.errors import ConfigError
@@ -180,6 +182,47 @@ def test_a_signal_in_the_middle_of_an_epoch_leaves_a_checkpoint_of_the_last_whol
     assert resumed.epochs_trained == 3  # epoch 1 trained again, in full
     seen = MlflowClient().get_run(run.info.run_id).data.metrics
     assert seen["train_images_per_second"] * seen["train_seconds"] == pytest.approx(3 * train_images, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_distilled_run_resumes_learning_from_the_teacher_it_began_with(tiny_npz, signals_handled, monkeypatch):
+    """A stopped student goes on with the probabilities its teacher gave when the run began, logged
+    with the run: not with what the teacher's alias names by then, and without labelling again."""
+    from fer_mlflow.learning import interrupts
+
+    first = train.run(train.TrainConfig(data=tiny_npz, epochs=1, **SMALL))
+    other = train.run(train.TrainConfig(data=first.data_uri, epochs=1, seed=1, **SMALL))
+    client = MlflowClient()
+    for outcome in (first, other):
+        mlflow.register_model(outcome.model_uri, "teacher")
+    client.set_registered_model_alias("teacher", "best", "1")
+    taught = []
+    original = train._fit
+
+    def recording_fit(config, train_split, val, replicas, plan, extra=(), teaching=None, initial=None):
+        taught.append(teaching)
+        return original(config, train_split, val, replicas, plan, extra, teaching, initial)
+
+    monkeypatch.setattr(train, "_fit", recording_fit)
+    settings = dict(data=first.data_uri, epochs=3, patience=3, teacher="models:/teacher@best", **SMALL)
+    with pytest.raises(interrupts.Interrupted):
+        train.run(train.TrainConfig(**settings), callbacks=(SignalMidEpoch(1),))
+    (run,) = all_runs("tags.`fer.teacher` = 'models:/teacher@best'")
+    assert run.info.status == "KILLED"
+
+    client.set_registered_model_alias("teacher", "best", "2")  # the alias moves on meanwhile
+    resumed = train.run(train.TrainConfig(**settings, resume=run.info.run_id))
+    assert resumed.epochs_trained == 3
+    assert np.array_equal(taught[1], taught[0])
+    split = ds.load(first.data_uri).split("train")
+    served = {version: pyfunc_model.predict_crops(load_model(f"models:/teacher/{version}"), split.images)
+              for version in (1, 2)}
+    targets = {version: soft_targets(split.labels, frame.filter(like="prob_").to_numpy(), 0.5, 2.0)
+               for version, frame in served.items()}
+    assert np.allclose(taught[0], targets[1], atol=1e-5)
+    relabelled = targets[2]
+    assert not np.allclose(relabelled, taught[0])  # what a new labelling would have taught instead
+    assert "teacher" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 @pytest.mark.slow
