@@ -175,6 +175,11 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
               help="Augmentation: random zoom, a fraction; 0: off.")
 @click.option("--erase", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="Probability of random erasing: a random rectangle painted mid-grey.")
+@click.option("--mixup", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="MixUp's alpha (e.g. 0.2): each training face blended with another, their targets alike; 0: off.")
+@click.option("--cutmix", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="CutMix's factor (e.g. 1.0): a rectangle of another training face pasted in, the targets mixed "
+                   "by its area; 0: off. With mixup too, each batch gets one of the two.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 0.5),
               help="As for clean: the share of train taken as validation when the source has none.")
 @click.option("--seed", default=0, show_default=True, type=int,

@@ -52,6 +52,8 @@ class TrainConfig:
     rotation: float = 10.0
     zoom: float = 0.1
     erase: float = 0.0
+    mixup: float = 0.0  # MixUp's alpha (e.g. 0.2); 0: off
+    cutmix: float = 0.0  # CutMix's factor, 0..1 (e.g. 1.0); 0: off
     val_fraction: float = 0.1  # raw sources without a validation split
     seed: int = 0
     strategy: str = "default"  # default | mirrored | multi_worker (TF_CONFIG: `learning.distribution`)
@@ -65,7 +67,7 @@ class TrainConfig:
 
     @property
     def augmentation(self) -> Augmentation:
-        return Augmentation(self.shift, self.flip, self.rotation, self.zoom, self.erase)
+        return Augmentation(self.shift, self.flip, self.rotation, self.zoom, self.erase, self.mixup, self.cutmix)
 
     def resolved(self) -> TrainConfig:
         """The config with its 'auto' values (None) filled in, validated."""
@@ -84,6 +86,9 @@ class TrainConfig:
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema={self.ema} must lie in 0..1 (1 excluded): the moving average's momentum per "
                               "step, e.g. 0.999, or 0 for none")
+        if self.mixup < 0 or not 0 <= self.cutmix <= 1:
+            raise ConfigError(f"mixup={self.mixup} must be 0 or above (MixUp's alpha, e.g. 0.2) and cutmix="
+                              f"{self.cutmix} lie in 0..1 (CutMix's factor, e.g. 1.0); 0 turns either off")
         if self.model == "cnn":
             check_convs(self.convs, self.widths)  # kept as given (2: every block), so a resumed run's match
         if self.time_budget < 0:

@@ -25,10 +25,17 @@ class Augmentation:
     rotation: float = 10.0  # degrees, either way
     zoom: float = 0.1  # fraction, in or out
     erase: float = 0.0  # probability of painting a random rectangle mid-grey (random erasing)
+    mixup: float = 0.0  # MixUp's alpha: each face blended with another of its batch, targets alike
+    cutmix: float = 0.0  # CutMix's factor: a rectangle of another face of the batch pasted in, targets by area
 
     @property
     def enabled(self) -> bool:
-        return bool(self.shift or self.flip or self.rotation or self.zoom or self.erase)
+        return bool(self.shift or self.flip or self.rotation or self.zoom or self.erase or self.mixes)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether batches are mixed (MixUp, CutMix): these change the targets too."""
+        return bool(self.mixup or self.cutmix)
 
 
 def augmenter(augmentation: Augmentation, seed: int) -> keras.Sequential | None:
@@ -51,6 +58,29 @@ def augmenter(augmentation: Augmentation, seed: int) -> keras.Sequential | None:
     return keras.Sequential(steps, name="augmentation") if steps else None
 
 
+def mixer(augmentation: Augmentation, seed: int):
+    """A function mixing a batch's images and targets (Keras' `MixUp`, `CutMix`), or None when both
+    are off. With both on, each batch is mixed by one of them, either with equal chance."""
+    layers = []
+    if augmentation.mixup:
+        layers.append(keras.layers.MixUp(alpha=augmentation.mixup, seed=seed + 5))
+    if augmentation.cutmix:
+        layers.append(keras.layers.CutMix(factor=augmentation.cutmix, seed=seed + 6))
+    if not layers:
+        return None
+
+    def mix(images, targets):
+        if len(layers) == 1:
+            mixed = layers[0]({"images": images, "labels": targets}, training=True)
+        else:
+            mixed = tf.cond(tf.random.uniform([], seed=seed + 7) < 0.5,
+                            lambda: layers[0]({"images": images, "labels": targets}, training=True),
+                            lambda: layers[1]({"images": images, "labels": targets}, training=True))
+        return mixed["images"], tf.cast(mixed["labels"], targets.dtype)
+
+    return mix
+
+
 def as_inputs(images: np.ndarray) -> np.ndarray:
     """uint8 N x 48 x 48 images as the models' float32 N x 48 x 48 x 1 input (raw 0..255 pixels)."""
     return images.astype(np.float32)[..., None]
@@ -71,7 +101,8 @@ def train_dataset(
 ) -> tf.data.Dataset:
     """Cache, shuffle (anew each epoch), batch, augment (if given), prefetch.
 
-    `inputs` are model inputs (images or cached features), `targets` one-hot labels. Several replicas
+    `inputs` are model inputs (images or cached features), `targets` one-hot labels (or soft
+    targets); MixUp and CutMix mix both, after the other transforms. Several replicas
     need `drop_remainder`: a last batch split unevenly across them fails in TensorFlow.
     """
     parts = (inputs, targets) if sample_weights is None else (inputs, targets, sample_weights)
@@ -83,6 +114,9 @@ def train_dataset(
             lambda x, *rest: (layers(x, training=True), *rest),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
+    mix = mixer(augmentation, seed) if augmentation else None
+    if mix is not None:  # after the other transforms, as in the papers; a sample weight stays its own face's
+        data = data.map(lambda x, y, *rest: (*mix(x, y), *rest), num_parallel_calls=tf.data.AUTOTUNE)
     return data.prefetch(tf.data.AUTOTUNE)
 
 
