@@ -35,7 +35,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.serving import calibration, pyfunc_model, views
-from fer_mlflow.learning import interrupts, models
+from fer_mlflow.learning import interrupts, models, teaching
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.learning.inputs import as_inputs, eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking.runs import (
@@ -48,7 +48,7 @@ from fer_mlflow.learning.config import (  # noqa: F401  (train.TrainConfig and i
 from fer_mlflow.learning.loop import (
     CHECKPOINT, AveragedWeights, CheckpointPlan, Checkpointer, EpochLogger, ImageCounter, ResumableEarlyStopping,
     StopOnSignal, TimeBudget, TrainingState, save_arrays, class_weights, curves_figure, keep_best_of_phases,
-    load_arrays, make_strategy, optimizer, restore_model, soft_targets,
+    load_arrays, make_strategy, optimizer, restore_model,
 )
 from fer_mlflow.tracking.names import (
     DATA_DIGEST_TAG,
@@ -111,10 +111,11 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
     with tempfile.TemporaryDirectory(prefix="fer-checkpoint-") as folder:
         plan = CheckpointPlan(Path(folder) / CHECKPOINT, config.checkpoint_minutes, 0.0)
         previous = _resumable(config, plan) if config.resume else None
-        taught = _taught(previous, Path(folder)) if config.teacher and previous is not None else None
+        taught = (teaching.logged_probabilities(previous.info.run_id, Path(folder))
+                  if config.teacher and previous is not None else None)
         # a bad URI: before any run; a resumed run learns from what its teacher answered before
-        teacher = _load_teacher(config.teacher) if config.teacher and taught is None else None
-        initial = _initial_weights(config) if config.init and not config.resume else None
+        teacher = teaching.load_teacher(config.teacher) if config.teacher and taught is None else None
+        initial = teaching.initial_weights(config) if config.init and not config.resume else None
         with stage_run("train", run_name(config, label), tags, nested=nested, experiment=experiment,
                        resume=config.resume or None) as active:
             if previous is not None:
@@ -124,9 +125,9 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
             dataset, data_uri, train, val = _read_data(config, previous, label)
             strategy = strategy or make_strategy(config.strategy)
             _log_replicas(config, strategy)
-            teaching = _teacher_targets(config, teacher, taught, dataset, train) if config.teacher else None
+            targets = teaching.teacher_targets(config, teacher, taught, dataset, train) if config.teacher else None
             model, history, seen, seconds = _fit_until_stopped(config, train, val, strategy, plan,
-                                                               tuple(callbacks), teaching, initial)
+                                                               tuple(callbacks), targets, initial)
             run_id = active.info.run_id
             if interrupts.pending():
                 log.warning("%s: logging the best model so far, then ending the run KILLED; go on with "
@@ -223,78 +224,6 @@ def _log_model(model: keras.Model, dataset, val) -> None:
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
 
 
-def _initial_weights(config: TrainConfig) -> list[np.ndarray]:
-    """The weights of the network inside the logged model ``config.init``, to start training
-    from; ConfigError in one line when it cannot be loaded or is not the network `config` builds."""
-    from fer_mlflow.tracking.registry import load_model
-
-    initial = pyfunc_model.keras_model_of(load_model(config.init)).get_weights()
-    network = models.build_model(config.model, image_size=config.image_size, widths=config.widths,
-                                 convs=config.convs, dropout=config.dropout, weights="none")
-    shapes = [tuple(w.shape) for w in network.get_weights()]
-    if shapes != [tuple(w.shape) for w in initial]:
-        widths = (f" of widths {','.join(map(str, config.widths))} and convs {','.join(map(str, config.convs))}"
-                  if config.model == "cnn" else "")
-        raise ConfigError(f"init {config.init} is not the {config.model} network{widths} at {config.image_size} "
-                          "pixels that this run builds; pass the model, widths, convs and image_size it was trained with")
-    return initial
-
-
-def _load_teacher(model_uri: str):
-    """The teacher, loaded as any served model is; ConfigError in one line when it cannot be."""
-    from fer_mlflow.tracking.registry import load_model
-
-    return load_model(model_uri)
-
-
-def _teacher_targets(config: TrainConfig, teacher, taught: np.ndarray | None, dataset, train) -> np.ndarray:
-    """Knowledge distillation: the train split's targets, each `distill_alpha` the teacher's served
-    probabilities (its own views and temperature, as `predict` answers) softened by
-    `distill_temperature`, and the rest the one-hot label (`loop.soft_targets`). Validation
-    keeps the labels alone, so `val_accuracy` stays comparable with any other run's.
-
-    The teacher's probabilities are logged as ``TEACHER_ARTIFACT``; a resumed run passes them back as
-    `taught` (`_taught`) and learns from them, not from a new labelling: the same teacher whatever its
-    URI (an alias) names by now, and none of the minutes its views take."""
-    if taught is not None:
-        if taught.shape != (len(train), len(dataset.class_names)):
-            raise ConfigError(f"run {config.resume}'s {TEACHER_ARTIFACT} holds {taught.shape[0]} faces' probabilities, "
-                              f"not its {len(train)} training faces'; start the run again as a new run")
-        log.info("resuming with the teacher's probabilities logged when the run began (%s)", TEACHER_ARTIFACT)
-        return soft_targets(train.labels, taught, config.distill_alpha, config.distill_temperature)
-    classes = pyfunc_model.class_names_of(teacher)
-    if tuple(classes) != tuple(dataset.class_names):
-        raise ConfigError(f"teacher {config.teacher} predicts the classes {', '.join(classes)}, not this data's "
-                          f"{', '.join(dataset.class_names)}; pass a teacher trained on the same classes")
-    started = time.perf_counter()
-    frame = pyfunc_model.predict_crops(teacher, train.images)
-    probabilities = frame[[f"prob_{name}" for name in classes]].to_numpy().astype(np.float32)
-    log.info("teacher %s labelled %d training faces in %.0f s (%s)", config.teacher, len(train),
-             time.perf_counter() - started, pyfunc_model.settings_of(teacher).describe())
-    mlflow.set_tag("fer.teacher", config.teacher)
-    mlflow.log_metric("teacher_train_accuracy", float(np.mean(probabilities.argmax(axis=1) == train.labels)))
-    with tempfile.TemporaryDirectory(prefix="fer-teacher-") as folder:
-        path = Path(folder) / Path(TEACHER_ARTIFACT).name
-        np.savez_compressed(path, probabilities=probabilities)
-        mlflow.log_artifact(str(path), str(Path(TEACHER_ARTIFACT).parent))
-    return soft_targets(train.labels, probabilities, config.distill_alpha, config.distill_temperature)
-
-
-def _taught(previous, folder: Path) -> np.ndarray | None:
-    """The teacher's probabilities that the stopped run `previous` logged (`_teacher_targets`), or
-    None for a run that logged none (one begun before they were logged: it is labelled anew)."""
-    (folder / "teacher").mkdir(exist_ok=True)
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=previous.info.run_id, artifact_path=TEACHER_ARTIFACT,
-                                                   dst_path=str(folder / "teacher"))
-    except (MlflowException, OSError):
-        log.warning("run %s logged no %s; its teacher labels the training faces again", previous.info.run_id,
-                    TEACHER_ARTIFACT)
-        return None
-    with np.load(path, allow_pickle=False) as saved:
-        return saved["probabilities"]
-
-
 def _fit_temperature(model, val) -> float:
     """The temperature the logged model divides its log-probabilities by, fitted on the validation
     split by log-loss (`calibration`); logged with the validation ECE before and after it."""
@@ -308,9 +237,6 @@ def _fit_temperature(model, val) -> float:
     })
     return temperature
 
-
-# The teacher's served probabilities for the train split, logged by a distilled run for its resumption.
-TEACHER_ARTIFACT = "teacher/probabilities.npz"
 
 # Params that may differ between a run and its resumption.
 _RESUME_FREE = ("resume", "checkpoint_minutes")
@@ -461,7 +387,7 @@ def _fit(config: TrainConfig, train, val, replicas: int, plan: CheckpointPlan,
     """Build and fit the model (from `plan.resumed` on, if given), with the caller's `extra`
     callbacks in every phase; returns it with the weights of its best validation epoch (over both
     phases of a pretrained ResNet), the merged history and the images seen. `teaching`: the
-    train split's targets mixed with a teacher's (`_teacher_targets`), else the labels alone.
+    train split's targets mixed with a teacher's (`teaching.teacher_targets`), else the labels alone.
     `initial`: the weights to start from (``init``), trained in one phase."""
     fitting = _Fitting.of(config, train, val, replicas, plan, extra, teaching)
     model, pretrained = _build_network(config, resuming=plan.resumed is not None, initial=initial)
