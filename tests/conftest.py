@@ -88,6 +88,19 @@ def all_runs(filter_string: str = "", **kwargs) -> list:
                               output_format="list", **kwargs)
 
 
+def refused(argv: list[str], capsys) -> str:
+    """Run the CLI on options it must refuse: exit 2, one line on stderr, no run logged. The line."""
+    from fer_mlflow.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert not all_runs(), "a refused command logs no run"
+    return lines[0]
+
+
 def face(label: int, index: int) -> np.ndarray:
     """A distinct 48x48 uint8 image per (label, index), with contrast and a mid-range mean."""
     rng = np.random.default_rng(1000 * label + index)
