@@ -17,17 +17,9 @@ import numpy as np
 from mlflow import MlflowClient
 
 from fer_mlflow import pretrained
+from fer_mlflow.tracking.runs import metric_by_epoch
 
 WINDOW = 5  # epochs a row's mean covers
-
-
-def run_curve(client: MlflowClient, run_id: str, metric: str = "val_accuracy") -> np.ndarray:
-    """`metric` a step (= epoch - 1) of a run, the value logged last for each step."""
-    latest: dict[int, tuple[int, float]] = {}
-    for point in client.get_metric_history(run_id, metric):
-        if point.step not in latest or point.timestamp >= latest[point.step][0]:
-            latest[point.step] = (point.timestamp, point.value)
-    return np.array([latest[step][1] for step in sorted(latest)])
 
 
 def shipped_curve(variant: str) -> np.ndarray:
@@ -43,7 +35,8 @@ def main() -> None:
     args = parser.parse_args()
 
     client = MlflowClient()
-    curves = {run_id[:8]: run_curve(client, run_id) for run_id in args.runs.split(",") if run_id.strip()}
+    curves = {run_id[:8]: np.array(metric_by_epoch(client, run_id, "val_accuracy"))
+              for run_id in args.runs.split(",") if run_id.strip()}
     if args.shipped:
         curves[f"shipped {args.shipped}"] = shipped_curve(args.shipped)
     longest = max(len(curve) for curve in curves.values())

@@ -44,7 +44,7 @@ from fer_mlflow.data.limits import Limits
 from fer_mlflow.pretrained import FILES, RECORD_NAME, VARIANTS, model_file
 from fer_mlflow.data.sources import read_source
 from fer_mlflow.tracking.names import DATA_DIGEST_TAG, DATA_TAG, STAGE_TAG
-from fer_mlflow.tracking.runs import run_params
+from fer_mlflow.tracking.runs import metric_by_epoch, run_params
 
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 MODEL_CONFIG_PARAMS = {"resume", "class_names", "temperature", "detector", *asdict(Limits())}
@@ -154,7 +154,7 @@ def training_block(client: MlflowClient, run) -> dict:
         metrics = {k: v for k, v in run.data.metrics.items() if k in ENSEMBLE_FINAL or k.startswith("member_")}
         return {**block, "kind": "ensemble", "epochs": sum(m["epochs"] for m in members),
                 "minutes": sum(m["minutes"] for m in members), "metrics": metrics, "history": {}, "members": members}
-    history = {key: _by_epoch(client.get_metric_history(run.info.run_id, key)) for key in CURVES}
+    history = {key: metric_by_epoch(client, run.info.run_id, key) for key in CURVES}
     return {**block, "epochs": len(history["val_accuracy"]), "minutes": run.data.metrics["train_seconds"] / 60,
             "metrics": {k: run.data.metrics[k] for k in FINAL if k in run.data.metrics}, "history": history}
 
@@ -177,12 +177,6 @@ def _machine() -> str:
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
              if line.startswith("model name")]
     return f"{len(names)}-core {names[0] if names else 'unknown CPU'}, no GPU"
-
-
-def _by_epoch(metrics) -> list[float]:
-    """One value per step, the last logged: a resumed run logs the epoch it resumed at again."""
-    last = {m.step: m.value for m in sorted(metrics, key=lambda m: (m.step, m.timestamp))}
-    return [last[step] for step in sorted(last)]
 
 
 if __name__ == "__main__":

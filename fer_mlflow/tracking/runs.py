@@ -266,6 +266,13 @@ def log_params(params: dict) -> None:
         mlflow.log_params(fresh)
 
 
+def metric_by_epoch(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    """Run `run_id`'s metric `key`, one value a step (epoch - 1 for training curves): a run resumed from
+    a checkpoint logs the epochs after it again, and the value logged last is the one training went on from."""
+    last = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))}
+    return [last[step] for step in sorted(last)]
+
+
 def run_params(run) -> dict[str, str]:
     """The params of `run` as their values were given: `mlflow run` logs each entry-point parameter
     quoted for the shell (``shlex.quote``: an empty value is stored as the two characters ``''``, a
