@@ -238,9 +238,34 @@ def _trained_run(data_uri: str, seed: int, epochs: int) -> str:
     return run.info.run_id
 
 
+def test_a_network_stored_at_half_precision_is_half_the_file_and_loads_as_its_rounded_self(tmp_path):
+    import h5py
+    import keras
+    import zipfile
+
+    made = _made_module()
+    network = pretrained.keras_model("fast")
+    made.save(network, tmp_path / "full.keras")
+    made.rounded_to_half(network)
+    made.save(network, tmp_path / "half.keras", "float16")
+    assert (tmp_path / "half.keras").stat().st_size < 0.6 * (tmp_path / "full.keras").stat().st_size
+    with zipfile.ZipFile(tmp_path / "half.keras") as archive, \
+            h5py.File(archive.open(made.WEIGHTS_FILE), "r") as weights:
+        stored = []
+        weights.visititems(lambda name, item: stored.append(item.dtype) if isinstance(item, h5py.Dataset) else None)
+    assert stored and set(stored) == {np.dtype(np.float16)}
+    loaded = keras.models.load_model(tmp_path / "half.keras", compile=False)
+    assert {w.dtype for w in loaded.weights} == {"float32"}  # computed in float32, as before
+    for found, rounded in zip(loaded.get_weights(), network.get_weights(), strict=True):
+        np.testing.assert_array_equal(found, rounded)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1)).astype(np.float32)
+    np.testing.assert_array_equal(loaded(pixels), network(pixels))
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("weights_dtype", ["float32", "float16"])
 def test_an_ensemble_made_into_the_shipped_model_registers_with_each_members_curves_and_card(
-        tiny_npz, tmp_path, monkeypatch, capsys):
+        tiny_npz, tmp_path, monkeypatch, capsys, weights_dtype):
     from fer_mlflow.pretrained import card
     from fer_mlflow.stages import ensemble
 
@@ -250,7 +275,8 @@ def test_an_ensemble_made_into_the_shipped_model_registers_with_each_members_cur
     monkeypatch.setattr(pretrained, "FILES", tmp_path / "files")
     monkeypatch.setattr(made, "FILES", tmp_path / "files")
     monkeypatch.setattr("sys.argv", ["make_pretrained.py", "--run-id", outcome.run_id, "--data", tiny_npz,
-                                     "--title", "two tiny networks", "--variant", "accurate", "--command", "ensemble"])
+                                     "--title", "two tiny networks", "--variant", "accurate", "--command", "ensemble",
+                                     "--weights-dtype", weights_dtype])
     made.main()
     shipped = pretrained.record("accurate")
     training = shipped["training"]
@@ -263,8 +289,12 @@ def test_an_ensemble_made_into_the_shipped_model_registers_with_each_members_cur
     assert hashlib.sha256(pretrained.model_file().read_bytes()).hexdigest() == shipped["sha256"]
     pixels = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1)).astype(np.float32)
     members = [pyfunc_model.keras_model_of(mlflow.pyfunc.load_model(f"runs:/{r}/model")) for r in runs]
+    if weights_dtype == "float16":  # what is stored, scored and served: the members rounded to half precision
+        for member in members:
+            made.rounded_to_half(member)
     np.testing.assert_allclose(pretrained.keras_model()(pixels), np.mean([m(pixels) for m in members], axis=0),
                                atol=1e-6)
+    assert shipped["weights_dtype"] == weights_dtype
 
     registered = pretrained_stage.run()
     client = MlflowClient()
@@ -275,3 +305,4 @@ def test_an_ensemble_made_into_the_shipped_model_registers_with_each_members_cur
     page = card.render("accurate")
     assert "an ensemble of 2 convolutional networks" in page and "8 epochs in 8 minutes in all" in page
     assert all(f"run `{r}`" in page for r in runs)
+    assert ("its weights stored as float16" in page) == (weights_dtype == "float16")

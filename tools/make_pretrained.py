@@ -15,6 +15,12 @@ What it does, all of it with the project's own code:
    validation figures, the scores, the SHA-256 of model.keras).
 Never tune on the test split: it is scored once, after every choice is made.
 
+`--weights-dtype float16` stores the weights at half precision, half the file (what lets two networks
+fit the package's 15 MB): the network's weights are rounded to float16 *before* step 1, so what is
+chosen, scored and shipped is the rounded network, and model.keras is a standard Keras archive whose
+weights file holds float16 arrays; Keras casts them back to the network's float32 as it loads them, so
+the network still computes in float32 and `keras.models.load_model` reads it unchanged.
+
 `--run-id` may also name an `ensemble` run (`mlflow run . -e ensemble -P runs=<a>,<b>`): the shipped
 network is then the ensemble's one Keras model (its members side by side), and the record's
 ``training`` block describes the ensemble (its params and validation figures, the members' epochs and
@@ -26,8 +32,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import subprocess
+import tempfile
+import zipfile
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +58,8 @@ from fer_mlflow.tracking.runs import metric_by_epoch, run_params
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 MODEL_CONFIG_PARAMS = {"resume", "class_names", "temperature", "detector", *asdict(Limits())}
 FINAL = ("best_val_accuracy", "best_epoch", "train_seconds", "train_images_per_second")
+WEIGHTS_DTYPES = ("float32", "float16")
+WEIGHTS_FILE = "model.weights.h5"  # the weights inside a Keras 3 archive
 ENSEMBLE_FINAL = ("val_accuracy", "best_val_accuracy", "val_log_loss", "temperature", "val_ece", "val_ece_untempered")
 
 
@@ -61,12 +72,17 @@ def main() -> None:
     parser.add_argument("--views", default="best", choices=("best", "plain"),
                         help="best: the face alone or ten views, whichever scores higher on validation; plain: the face alone")
     parser.add_argument("--command", action="append", default=[], help="a command that made it (repeat)")
+    parser.add_argument("--weights-dtype", default="float32", choices=WEIGHTS_DTYPES,
+                        help="how model.keras stores the weights: float32, or float16 (half the file; the network "
+                             "is rounded to it before it is chosen and scored)")
     args = parser.parse_args()
 
     client = MlflowClient()
     train = client.get_run(args.run_id)
     params = run_params(train)
     served = pyfunc_model.keras_model_of(registry.load_model(f"runs:/{args.run_id}/model"))
+    if args.weights_dtype == "float16":
+        rounded_to_half(served)
     val = read_source(params["data_uri"])[0].split("val")
     pixels = val.images.astype(np.float32)[..., np.newaxis]
 
@@ -97,7 +113,7 @@ def main() -> None:
 
     path = model_file(args.variant)
     path.parent.mkdir(parents=True, exist_ok=True)
-    served.save(path)
+    save(served, path, args.weights_dtype)
     record = {
         "title": args.title,
         "model": train.data.tags.get("fer.model", params.get("model", "")),
@@ -108,6 +124,7 @@ def main() -> None:
         "temperature": chosen["temperature"],
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "bytes": path.stat().st_size,
+        "weights_dtype": args.weights_dtype,
         "parameters": int(served.count_params()),
         "made": {
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -130,6 +147,48 @@ def main() -> None:
     (FILES / args.variant / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path} ({record['bytes'] / 1e6:.1f} MB) and its {RECORD_NAME}: "
           f"test_accuracy {record['evaluation']['metrics']['test_accuracy']:.4f} ({settings.describe()})")
+
+
+def rounded_to_half(keras_model) -> None:
+    """Round `keras_model`'s float32 weights to the nearest float16 (kept as float32), in place: the
+    network that a float16 `save` stores, exactly."""
+    keras_model.set_weights([w.astype(np.float16).astype(w.dtype) if w.dtype == np.float32 else w
+                             for w in keras_model.get_weights()])
+
+
+def save(keras_model, path: Path, weights_dtype: str = "float32") -> None:
+    """`keras_model` saved to `path` as a Keras archive, its float32 weights stored as `weights_dtype`
+    (float16: each array cast, the archive's configuration untouched; exact for a `rounded_to_half` model)."""
+    if weights_dtype == "float32":
+        keras_model.save(path)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        full = Path(scratch) / path.name
+        keras_model.save(full)
+        with zipfile.ZipFile(full) as archive, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+            for name in archive.namelist():
+                data = archive.read(name)
+                out.writestr(name, _half_weights(data) if name == WEIGHTS_FILE else data)
+
+
+def _half_weights(h5: bytes) -> bytes:
+    """A Keras weights file (HDF5 bytes) with every float32 array stored as float16, groups and attributes kept."""
+    import h5py
+
+    written = io.BytesIO()
+    with h5py.File(io.BytesIO(h5), "r") as source, h5py.File(written, "w") as target:
+        target.attrs.update(source.attrs)
+
+        def copy(name: str, item) -> None:
+            if isinstance(item, h5py.Dataset):
+                values = item[()]
+                target.create_dataset(name, data=values.astype(np.float16) if values.dtype == np.float32 else values)
+                target[name].attrs.update(item.attrs)
+            else:
+                target.require_group(name).attrs.update(item.attrs)
+
+        source.visititems(copy)
+    return written.getvalue()
 
 
 def training_block(client: MlflowClient, run) -> dict:

@@ -17,6 +17,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
+def _stored(found: dict) -> str:
+    """How the weights are stored, when not float32 (`tools/make_pretrained.py --weights-dtype`)."""
+    if found.get("weights_dtype", "float32") == "float32":
+        return ""
+    return f"; its weights stored as {found['weights_dtype']} and computed in float32, scored as stored"
+
+
 def _standard_error(accuracy: float, count: int) -> float:
     return float(np.sqrt(accuracy * (1 - accuracy) / count))
 
@@ -42,7 +49,7 @@ def render(variant: str = DEFAULT_VARIANT) -> str:
         "what it renders. -->",
         "",
         f"**{found['title']}**: {_networks(found)} of {found['parameters']:,} parameters "
-        f"({found['bytes'] / 2**20:.1f} MiB), trained by this project with its own `train` entry point. "
+        f"({found['bytes'] / 2**20:.1f} MiB{_stored(found)}), trained by this project with its own `train` entry point. "
         "It takes a 48x48 grey face (pixels 0..255) and answers seven probabilities: "
         + ", ".join(found["class_names"]) + ".",
         f"It serves {found['settings_described']} by default, with its probabilities divided by a temperature of "
