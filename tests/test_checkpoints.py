@@ -223,6 +223,8 @@ def test_a_distilled_run_resumes_learning_from_the_teacher_it_began_with(tiny_np
     relabelled = targets[2]
     assert not np.allclose(relabelled, taught[0])  # what a new labelling would have taught instead
     assert "teacher" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    tags = client.get_run(run.info.run_id).data.tags  # which model taught it, whatever the alias names now
+    assert (tags["fer.teacher_version"], tags["fer.teacher_run"]) == ("teacher/1", first.run_id)
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ def test_a_student_trains_on_its_teachers_served_probabilities(tiny_npz, monkeyp
                                           teacher=teacher.model_uri, distill_alpha=0.5, distill_temperature=3.0))
     run = MlflowClient().get_run(student.run_id)
     assert run.data.tags["fer.teacher"] == teacher.model_uri
+    assert run.data.tags["fer.teacher_run"] == teacher.run_id and "fer.teacher_version" not in run.data.tags
     assert run.data.params["teacher"] == teacher.model_uri and run.data.params["distill_temperature"] == "3.0"
     images = ds.load(teacher.data_uri).split("train").images
     served = pyfunc_model.predict_crops(load_model(teacher.model_uri), images)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fer_mlflow.serving import pyfunc_model
 from fer_mlflow.cli import main
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.tracking.runs import DATA_MODEL, experiment_id
+from fer_mlflow.tracking.registry import load_model as registry_load
 
 RECORD = pretrained.record()
 TEST = RECORD["evaluation"]
@@ -208,6 +210,38 @@ def test_the_command_line_offers_the_shipped_variants_and_refuses_others(capsys)
     assert "tiny" in refused(["pretrained", "--variant", "tiny"], capsys)
     with pytest.raises(ConfigError, match="unknown shipped model 'tiny'; expected one of"):
         pretrained.record("tiny")
+
+
+def test_a_fast_card_names_its_teacher_once_the_accurate_variant_is_replaced(tmp_path, monkeypatch):
+    from fer_mlflow.pretrained import card
+
+    assert "distilled from [the accurate variant](model-card.md)" in card.render("fast")  # as shipped now
+    shutil.copytree(pretrained.FILES, tmp_path / "files")
+    replaced = tmp_path / "files" / "accurate" / pretrained.RECORD_NAME
+    replaced.write_text(json.dumps({**json.loads(replaced.read_text()), "sha256": "0" * 64}))
+    monkeypatch.setattr(pretrained, "FILES", tmp_path / "files")
+    teacher = pretrained.record("fast")["training"]["teacher"]
+    assert (f"distilled from the accurate variant shipped on {teacher['made']} ({teacher['title']}; SHA-256 "
+            f"`{teacher['shipped_sha256'][:12]}...`), since replaced by [another](model-card.md)") in card.render("fast")
+    assert "distilled from an earlier accurate variant serve faster: [the fast variant]" in card.render("accurate")
+
+
+@pytest.mark.slow
+def test_a_shipped_model_made_from_a_distilled_run_records_the_shipped_teacher(tiny_npz):
+    from fer_mlflow.learning.teaching import teacher_source
+
+    registered = pretrained_stage.run()
+    uri = f"models:/fer-emotion@{pretrained.ALIAS}"
+    tags = teacher_source(uri, registry_load(uri))
+    assert tags == {"fer.teacher_run": registered.run_id, "fer.teacher_version": "fer-emotion/1"}
+    student = _trained_run(tiny_npz, 0, 2)
+    client = MlflowClient()
+    for key, value in {**tags, "fer.teacher": uri}.items():
+        client.set_tag(student, key, value)
+    client.log_param(student, "teacher", uri)
+    block = _made_module().training_block(client, client.get_run(student))["teacher"]
+    assert block == {"uri": uri, "run_id": registered.run_id, "version": "fer-emotion/1", "title": RECORD["title"],
+                     "shipped_sha256": RECORD["sha256"], "made": RECORD["made"]["date"]}
 
 
 def _made_module():

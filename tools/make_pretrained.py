@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
+from fer_mlflow.learning.teaching import TEACHER_RUN_TAG, TEACHER_VERSION_TAG
 from fer_mlflow.serving import calibration, pyfunc_model, views
 from fer_mlflow.stages import evaluate
 from fer_mlflow.tracking import registry
@@ -208,6 +209,8 @@ def training_block(client: MlflowClient, run) -> dict:
         # logs again with the shipped model (its temperature and views differ): left out here.
         "params": {k: v for k, v in params.items() if k not in MODEL_CONFIG_PARAMS and "/" not in k},
     }
+    if params.get("teacher"):
+        block["teacher"] = teacher_block(client, run)
     if run.data.tags.get(STAGE_TAG) == "ensemble":
         members = [member_block(client, member) for member in params["members"].split(",")]
         metrics = {k: v for k, v in run.data.metrics.items() if k in ENSEMBLE_FINAL or k.startswith("member_")}
@@ -216,6 +219,19 @@ def training_block(client: MlflowClient, run) -> dict:
     history = {key: metric_by_epoch(client, run.info.run_id, key) for key in CURVES}
     return {**block, "epochs": len(history["val_accuracy"]), "minutes": run.data.metrics["train_seconds"] / 60,
             "metrics": {k: run.data.metrics[k] for k in FINAL if k in run.data.metrics}, "history": history}
+
+
+def teacher_block(client: MlflowClient, run) -> dict:
+    """The teacher of a distilled training `run`: its URI, the run and registered version it named when
+    the run began (`teaching.teacher_source`), and, for a shipped model's `pretrained` run, that shipped
+    model's title, SHA-256 and date, so that a card can tell when the teacher is no longer the one shipped."""
+    tags = run.data.tags
+    block = {"uri": run_params(run)["teacher"], "run_id": tags.get(TEACHER_RUN_TAG, ""),
+             "version": tags.get(TEACHER_VERSION_TAG, "")}
+    if block["run_id"] and client.get_run(block["run_id"]).data.tags.get(STAGE_TAG) == "pretrained":
+        shipped = json.loads(Path(client.download_artifacts(block["run_id"], "pretrained_record.json")).read_text())
+        block.update({"title": shipped["title"], "shipped_sha256": shipped["sha256"], "made": shipped["made"]["date"]})
+    return block
 
 
 def member_block(client: MlflowClient, run_id: str) -> dict:

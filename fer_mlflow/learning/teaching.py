@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # The teacher's served probabilities for the train split, logged by a distilled run for its resumption.
 TEACHER_ARTIFACT = "teacher/probabilities.npz"
+TEACHER_RUN_TAG, TEACHER_VERSION_TAG = "fer.teacher_run", "fer.teacher_version"
 
 
 def initial_weights(config: TrainConfig) -> list[np.ndarray]:
@@ -77,13 +78,25 @@ def teacher_targets(config: TrainConfig, teacher, taught: np.ndarray | None, dat
     probabilities = frame[[f"prob_{name}" for name in classes]].to_numpy().astype(np.float32)
     log.info("teacher %s labelled %d training faces in %.0f s (%s)", config.teacher, len(train),
              time.perf_counter() - started, pyfunc_model.settings_of(teacher).describe())
-    mlflow.set_tag("fer.teacher", config.teacher)
+    mlflow.set_tags({"fer.teacher": config.teacher, **teacher_source(config.teacher, teacher)})
     mlflow.log_metric("teacher_train_accuracy", float(np.mean(probabilities.argmax(axis=1) == train.labels)))
     with tempfile.TemporaryDirectory(prefix="fer-teacher-") as folder:
         path = Path(folder) / Path(TEACHER_ARTIFACT).name
         np.savez_compressed(path, probabilities=probabilities)
         mlflow.log_artifact(str(path), str(Path(TEACHER_ARTIFACT).parent))
     return soft_targets(train.labels, probabilities, config.distill_alpha, config.distill_temperature)
+
+
+def teacher_source(model_uri: str, teacher) -> dict[str, str]:
+    """Which model `model_uri` named when the run began, as tags (an alias may name another version
+    later): the run it was logged in (``fer.teacher_run``) and, for a registered model, its version
+    (``fer.teacher_version``, ``name/version``)."""
+    from fer_mlflow.tracking.registry import registered_version
+
+    metadata = getattr(teacher, "metadata", None)
+    run_id, version = (registered_version(model_uri) if model_uri.startswith("models:/")
+                       else (getattr(metadata, "run_id", None), None))
+    return {k: v for k, v in ((TEACHER_RUN_TAG, run_id), (TEACHER_VERSION_TAG, version)) if v}
 
 
 def logged_probabilities(run_id: str, folder: Path) -> np.ndarray | None:

@@ -177,15 +177,28 @@ def _training_lines(found: dict) -> list[str]:
 def _registered(variant: str) -> str:
     """How a user gets the shipped `variant`: its command and alias."""
     if variant == DEFAULT_VARIANT:
-        others = [f"[the {other} variant]({card_page(other)})" for other in VARIANTS if other != variant]
+        taught = [other for other in VARIANTS if other != variant]
+        ours = [f"[the {other} variant]({card_page(other)})" for other in taught if _taught_by_this(other)]
+        earlier = [f"[the {other} variant]({card_page(other)})" for other in taught if not _taught_by_this(other)]
         return (f"`fer-mlflow pretrained` registers it as `models:/fer-emotion@{alias(variant)}` (and `@champion` when "
                 "it is the best on the same test data); `fer-mlflow predict` uses it when no champion is "
-                "registered." + (f" Narrower networks distilled from it serve faster: {', '.join(others)}."
-                                 if others else ""))
+                "registered." + (f" Narrower networks distilled from it serve faster: {', '.join(ours)}." if ours else "")
+                + (f" Narrower networks distilled from an earlier {variant} variant serve faster: {', '.join(earlier)}."
+                   if earlier else ""))
+    teacher = record(variant)["training"].get("teacher", {})
+    source = (f"[the {DEFAULT_VARIANT} variant]({card_page(DEFAULT_VARIANT)})" if _taught_by_this(variant) else
+              f"the {DEFAULT_VARIANT} variant shipped on {teacher['made']} ({teacher['title']}; SHA-256 "
+              f"`{teacher['shipped_sha256'][:12]}...`), since replaced by [another]({card_page(DEFAULT_VARIANT)})")
     return (f"`fer-mlflow pretrained --variant {variant}` registers it as `models:/fer-emotion@{alias(variant)}` "
             "(and `@champion` only by the same rules: when there is none yet, or when it scores better on the same "
-            f"test data). It is a narrower network distilled from [the {DEFAULT_VARIANT} variant]"
-            f"({card_page(DEFAULT_VARIANT)}): faster to serve, less accurate.")
+            f"test data). It is a narrower network distilled from {source}: faster to serve, less accurate.")
+
+
+def _taught_by_this(variant: str) -> bool:
+    """Whether the shipped `variant` was distilled from the default variant shipped now (as far as its
+    record tells: one with no recorded shipped teacher is taken to be)."""
+    shipped = record(variant)["training"].get("teacher", {}).get("shipped_sha256")
+    return not shipped or shipped == record(DEFAULT_VARIANT)["sha256"]
 
 
 if __name__ == "__main__":
