@@ -229,7 +229,7 @@ def teacher_block(client: MlflowClient, run) -> dict:
     block = {"uri": run_params(run)["teacher"], "run_id": tags.get(TEACHER_RUN_TAG, ""),
              "version": tags.get(TEACHER_VERSION_TAG, "")}
     if block["run_id"] and client.get_run(block["run_id"]).data.tags.get(STAGE_TAG) == "pretrained":
-        shipped = json.loads(Path(client.download_artifacts(block["run_id"], "pretrained_record.json")).read_text())
+        shipped = shipped_record(client, block["run_id"])
         block.update({"title": shipped["title"], "shipped_sha256": shipped["sha256"], "made": shipped["made"]["date"]})
     return block
 
@@ -239,12 +239,17 @@ def member_block(client: MlflowClient, run_id: str) -> dict:
     shipped model's `pretrained` run, the one recorded with that shipped model."""
     run = client.get_run(run_id)
     if run.data.tags.get(STAGE_TAG) == "pretrained":
-        shipped = json.loads(Path(client.download_artifacts(run_id, "pretrained_record.json")).read_text())
+        shipped = shipped_record(client, run_id)
         return {**shipped["training"], "title": shipped["title"], "shipped_sha256": shipped["sha256"],
                 "made_commit": shipped["made"]["commit"], "machine": shipped["made"]["machine"],
                 "pretrained_run": run_id}
     # a member trained in this store is taken to have trained on this machine
     return {**training_block(client, run), "title": run.data.tags.get("mlflow.runName", ""), "machine": _machine()}
+
+
+def shipped_record(client: MlflowClient, run_id: str) -> dict:
+    """The record a shipped model's `pretrained` run `run_id` logged with it."""
+    return json.loads(Path(client.download_artifacts(run_id, "pretrained_record.json")).read_text())
 
 
 def _machine() -> str:

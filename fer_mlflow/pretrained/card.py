@@ -177,9 +177,10 @@ def _training_lines(found: dict) -> list[str]:
 def _registered(variant: str) -> str:
     """How a user gets the shipped `variant`: its command and alias."""
     if variant == DEFAULT_VARIANT:
-        taught = [other for other in VARIANTS if other != variant]
-        ours = [f"[the {other} variant]({card_page(other)})" for other in taught if _taught_by_this(other)]
-        earlier = [f"[the {other} variant]({card_page(other)})" for other in taught if not _taught_by_this(other)]
+        ours, earlier = [], []
+        for other in VARIANTS:
+            if other != variant:
+                (ours if _taught_by_this(other) else earlier).append(f"[the {other} variant]({card_page(other)})")
         return (f"`fer-mlflow pretrained` registers it as `models:/fer-emotion@{alias(variant)}` (and `@champion` when "
                 "it is the best on the same test data); `fer-mlflow predict` uses it when no champion is "
                 "registered." + (f" Narrower networks distilled from it serve faster: {', '.join(ours)}." if ours else "")
