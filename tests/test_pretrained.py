@@ -215,12 +215,20 @@ def test_the_command_line_offers_the_shipped_variants_and_refuses_others(capsys)
 def test_a_fast_card_names_its_teacher_once_the_accurate_variant_is_replaced(tmp_path, monkeypatch):
     from fer_mlflow.pretrained import card
 
-    assert "distilled from [the accurate variant](model-card.md)" in card.render("fast")  # as shipped now
     shutil.copytree(pretrained.FILES, tmp_path / "files")
-    replaced = tmp_path / "files" / "accurate" / pretrained.RECORD_NAME
-    replaced.write_text(json.dumps({**json.loads(replaced.read_text()), "sha256": "0" * 64}))
     monkeypatch.setattr(pretrained, "FILES", tmp_path / "files")
     teacher = pretrained.record("fast")["training"]["teacher"]
+    accurate = tmp_path / "files" / "accurate" / pretrained.RECORD_NAME
+    shipped = json.loads(accurate.read_text())
+
+    def shipped_with(sha256: str) -> None:
+        accurate.write_text(json.dumps({**shipped, "sha256": sha256}))
+        pretrained._read_record.cache_clear()  # records are read once a path
+
+    shipped_with(teacher["shipped_sha256"])  # the accurate variant is still the fast one's teacher
+    assert "distilled from [the accurate variant](model-card.md)" in card.render("fast")
+    assert "Narrower networks distilled from it serve faster: [the fast variant]" in card.render("accurate")
+    shipped_with("0" * 64)  # replaced
     assert (f"distilled from the accurate variant shipped on {teacher['made']} ({teacher['title']}; SHA-256 "
             f"`{teacher['shipped_sha256'][:12]}...`), since replaced by [another](model-card.md)") in card.render("fast")
     assert "distilled from an earlier accurate variant serve faster: [the fast variant]" in card.render("accurate")

@@ -244,7 +244,14 @@ def member_block(client: MlflowClient, run_id: str) -> dict:
                 "made_commit": shipped["made"]["commit"], "machine": shipped["made"]["machine"],
                 "pretrained_run": run_id}
     # a member trained in this store is taken to have trained on this machine
-    return {**training_block(client, run), "title": run.data.tags.get("mlflow.runName", ""), "machine": _machine()}
+    block = training_block(client, run)
+    return {**block, "title": network_title(block["params"], block["epochs"]), "machine": _machine()}
+
+
+def network_title(params: dict, epochs: int) -> str:
+    """A few words naming a trained network, as the shipped titles do: "cnn 40-80-160-320, 100 epochs"."""
+    widths = f" {params['widths'].replace(',', '-')}" if params.get("model") == "cnn" and params.get("widths") else ""
+    return f"{params.get('model', '?')}{widths}, {epochs} epochs"
 
 
 def shipped_record(client: MlflowClient, run_id: str) -> dict:

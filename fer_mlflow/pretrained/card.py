@@ -49,7 +49,7 @@ def render(variant: str = DEFAULT_VARIANT) -> str:
         "what it renders. -->",
         "",
         f"**{found['title']}**: {_networks(found)} of {found['parameters']:,} parameters "
-        f"({found['bytes'] / 2**20:.1f} MiB{_stored(found)}), trained by this project with its own `train` entry point. "
+        f"({found['bytes'] / 2**20:.1f} MiB{_stored(found)}), trained by this project with its own {_entry_points(found)}. "
         "It takes a 48x48 grey face (pixels 0..255) and answers seven probabilities: "
         + ", ".join(found["class_names"]) + ".",
         f"It serves {found['settings_described']} by default, with its probabilities divided by a temperature of "
@@ -61,8 +61,8 @@ def render(variant: str = DEFAULT_VARIANT) -> str:
         "",
         f"- Data: `{training['data']}` (data digest `{training['data_digest']}`), FER2013's Training split "
         "cleaned by the `clean` entry point (outliers by mean pixel value, blank images, duplicates, "
-        f"leakage into the test splits, conflicting labels removed), {training['params'].get('train_images', '?')} "
-        f"images to train and {training['params'].get('val_images', '?')} held out for validation. "
+        f"leakage into the test splits, conflicting labels removed), {_split_size(training, 'train_images')} "
+        f"images to train and {_split_size(training, 'val_images')} held out for validation. "
         "PublicTest was not seen in training or in any choice.",
         *_training_lines(found),
         f"- Made at commit `{made['commit']}` on {made['date']}, with:",
@@ -151,8 +151,23 @@ def _networks(found: dict) -> str:
     members = found["training"].get("members")
     if not members:
         return "a convolutional network"
-    return (f"an ensemble of {len(members)} convolutional networks (their probabilities averaged with weights "
-            f"{found['training']['params'].get('weights_resolved', '?')}, one Keras model)")
+    weights = [float(w) for w in found["training"]["params"]["weights_resolved"].split(",")]
+    averaged = ("with equal weights" if len(set(weights)) == 1 else
+                "with weights " + ", ".join(f"{w:.3f}" for w in weights))
+    return (f"an ensemble of {len(members)} convolutional networks (their probabilities averaged {averaged}, "
+            "one Keras model)")
+
+
+def _entry_points(found: dict) -> str:
+    """The entry points that made the shipped network."""
+    return "`train` and `ensemble` entry points" if found["training"].get("members") else "`train` entry point"
+
+
+def _split_size(training: dict, key: str) -> str:
+    """How many faces the shipped network trained on (`train_images`) or was validated on (`val_images`):
+    its run's param, or, for an ensemble on one split, its first member's."""
+    params = training["params"] if key in training["params"] else training.get("members", [{"params": {}}])[0]["params"]
+    return f"{int(params[key]):,}" if key in params else "?"
 
 
 def _training_lines(found: dict) -> list[str]:
@@ -162,8 +177,8 @@ def _training_lines(found: dict) -> list[str]:
         return [f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes on a "
                 f"{made['machine']}, run `{training['run_id']}` at commit `{training.get('commit', '?')}`; best "
                 f"val_accuracy {training['metrics'].get('best_val_accuracy', float('nan')):.4f}."]
-    lines = [f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes in all, the members "
-             f"trained one after another on the same split; the ensemble (run `{training['run_id']}`) scores "
+    lines = [f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes in all, each member "
+             f"trained on its own on the same split; the ensemble (run `{training['run_id']}`) scores "
              f"val_accuracy {training['metrics'].get('val_accuracy', float('nan')):.4f} on the face alone:"]
     for index, member in enumerate(training["members"]):
         lines.append(f"    - member {index}, {member.get('title') or member['params'].get('model', '?')}: "
