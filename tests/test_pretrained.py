@@ -272,7 +272,8 @@ def _trained_run(data_uri: str, seed: int, epochs: int) -> str:
         info = pyfunc_model.log_model(tiny_keras_model(seed))
         mlflow.set_tags({"fer.stage": "train", "fer.model": "cnn", "fer.model_uri": info.model_uri,
                          "fer.data_digest": ds.load(data_uri).digest(), "fer.data": "tiny"})
-        mlflow.log_params({"data_uri": data_uri, "model": "cnn", "seed": seed})
+        mlflow.log_params({"data_uri": data_uri, "model": "cnn", "seed": seed, "widths": "4,8",
+                           "train_images": 48, "val_images": 16})
         for step in range(epochs):
             mlflow.log_metrics({"loss": 2 - step / 10, "accuracy": 0.2 + step / 20, "val_loss": 2.1 - step / 10,
                                 "val_accuracy": 0.2 + step / 25, "learning_rate": 0.05 / (step + 1)}, step=step)
@@ -347,5 +348,8 @@ def test_an_ensemble_made_into_the_shipped_model_registers_with_each_members_cur
     assert {"figures/training_curves_member_0.png", "figures/training_curves_member_1.png"} <= figures
     page = card.render("accurate")
     assert "an ensemble of 2 convolutional networks" in page and "8 epochs in 8 minutes in all" in page
+    assert "averaged with equal weights" in page and "its own `train` and `ensemble` entry points" in page
+    assert "member 0, cnn 4-8, 3 epochs:" in page and "member 1, cnn 4-8, 5 epochs:" in page
+    assert "48 images to train and 16 held out for validation" in page  # the members' split
     assert all(f"run `{r}`" in page for r in runs)
     assert ("its weights stored as float16" in page) == (weights_dtype == "float16")
