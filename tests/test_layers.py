@@ -1,4 +1,5 @@
-"""The package's layers: models logged before the move still load, and the import contracts hold."""
+"""The package's layers: models logged before the move still load, and the import contracts hold;
+and no file names an import or variable it never uses, or a name never defined (ruff, pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,25 @@ def test_a_lower_room_that_imports_a_stage_breaks_the_contract(tmp_path):
     done = lint(tmp_path)
     assert done.returncode == 1
     assert "fer_mlflow.data.dataset -> fer_mlflow.stages.train" in done.stdout
+
+
+def ruff(root: Path) -> subprocess.CompletedProcess:
+    """`ruff check` with the project's rules (pyproject.toml) on the files under `root`."""
+    return subprocess.run([sys.executable, "-m", "ruff", "check", "--config", str(PROJECT / "pyproject.toml"),
+                           "--no-cache", "--output-format", "concise", "."], cwd=root, capture_output=True, text=True, timeout=120)
+
+
+def test_no_file_has_an_unused_import_or_variable_or_an_undefined_name():
+    done = ruff(PROJECT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_an_unused_import_is_named_by_its_file_and_line(tmp_path):
+    shutil.copytree(PROJECT / "fer_mlflow" / "data", tmp_path / "data", ignore=shutil.ignore_patterns("__pycache__"))
+    unused = tmp_path / "data" / "dataset.py"
+    unused.write_text(unused.read_text() + "\nimport fractions\n")
+    line = len(unused.read_text().splitlines())
+
+    done = ruff(tmp_path)
+    assert done.returncode == 1
+    assert f"data/dataset.py:{line}:8: F401 [*] `fractions` imported but unused" in done.stdout

@@ -86,7 +86,7 @@ def test_pretrained_registers_the_shipped_model_once_as_served():
     first = pretrained_stage.run()
     assert first.version == "1" and first.champion
     client = MlflowClient()
-    version = client.get_model_version_by_alias(DATA_MODEL, pretrained_stage.ALIAS)
+    version = client.get_model_version_by_alias(DATA_MODEL, pretrained.ALIAS)
     assert str(version.version) == "1" and "champion" in version.aliases
     assert f"{TEST['metrics']['test_accuracy']:.4f}" in version.description
     run = client.get_run(first.run_id)
@@ -147,7 +147,7 @@ def test_pretrained_takes_the_champion_only_from_a_worse_model_on_the_same_data(
     client = MlflowClient()
     assert kept.version != better and not kept.champion and "kept champion" in kept.message
     assert str(client.get_model_version_by_alias(DATA_MODEL, "champion").version) == better
-    assert str(client.get_model_version_by_alias(DATA_MODEL, pretrained_stage.ALIAS).version) == kept.version
+    assert str(client.get_model_version_by_alias(DATA_MODEL, pretrained.ALIAS).version) == kept.version
 
 
 @pytest.mark.slow
@@ -180,7 +180,7 @@ def test_predict_with_no_registry_uses_the_shipped_model_and_says_so(tmp_path, c
 @pytest.mark.skipif(not SHARED_ZIP.exists(), reason="the shared FER2013 zip is not here")
 def test_the_registered_shipped_model_scores_its_recorded_publictest_accuracy():
     pretrained_stage.run()
-    scored = evaluate.run(model_uri=f"models:/{DATA_MODEL}@{pretrained_stage.ALIAS}", data=str(SHARED_ZIP))
+    scored = evaluate.run(model_uri=f"models:/{DATA_MODEL}@{pretrained.ALIAS}", data=str(SHARED_ZIP))
     assert scored.test_digest == TEST["digest"]
     assert scored.metrics["test_accuracy"] == pytest.approx(TEST["metrics"]["test_accuracy"], abs=1e-9)
     assert scored.metrics["test_f1_macro"] == pytest.approx(TEST["metrics"]["test_f1_macro"], abs=1e-9)

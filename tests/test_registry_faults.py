@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import keras
 import mlflow
-import numpy as np
 import pytest
 from conftest import free_port, start_mlflow_server, stop_group
 from mlflow import MlflowClient

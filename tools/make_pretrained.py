@@ -103,7 +103,7 @@ def main() -> None:
     settings = views.Settings(**chosen["settings"])
 
     mlflow.set_experiment("pretrained-making")
-    with mlflow.start_run(run_name=f"served {args.title}") as run:
+    with mlflow.start_run(run_name=f"served {args.title}"):
         mlflow.set_tags({"fer.source_run": args.run_id})
         info = pyfunc_model.log_model(served, name="model", settings=settings, temperature=chosen["temperature"])
     scored = evaluate.run(model_uri=info.model_uri, data=args.data, split="test")

@@ -20,7 +20,6 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.pretrained import (
-    ALIAS,
     DEFAULT_VARIANT,
     SHA_TAG,
     alias,

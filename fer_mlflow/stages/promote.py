@@ -308,7 +308,6 @@ class _Decision:
         if not (existing := _versions(self.client, self.name, self.best.key)):
             ensure_model(self.client, self.name, "Facial-expression models (fer-mlflow): 7 emotions from "
                                                  "48x48 grayscale faces")
-            evaluation = self.best.evaluation
             created = retrying(mlflow.register_model, self._source_uri(), self.name, tags=self._tags())
             existing = _versions(self.client, self.name, self.best.key)
             if existing and existing[0].version != created.version:
