@@ -69,7 +69,8 @@ def test_a_lower_room_that_imports_a_stage_breaks_the_contract(tmp_path):
 def ruff(root: Path) -> subprocess.CompletedProcess:
     """`ruff check` with the project's rules (pyproject.toml) on the files under `root`."""
     return subprocess.run([sys.executable, "-m", "ruff", "check", "--config", str(PROJECT / "pyproject.toml"),
-                           "--no-cache", "--output-format", "concise", "."], cwd=root, capture_output=True, text=True, timeout=120)
+                           "--no-cache", "--output-format", "concise", "."],
+                          cwd=root, capture_output=True, text=True, timeout=120)
 
 
 def test_no_file_has_an_unused_import_or_variable_or_an_undefined_name():

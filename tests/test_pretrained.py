@@ -215,15 +215,16 @@ def test_the_command_line_offers_the_shipped_variants_and_refuses_others(capsys)
 def test_a_fast_card_names_its_teacher_once_the_accurate_variant_is_replaced(tmp_path, monkeypatch):
     from fer_mlflow.pretrained import card
 
-    shutil.copytree(pretrained.FILES, tmp_path / "files")
-    monkeypatch.setattr(pretrained, "FILES", tmp_path / "files")
     teacher = pretrained.record("fast")["training"]["teacher"]
-    accurate = tmp_path / "files" / "accurate" / pretrained.RECORD_NAME
-    shipped = json.loads(accurate.read_text())
+    shipped = pretrained.FILES
 
     def shipped_with(sha256: str) -> None:
-        accurate.write_text(json.dumps({**shipped, "sha256": sha256}))
-        pretrained._read_record.cache_clear()  # records are read once a path
+        """The shipped files, copied, with the accurate variant's checksum `sha256`."""
+        files = tmp_path / sha256[:8]
+        shutil.copytree(shipped, files)
+        accurate = files / "accurate" / pretrained.RECORD_NAME
+        accurate.write_text(json.dumps({**json.loads(accurate.read_text()), "sha256": sha256}))
+        monkeypatch.setattr(pretrained, "FILES", files)
 
     shipped_with(teacher["shipped_sha256"])  # the accurate variant is still the fast one's teacher
     assert "distilled from [the accurate variant](model-card.md)" in card.render("fast")

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from fer_mlflow.pretrained import DEFAULT_VARIANT, VARIANTS, alias, card_page, record
+from fer_mlflow.pretrained import DEFAULT_VARIANT, VARIANTS, alias, card_page, networks, record
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -61,8 +61,8 @@ def render(variant: str = DEFAULT_VARIANT) -> str:
         "",
         f"- Data: `{training['data']}` (data digest `{training['data_digest']}`), FER2013's Training split "
         "cleaned by the `clean` entry point (outliers by mean pixel value, blank images, duplicates, "
-        f"leakage into the test splits, conflicting labels removed), {_split_size(training, 'train_images')} "
-        f"images to train and {_split_size(training, 'val_images')} held out for validation. "
+        f"leakage into the test splits, conflicting labels removed), {_split_size(found, 'train_images')} "
+        f"images to train and {_split_size(found, 'val_images')} held out for validation. "
         "PublicTest was not seen in training or in any choice.",
         *_training_lines(found),
         f"- Made at commit `{made['commit']}` on {made['date']}, with:",
@@ -163,10 +163,10 @@ def _entry_points(found: dict) -> str:
     return "`train` and `ensemble` entry points" if found["training"].get("members") else "`train` entry point"
 
 
-def _split_size(training: dict, key: str) -> str:
+def _split_size(found: dict, key: str) -> str:
     """How many faces the shipped network trained on (`train_images`) or was validated on (`val_images`):
-    its run's param, or, for an ensemble on one split, its first member's."""
-    params = training["params"] if key in training["params"] else training.get("members", [{"params": {}}])[0]["params"]
+    its training run's param (an ensemble's members share one split: its first member's)."""
+    params = networks(found)[0]["params"]
     return f"{int(params[key]):,}" if key in params else "?"
 
 
