@@ -45,7 +45,7 @@ def retrying(call, *args, attempts: int = 5, **kwargs):
         except MlflowException as error:
             if error.error_code in _FINAL_ERRORS or attempt == attempts - 1:
                 raise
-            log.warning("registry call %s failed (%s); retrying", call.__name__, first_line(error))
+            log.warning("tracking call %s failed (%s); retrying", call.__name__, first_line(error))
             time.sleep(0.2 * 2 ** attempt * random.uniform(0.5, 1.5))
 
 

@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from fer_mlflow.data.dataset import SPLITS, Dataset
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.tracking.names import DATA_TAG, DEMO_TAG, STAGE_TAG
+from fer_mlflow.tracking.registry import retrying
 
 log = logging.getLogger(__name__)
 
@@ -215,14 +216,17 @@ def _mark_kind(experiment: str) -> None:
 
 
 def log_split_inputs(dataset: Dataset, source: str, name: str, splits: tuple[str, ...] = SPLITS) -> dict:
-    """Log each present split of `dataset` as a run input (context = split); returns {split: digest}."""
+    """Log each present split of `dataset` as a run input (context = split); returns {split: digest}.
+    Retried: two runs logging one dataset at once (sweep workers) race in MLflow's check-then-insert,
+    and the loser's second try finds the dataset the winner stored."""
     digests = {}
     for split in splits:
         part = dataset.split(split)
         if len(part) == 0:
             continue
         digests[split] = part.digest()
-        mlflow.log_input(
+        retrying(
+            mlflow.log_input,
             mlflow.data.from_numpy(
                 part.images, source=_dataset_source(source), targets=part.labels, name=f"{name}/{split}",
                 digest=digests[split],
