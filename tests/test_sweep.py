@@ -430,3 +430,54 @@ def test_a_password_is_told_from_a_port(url, carries):
     shown = credentials.masked(url)
     assert (shown, "***" in shown) == (url, False) if not carries else \
         ("***" in shown and not any(secret in shown for secret in ("pw", "1234", "pa/ss")))
+
+
+def test_two_runs_logging_one_dataset_at_the_same_moment_both_log_it():
+    """Sweep workers log one dataset as each trial starts. MLflow's store looks the dataset up, then
+    inserts it: two runs that both look before either inserts collide on the insert (SQLite: UNIQUE
+    constraint failed). Here both lookups are held until both have been made; the loser's retry
+    finds the winner's dataset, and each run has the dataset among its inputs."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+    from sqlalchemy import event
+
+    from fer_mlflow.data.demo import make_demo
+    from fer_mlflow.tracking.runs import log_split_inputs
+
+    dataset = make_demo(per_class=9)
+    engine = _get_store().engine
+    both_looked = threading.Barrier(2, timeout=30)
+    waited = set()
+
+    def hold_first_lookup(conn, cursor, statement, parameters, context, executemany):
+        thread = threading.get_ident()
+        if statement.lstrip().upper().startswith("SELECT") and "FROM datasets" in statement \
+                and thread not in waited:
+            waited.add(thread)
+            both_looked.wait()
+
+    runs = [mlflow.MlflowClient().create_run("0").info.run_id for _ in range(2)]
+    results, errors = {}, []
+
+    def log(run_id: str) -> None:
+        try:
+            with mlflow.start_run(run_id=run_id):
+                results[run_id] = log_split_inputs(dataset, "demo", "demo", splits=("train",))
+        except Exception as error:  # the test reports it below
+            errors.append(error)
+
+    event.listen(engine, "before_cursor_execute", hold_first_lookup)
+    try:
+        threads = [threading.Thread(target=log, args=(run_id,)) for run_id in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        event.remove(engine, "before_cursor_execute", hold_first_lookup)
+    assert not errors, errors
+    assert len(waited) == 2  # both lookups were made before either insert
+    digest = dataset.split("train").digest()
+    for run_id in runs:
+        assert results[run_id] == {"train": digest}
+        inputs = mlflow.get_run(run_id).inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("demo/train", digest)]
