@@ -1,0 +1,98 @@
+"""What 8-bit integer arithmetic would buy the served network on this CPU, and what it would cost in
+accuracy: the shipped model's ONNX export (what onnxruntime serves today, float32) against the same
+export quantized by onnxruntime's static quantization (QDQ, weights int8 per channel, activations
+uint8, calibrated on `--calibration` training faces). Each is timed on 3,589 crops in batches of 256
+(median of `--repeats`, the two interleaved) and scored on the validation split of `--data`, plain
+and with the served ten views; PublicTest is not read.
+
+    python benchmarks/bench_int8.py --data <dataset.npz of the clean run> [--variant accurate]
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fer_mlflow import pretrained
+from fer_mlflow.data import dataset as datasets
+from fer_mlflow.serving import runtime, views
+
+BATCH = 256
+
+
+class Faces:
+    """onnxruntime's calibration reader: `images` a batch at a time."""
+
+    def __init__(self, images: np.ndarray, name: str):
+        self.batches = iter([{name: images[start:start + 64]} for start in range(0, len(images), 64)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantized(source: Path, target: Path, images: np.ndarray) -> Path:
+    import onnxruntime
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = target.with_name("prepared.onnx")
+    quant_pre_process(str(source), str(prepared))
+    name = onnxruntime.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    quantize_static(str(prepared), str(target), Faces(images, name), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return target
+
+
+def crops_per_second(network: runtime.Network, pixels: np.ndarray) -> float:
+    started = time.perf_counter()
+    network.predict(pixels, batch_size=BATCH)
+    return len(pixels) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a dataset.npz with train and val splits")
+    parser.add_argument("--variant", default="accurate", choices=pretrained.VARIANTS)
+    parser.add_argument("--calibration", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    data = datasets.load(args.data)
+    train, val = data.split("train"), data.split("val")
+    pixels = lambda part: part.images.astype(np.float32)[..., np.newaxis]  # noqa: E731
+    keras_model = pretrained.keras_model(args.variant)
+    chosen = np.random.default_rng(0).choice(len(train), args.calibration, replace=False)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        exported = runtime.export_onnx(keras_model, folder / "model.onnx")
+        networks = {"float32": runtime.onnx_network(exported),
+                    "int8": runtime.onnx_network(quantized(exported, folder / "int8.onnx",
+                                                           pixels(train)[chosen]))}
+        sizes = {"float32": exported.stat().st_size, "int8": (folder / "int8.onnx").stat().st_size}
+        crops = np.resize(pixels(val), (3589, 48, 48, 1))
+        speed = {name: [] for name in networks}
+        for _ in range(args.repeats):
+            for name, network in networks.items():
+                speed[name].append(crops_per_second(network, crops))
+        found = {}
+        for name, network in networks.items():
+            plain = network.predict(pixels(val), batch_size=BATCH)
+            tta = views.probabilities(network, pixels(val), views.Settings(tta=True))
+            found[name] = (plain, tta)
+            print(f"{name}: {sizes[name] / 2**20:.1f} MiB, {statistics.median(speed[name]):,.0f} crops/s "
+                  f"(median of {args.repeats}: {', '.join(f'{s:,.0f}' for s in speed[name])}); val "
+                  f"{np.mean(plain.argmax(1) == val.labels):.4f} plain, "
+                  f"{np.mean(tta.argmax(1) == val.labels):.4f} ten views ({len(val)} faces)")
+    for index, kind in enumerate(("plain", "ten views")):
+        a, b = found["float32"][index], found["int8"][index]
+        print(f"{kind}: int8 names float32's class for {np.mean(a.argmax(1) == b.argmax(1)):.4f} of the faces; "
+              f"largest probability difference {np.abs(a - b).max():.3f}")
+    ratio = statistics.median(speed["int8"]) / statistics.median(speed["float32"])
+    print(f"int8 / float32 crops/s: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
