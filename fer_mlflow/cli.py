@@ -366,11 +366,14 @@ def pretrained(data, variant) -> None:
 @click.option("--data-digest", default="", help="With --top: only runs on this data; empty: the newest run's.")
 @click.option("--weights", default="equal", show_default=True,
               help="equal, fitted (minimise the validation log-loss), or one number per member, e.g. 2,1,1.")
-def ensemble(runs, top, metric, data_digest, weights) -> None:
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "int8"]),
+              help="int8: serve the ensemble as an 8-bit integer network (calibrated on training faces), about "
+                   "three times as fast on CPUs with AVX-512 VNNI or AMX; its figures are the 8-bit network's.")
+def ensemble(runs, top, metric, data_digest, weights, precision) -> None:
     """Combine trained models into one served model that averages their probabilities."""
     from fer_mlflow.stages import ensemble as stage
 
-    outcome = stage.run(runs, top, metric, data_digest, weights)
+    outcome = stage.run(runs, top, metric, data_digest, weights, precision)
     click.echo(f"ensemble of {len(outcome.members)}: val_accuracy={outcome.val_accuracy:.4f}, weights "
                + ", ".join(f"{w:.3f}" for w in outcome.weights))
     click.echo(f"ensemble run: {outcome.run_id}; evaluate it with -e evaluate -P run_id={outcome.run_id}")

@@ -19,7 +19,8 @@ from fer_mlflow.cli import main
 from fer_mlflow.data.dataset import CLASS_NAMES
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.serving.faces import MAX_FACES, MIN_FACE, face_crops
-from fer_mlflow.serving.pyfunc_model import keras_model_of, log_model
+from fer_mlflow.serving import runtime
+from fer_mlflow.serving.pyfunc_model import keras_model_of, log_model, runtime_of
 from fer_mlflow.serving.views import Settings
 from fer_mlflow.serving.views import probabilities as views_of
 from fer_mlflow.tracking.runs import DEMO_EXPERIMENT, DEMO_TAG, experiment_id
@@ -201,6 +202,45 @@ def test_evaluate_and_promote_take_an_ensemble_like_any_model(tiny_npz):
 
 
 @pytest.mark.slow
+def test_an_int8_ensemble_serves_its_8_bit_network_and_its_figures_are_that_networks(tiny_npz, monkeypatch):
+    members = [logged_training_run(tiny_npz, seed) for seed in (0, 1)]
+    outcome = ensemble.run(runs=",".join(members), precision="int8")
+    run = MlflowClient().get_run(outcome.run_id)
+    assert (run.data.params["precision"], run.data.params["precision_resolved"]) == ("int8", "int8")
+    model = mlflow.pyfunc.load_model(outcome.model_uri)
+    assert runtime_of(model) == "onnxruntime int8"
+    val = ds.load(tiny_npz).split("val")
+    served = probabilities(model.predict(val.images))
+    temperature = run.data.metrics["temperature"]
+    exact = tempered(sum(probabilities(member_model(r).predict(val.images)) for r in members) / 2, temperature)
+    # 8-bit arithmetic: near the float32 answer, not equal to it, and the class of nearly every face kept
+    assert 1e-4 < np.abs(served - exact).max() < 0.2
+    assert np.mean(served.argmax(1) == exact.argmax(1)) >= 0.95
+    # the run's figures are those of the network it serves
+    assert run.data.metrics["val_accuracy"] == pytest.approx(np.mean(served.argmax(1) == val.labels))
+    assert run.data.params["network_precision"] == "int8" and "8-bit" in run.data.tags["mlflow.note.content"]
+    # scored with other views, it is logged again with the same 8-bit network
+    test = ds.load(tiny_npz).split("test")
+    scored = evaluate.run(run_id=outcome.run_id, tta=True)
+    again = mlflow.pyfunc.load_model(scored.served_model_uri)
+    assert runtime_of(again) == "onnxruntime int8"
+    with_views = probabilities(model.predict(test.images, params={"tta": True}))
+    np.testing.assert_allclose(probabilities(again.predict(test.images)), with_views, atol=1e-6)
+    assert scored.metrics["test_accuracy"] == pytest.approx(np.mean(with_views.argmax(1) == test.labels))
+
+    # an 8-bit network that disagrees with the float32 one more than allowed is not served
+    monkeypatch.setattr(runtime, "INT8_AGREEMENT", 1.01)
+    refused = ensemble.run(runs=",".join(members), precision="int8")
+    assert MlflowClient().get_run(refused.run_id).data.params["precision_resolved"] == "float32"
+    fallback = mlflow.pyfunc.load_model(refused.model_uri)
+    assert runtime_of(fallback) == "onnxruntime"
+    np.testing.assert_allclose(probabilities(fallback.predict(val.images)),
+                               tempered(sum(probabilities(member_model(r).predict(val.images)) for r in members) / 2,
+                                        MlflowClient().get_run(refused.run_id).data.metrics["temperature"]),
+                               atol=1e-5)
+
+
+@pytest.mark.slow
 def test_fitted_weights_are_logged_and_used(tiny_npz):
     members = [logged_training_run(tiny_npz, seed) for seed in (0, 1, 2)]
     outcome = ensemble.run(runs=",".join(members), weights="fitted")
@@ -256,6 +296,7 @@ def test_bad_members_are_refused_in_one_line_before_any_run(tiny_npz, tmp_path, 
         "needs 2 or more members, got 1": ["--runs", first],
         "is not equal, fitted or 2 non-negative numbers": ["--runs", f"{first},{second}", "--weights", "1,2,3"],
         "not both": ["--runs", f"{first},{second}", "--top", "2"],
+        "'int16' is not one of 'float32', 'int8'": ["--runs", f"{first},{second}", "--precision", "int16"],
     }
     before = {r.info.run_id for r in all_runs()}
     capsys.readouterr()

@@ -51,6 +51,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -76,6 +77,8 @@ from fer_mlflow.data.decode import declared_pixels, gray, open_rgb, whole
 from fer_mlflow.data.limits import MAX_IMAGES, MAX_PIXELS, MAX_REQUEST_PIXELS, Limits, check_params
 from fer_mlflow.serving.runtime import ONNX_ARTIFACT, export_onnx, fastest
 from fer_mlflow.serving.views import BATCH_SIZE, Settings, probabilities
+
+_logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
 EXPECTED_IMAGES = "PNG/JPEG images as bytes or base64 strings"
@@ -249,6 +252,16 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         # model_config={"max_pixels": ...}) overrides; models logged before limits get the defaults.
         self.limits = Limits.resolve(config)
         self.detector = config.get("detector", DEFAULT_DETECTOR)  # what detector=auto searches photos with
+        # An 8-bit network's file, kept to log the model again with other settings (`int8_onnx_of`).
+        self._int8_file = None
+        if config.get("network_precision") == "int8":  # its ONNX network computes in 8-bit integers
+            self._int8_file = Path(context.artifacts[ONNX_ARTIFACT]).read_bytes()
+            if self.network.name == "onnxruntime":
+                self.network.name = "onnxruntime int8"
+            else:
+                _logger.warning("this model serves an 8-bit network through onnxruntime, which cannot be imported "
+                                "here: it serves its float32 Keras model, whose answers differ slightly from those "
+                                "it was scored with (pip install onnxruntime)")
         if self.network.outputs != len(self.class_names):
             raise ConfigError(
                 f"the Keras model has {self.network.outputs} outputs but "
@@ -383,8 +396,20 @@ def keras_model_of(model: mlflow.pyfunc.PyFuncModel):
 
 
 def runtime_of(model: mlflow.pyfunc.PyFuncModel) -> str:
-    """The runtime a loaded model runs its network with (`runtime`): onnxruntime or tf.function."""
+    """The runtime a loaded model runs its network with (`runtime`): onnxruntime, onnxruntime int8
+    (its network quantized to 8 bits) or tf.function."""
     return _fer_model(model).network.name
+
+
+def int8_onnx_of(model: mlflow.pyfunc.PyFuncModel, folder: Path) -> Path | None:
+    """The 8-bit ONNX network a loaded model serves, written into `folder` (to log it again); None
+    for a float32 model."""
+    found = _fer_model(model)._int8_file
+    if found is None:
+        return None
+    path = Path(folder) / "model-int8.onnx"
+    path.write_bytes(found)
+    return path
 
 
 def class_names_of(model: mlflow.pyfunc.PyFuncModel) -> tuple[str, ...]:
@@ -458,6 +483,7 @@ def log_model(
     example_image: np.ndarray | None = None,
     settings: Settings = Settings(),
     temperature: float = 1.0,
+    int8_onnx: Path | None = None,
 ) -> mlflow.models.model.ModelInfo:
     """Log `keras_model` (pixels (N, 48, 48, 1) 0..255 in, (N, len(class_names)) softmax out) as a
     pyfunc model named `name` in the active run (with none, MLflow 3 logs a run-less model), with the
@@ -465,8 +491,11 @@ def log_model(
     export (`runtime.export_onnx`: the served network's fast path) and pinned pip requirements; it
     predicts with `settings` unless a call's params say otherwise, and
     divides its log-probabilities by `temperature` (`calibration.tempered`; the argmax is unchanged).
+    With `int8_onnx` (`runtime.quantize_onnx`'s 8-bit network of `keras_model`) it serves that network
+    instead of the float32 export (model config ``network_precision: int8``, also a param of the run
+    it is logged in).
     Registers it as `registered_model_name` if given. Returns ModelInfo."""
-    with _model_arguments(keras_model, class_names, example_image, settings, temperature) as arguments:
+    with _model_arguments(keras_model, class_names, example_image, settings, temperature, int8_onnx) as arguments:
         return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name, **arguments)
 
 
@@ -481,7 +510,7 @@ def save_model(keras_model, path: str | Path, *, class_names: Sequence[str] = CL
 
 @contextmanager
 def _model_arguments(keras_model, class_names: Sequence[str], example_image: np.ndarray | None,
-                     settings: Settings, temperature: float):
+                     settings: Settings, temperature: float, int8_onnx: Path | None = None):
     """The arguments of `mlflow.pyfunc.log_model` / `save_model` for `keras_model`, its files
     written to a temporary folder that lives as long as the block."""
     if keras_model.output_shape[-1] != len(class_names):
@@ -498,7 +527,7 @@ def _model_arguments(keras_model, class_names: Sequence[str], example_image: np.
         code_copy = Path(folder) / "fer_mlflow"  # the code the model runs, without the shipped model's files
         shutil.copytree(Path(__file__).resolve().parents[1], code_copy, ignore=_not_code)
         artifacts = {"keras_model": str(keras_path)}
-        onnx_path = export_onnx(keras_model, Path(folder) / "model.onnx")
+        onnx_path = Path(int8_onnx) if int8_onnx else export_onnx(keras_model, Path(folder) / "model.onnx")
         if onnx_path:
             artifacts[ONNX_ARTIFACT] = str(onnx_path)
         yield dict(
@@ -506,7 +535,7 @@ def _model_arguments(keras_model, class_names: Sequence[str], example_image: np.
             artifacts=artifacts,
             model_config={"class_names": list(class_names), SETTINGS_KEY: asdict(settings),
                           **asdict(Limits()), "detector": DEFAULT_DETECTOR,
-                          "temperature": float(temperature)},
+                          "temperature": float(temperature), "network_precision": "int8" if int8_onnx else "float32"},
             code_paths=[str(code_copy)],
             signature=signature(class_names, settings),
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png_base64(example)]}),

@@ -134,10 +134,7 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
         # A registered version is named by number: an alias may move before promote reads this.
         served_uri = f"models:/{target.version}" if target.version else target.model_uri
         if settings != own:
-            served_uri = pyfunc_model.log_model(
-                model.unwrap_python_model().keras_model, name="served_model",
-                class_names=model.unwrap_python_model().class_names, example_image=part.images[0],
-                settings=settings, temperature=pyfunc_model.temperature_of(model)).model_uri
+            served_uri = _relogged(model, settings, part.images[0])
             model = load_model(served_uri)
         mlflow.set_tag(SERVED_MODEL_URI_TAG, served_uri)
         # No params, so the served model's own settings: batch size changes memory, not the answer.
@@ -147,6 +144,19 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
         metrics.update(_log_calibration(part, probabilities, split, pyfunc_model.temperature_of(model)))
         outcome = EvaluateOutcome(active.info.run_id, metrics, part.digest(), settings, served_uri)
     return outcome
+
+
+def _relogged(model, settings: Settings, example_image) -> str:
+    """`model` logged again to the active run as ``served_model``, predicting with `settings`: the
+    same network (an 8-bit one included), class names and temperature."""
+    import tempfile
+
+    fer_model = model.unwrap_python_model()
+    with tempfile.TemporaryDirectory(prefix="fer-served-") as folder:
+        int8 = pyfunc_model.int8_onnx_of(model, Path(folder))
+        return pyfunc_model.log_model(fer_model.keras_model, name="served_model", class_names=fer_model.class_names,
+                                      example_image=example_image, settings=settings,
+                                      temperature=pyfunc_model.temperature_of(model), int8_onnx=int8).model_uri
 
 
 def _probabilities(model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, params: dict | None = None) -> np.ndarray:
