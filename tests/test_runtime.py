@@ -148,6 +148,32 @@ def test_without_onnxruntime_the_model_loads_and_serves_through_tf_function(logg
     assert_same_answer(model, CALLS[0][1](), None, monkeypatch)
 
 
+def test_an_8_bit_network_serves_through_onnxruntime_and_falls_back_to_float32_with_a_warning(
+        tmp_path, monkeypatch, caplog):
+    from fer_mlflow.serving import runtime
+
+    keras_model = tiny_keras_model(2)
+    faces = np.random.default_rng(0).uniform(0, 255, (64, 48, 48, 1)).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        assert runtime.quantize_onnx(tmp_path / "missing.onnx", tmp_path / "int8.onnx", faces) is None
+    assert "quantization failed" in caplog.text and "serves in float32" in caplog.text
+    int8 = runtime.quantize_onnx(runtime.export_onnx(keras_model, tmp_path / "model.onnx"), tmp_path / "int8.onnx",
+                                 faces)
+    pyfunc_model.save_model(keras_model, tmp_path / "saved", int8_onnx=int8)
+    model = mlflow.pyfunc.load_model(str(tmp_path / "saved"))
+    assert pyfunc_model.runtime_of(model) == "onnxruntime int8"
+    served = model.predict(faces[..., 0]).filter(like="prob_").to_numpy()
+    exact = keras_model.predict(faces, verbose=0)
+    assert 1e-4 < np.abs(served - exact).max() < 0.2 and np.mean(served.argmax(1) == exact.argmax(1)) >= 0.95
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fallback = mlflow.pyfunc.load_model(str(tmp_path / "saved"))
+    assert pyfunc_model.runtime_of(fallback) == "tf.function" and "pip install onnxruntime" in caplog.text
+    np.testing.assert_allclose(fallback.predict(faces[..., 0]).filter(like="prob_").to_numpy(), exact, atol=TOLERANCE)
+
+
 @pytest.mark.slow
 @pytest.mark.real_data
 @pytest.mark.skipif(not SHARED_ZIP.exists(), reason="the shared FER2013 zip is not here")

@@ -501,10 +501,10 @@ def log_model(
 
 def save_model(keras_model, path: str | Path, *, class_names: Sequence[str] = CLASS_NAMES,
                example_image: np.ndarray | None = None, settings: Settings = Settings(),
-               temperature: float = 1.0) -> None:
+               temperature: float = 1.0, int8_onnx: Path | None = None) -> None:
     """`log_model`'s model saved to the new folder `path` instead of a run: loads with
     ``mlflow.pyfunc.load_model(path)`` and serves with ``mlflow models serve -m path``."""
-    with _model_arguments(keras_model, class_names, example_image, settings, temperature) as arguments:
+    with _model_arguments(keras_model, class_names, example_image, settings, temperature, int8_onnx) as arguments:
         mlflow.pyfunc.save_model(str(path), **arguments)
 
 
