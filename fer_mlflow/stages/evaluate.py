@@ -149,8 +149,6 @@ def run(run_id: str | None = None, model_uri: str | None = None, data: str | Non
 def _relogged(model, settings: Settings, example_image) -> str:
     """`model` logged again to the active run as ``served_model``, predicting with `settings`: the
     same network (an 8-bit one included), class names and temperature."""
-    import tempfile
-
     fer_model = model.unwrap_python_model()
     with tempfile.TemporaryDirectory(prefix="fer-served-") as folder:
         int8 = pyfunc_model.int8_onnx_of(model, Path(folder))
