@@ -98,7 +98,8 @@ def quantize_onnx(source: Path, target: Path, faces: np.ndarray) -> Path | None:
 
         faces = np.ascontiguousarray(faces, dtype=np.float32)
         prepared = target.with_name(f"{target.stem}-prepared.onnx")
-        quant_pre_process(str(source), str(prepared))
+        with _converter_quiet():
+            quant_pre_process(str(source), str(prepared))
         name = onnxruntime.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).get_inputs()[0].name
         batches = iter([{name: faces[start:start + 64]} for start in range(0, len(faces), 64)])
 
@@ -147,21 +148,24 @@ def _inference(keras_model):
 
 @contextlib.contextmanager
 def _converter_quiet():
-    """tf2onnx's own lines kept off the output while it converts (unless ``FER_VERBOSE=1``): it logs
-    a line per graph rewrite ("Removed Mul ...", hundreds for a ResNet) and numpy's deprecation
-    warning; the outcome is this module's one line."""
+    """The converters' own lines kept off the output while they work (unless ``FER_VERBOSE=1``):
+    tf2onnx logs a line per graph rewrite ("Removed Mul ...", hundreds for a ResNet) and numpy's
+    deprecation warning, onnxruntime's quantizer its shape inference; the outcome is this module's
+    one line."""
     if os.environ.get("FER_VERBOSE") == "1":
         yield
         return
-    converter = logging.getLogger("tf2onnx")
-    level = converter.level
-    converter.setLevel(logging.ERROR)
+    converters = [logging.getLogger(name) for name in ("tf2onnx", "onnxruntime.quantization")]
+    levels = [converter.level for converter in converters]
+    for converter in converters:
+        converter.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
-        converter.setLevel(level)
+        for converter, level in zip(converters, levels):
+            converter.setLevel(level)
 
 
 def onnx_network(path: str | Path) -> Network:
