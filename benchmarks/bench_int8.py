@@ -1,7 +1,8 @@
 """What 8-bit integer arithmetic would buy the served network on this CPU, and what it would cost in
 accuracy: the shipped model's ONNX export (what onnxruntime serves today, float32) against the same
-export quantized by onnxruntime's static quantization (QDQ, weights int8 per channel, activations
-uint8, calibrated on `--calibration` training faces). Each is timed on 3,589 crops in batches of 256
+export quantized as `ensemble -P precision=int8` quantizes (`runtime.quantize_onnx`: onnxruntime's
+static quantization, QDQ, weights int8 per channel, activations uint8), calibrated on `--calibration`
+training faces. Each is timed on 3,589 crops in batches of 256
 (median of `--repeats`, the two interleaved) and scored on the validation split of `--data`, plain
 and with the served ten views; PublicTest is not read.
 
@@ -21,29 +22,6 @@ from fer_mlflow.data import dataset as datasets
 from fer_mlflow.serving import runtime, views
 
 BATCH = 256
-
-
-class Faces:
-    """onnxruntime's calibration reader: `images` a batch at a time."""
-
-    def __init__(self, images: np.ndarray, name: str):
-        self.batches = iter([{name: images[start:start + 64]} for start in range(0, len(images), 64)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-def quantized(source: Path, target: Path, images: np.ndarray) -> Path:
-    import onnxruntime
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = target.with_name("prepared.onnx")
-    quant_pre_process(str(source), str(prepared))
-    name = onnxruntime.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-    quantize_static(str(prepared), str(target), Faces(images, name), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return target
 
 
 def crops_per_second(network: runtime.Network, pixels: np.ndarray) -> float:
@@ -68,9 +46,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         exported = runtime.export_onnx(keras_model, folder / "model.onnx")
-        networks = {"float32": runtime.onnx_network(exported),
-                    "int8": runtime.onnx_network(quantized(exported, folder / "int8.onnx",
-                                                           pixels(train)[chosen]))}
+        int8 = runtime.quantize_onnx(exported, folder / "int8.onnx", pixels(train)[chosen])
+        networks = {"float32": runtime.onnx_network(exported), "int8": runtime.onnx_network(int8)}
         sizes = {"float32": exported.stat().st_size, "int8": (folder / "int8.onnx").stat().st_size}
         crops = np.resize(pixels(val), (3589, 48, 48, 1))
         speed = {name: [] for name in networks}
