@@ -152,6 +152,7 @@ def test_an_8_bit_network_serves_through_onnxruntime_and_falls_back_to_float32_w
         tmp_path, monkeypatch, caplog):
     from fer_mlflow.serving import runtime
 
+    monkeypatch.setitem(sys.modules, "sympy", None)  # not a dependency here: quantizing must not need it
     keras_model = tiny_keras_model(2)
     faces = np.random.default_rng(0).uniform(0, 255, (64, 48, 48, 1)).astype(np.float32)
     with caplog.at_level(logging.WARNING):

@@ -99,7 +99,7 @@ def quantize_onnx(source: Path, target: Path, faces: np.ndarray) -> Path | None:
         faces = np.ascontiguousarray(faces, dtype=np.float32)
         prepared = target.with_name(f"{target.stem}-prepared.onnx")
         with _converter_quiet():
-            quant_pre_process(str(source), str(prepared))
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # needs no sympy
         name = onnxruntime.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).get_inputs()[0].name
         batches = iter([{name: faces[start:start + 64]} for start in range(0, len(faces), 64)])
 
