@@ -29,6 +29,8 @@ Probability = click.FloatRange(0.0, 1.0)
 MODELS = click.Choice(["cnn", "cnn_shallow", "cnn_deep", "resnet50", "resnet101", "resnet152"])
 # pretrained.VARIANTS, likewise without importing MLflow.
 VARIANTS = click.Choice(["accurate", "fast"])
+# ensemble.PRECISIONS, likewise.
+PRECISIONS = click.Choice(["float32", "int8"])
 
 
 class Auto(click.ParamType):
@@ -366,7 +368,7 @@ def pretrained(data, variant) -> None:
 @click.option("--data-digest", default="", help="With --top: only runs on this data; empty: the newest run's.")
 @click.option("--weights", default="equal", show_default=True,
               help="equal, fitted (minimise the validation log-loss), or one number per member, e.g. 2,1,1.")
-@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "int8"]),
+@click.option("--precision", default="float32", show_default=True, type=PRECISIONS,
               help="int8: serve the ensemble as an 8-bit integer network (calibrated on training faces), about "
                    "three times as fast on CPUs with AVX-512 VNNI or AMX; its figures are the 8-bit network's.")
 def ensemble(runs, top, metric, data_digest, weights, precision) -> None:

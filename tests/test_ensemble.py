@@ -311,6 +311,9 @@ def test_bad_members_are_refused_in_one_line_before_any_run(tiny_npz, tmp_path, 
         (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert message in error
     assert {r.info.run_id for r in all_runs()} == before  # nothing started
+    from fer_mlflow import cli
+
+    assert tuple(cli.PRECISIONS.choices) == ensemble.PRECISIONS  # the command line offers what the stage takes
 
 
 def test_main_refuses_an_ensemble_of_one_model_before_any_run(capsys):

@@ -98,9 +98,7 @@ def quantize_onnx(source: Path, target: Path, faces: np.ndarray) -> Path | None:
 
         faces = np.ascontiguousarray(faces, dtype=np.float32)
         prepared = target.with_name(f"{target.stem}-prepared.onnx")
-        with _converter_quiet():
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # needs no sympy
-        name = onnxruntime.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+        name = onnxruntime.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_inputs()[0].name
         batches = iter([{name: faces[start:start + 64]} for start in range(0, len(faces), 64)])
 
         class Reader:  # onnxruntime's calibration data reader
@@ -108,6 +106,7 @@ def quantize_onnx(source: Path, target: Path, faces: np.ndarray) -> Path | None:
                 return next(batches, None)
 
         with _converter_quiet():
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # needs no sympy
             quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         prepared.unlink()
