@@ -25,7 +25,8 @@ import keras
 import numpy as np
 
 from fer_mlflow.learning import models
-from fer_mlflow.learning.inputs import Augmentation, as_inputs, one_hot, train_dataset
+from fer_mlflow.data.dataset import model_input
+from fer_mlflow.learning.inputs import Augmentation, one_hot, train_dataset
 
 
 def timed(fn, repeats: int) -> float:
@@ -46,7 +47,7 @@ def compiled(model: keras.Model) -> keras.Model:
 
 def pipeline_overhead(images, labels, repeats, batch_size=64) -> dict:
     model = compiled(models.build_model("cnn", weights="none"))
-    x, y = as_inputs(images), one_hot(labels, 7)
+    x, y = model_input(images), one_hot(labels, 7)
     data = train_dataset(x, y, batch_size, Augmentation(), seed=0)
     tensors = timed(lambda: model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0), repeats)
     piped = timed(lambda: model.fit(data, epochs=1, verbose=0), repeats)
@@ -56,7 +57,7 @@ def pipeline_overhead(images, labels, repeats, batch_size=64) -> dict:
 def backbone_caching(images, labels, repeats, batch_size=64) -> dict:
     parts = models.build_resnet("resnet50", models.DEFAULT_IMAGE_SIZE["resnet50"], "none")
     parts.backbone.trainable = False
-    x, y = as_inputs(images), one_hot(labels, 7)
+    x, y = model_input(images), one_hot(labels, 7)
     naive = compiled(parts.model)
     naive_s = timed(lambda: naive.fit(x, y, batch_size=batch_size, epochs=1, verbose=0), repeats)
     started = time.perf_counter()
@@ -70,7 +71,7 @@ def backbone_caching(images, labels, repeats, batch_size=64) -> dict:
 
 def throughput(images, labels, repeats, names, batch_size=64) -> dict:
     result = {}
-    x, y = as_inputs(images), one_hot(labels, 7)
+    x, y = model_input(images), one_hot(labels, 7)
     for name in names:
         model = compiled(models.build_model(name, weights="none"))
         count = len(x) if name in ("cnn", "cnn_shallow") else min(len(x), 2 * batch_size)

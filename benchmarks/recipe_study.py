@@ -28,6 +28,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from fer_mlflow.data.dataset import model_input
 from fer_mlflow.learning.models import build_cnn
 
 ERASE_FILL = 128.0  # as fer_mlflow.learning.inputs: mid-grey on the 0..255 scale
@@ -40,7 +41,7 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     raw = lzma.open(path) if path.suffix == ".xz" else path.open("rb")
     with raw, np.load(raw) as data:
         images, labels, val = data["images"], data["labels"].astype(np.int64), data["val"]
-    inputs = images.astype(np.float32)[..., None]
+    inputs = model_input(images)
     return inputs[~val], labels[~val], inputs[val], labels[val]
 
 

@@ -18,6 +18,7 @@ import time
 import numpy as np
 from mlflow import MlflowClient
 
+from fer_mlflow.data.dataset import model_input
 from fer_mlflow.data.sources import read_source
 from fer_mlflow.serving import pyfunc_model, views
 from fer_mlflow.stages import ensemble
@@ -43,7 +44,7 @@ def main() -> None:
     figures = {"val_unseen_faces": len(unseen), "test_faces": len(test)}
     print(f"validation faces no run trained on: {len(unseen)}; test faces: {len(test)}")
     for split_name, split in (("val_unseen", unseen), ("test", test)):
-        pixels = split.images.astype(np.float32)[..., np.newaxis]
+        pixels = model_input(split.images)
         for settings in (views.Settings(), views.Settings(tta=True)):
             started = time.perf_counter()
             probabilities = {run_id[:8]: views.probabilities(network, pixels, settings)

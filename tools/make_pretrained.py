@@ -50,6 +50,7 @@ from fer_mlflow.learning.teaching import TEACHER_RUN_TAG, TEACHER_VERSION_TAG
 from fer_mlflow.serving import calibration, pyfunc_model, views
 from fer_mlflow.stages import evaluate
 from fer_mlflow.tracking import registry
+from fer_mlflow.data.dataset import model_input
 from fer_mlflow.data.limits import Limits
 from fer_mlflow.pretrained import FILES, RECORD_NAME, VARIANTS, model_file
 from fer_mlflow.data.sources import read_source
@@ -85,7 +86,7 @@ def main() -> None:
     if args.weights_dtype == "float16":
         rounded_to_half(served)
     val = read_source(params["data_uri"])[0].split("val")
-    pixels = val.images.astype(np.float32)[..., np.newaxis]
+    pixels = model_input(val.images)
 
     choices = {}
     for settings in (views.Settings(), views.Settings(tta=True)):

@@ -24,6 +24,12 @@ IMAGE_SIZE = 48
 SCHEMA_VERSION = 1
 
 
+def model_input(images: np.ndarray) -> np.ndarray:
+    """uint8 faces (N x 48 x 48) as every network here takes them: float32 N x 48 x 48 x 1, the raw
+    0..255 grey levels (each network rescales its input itself)."""
+    return images.astype(np.float32)[..., np.newaxis]
+
+
 @dataclass
 class Dataset:
     """Images (uint8, N x 48 x 48), labels (int64), splits (str) and ids (str), all of length N."""

@@ -81,11 +81,6 @@ def mixer(augmentation: Augmentation, seed: int):
     return mix
 
 
-def as_inputs(images: np.ndarray) -> np.ndarray:
-    """uint8 N x 48 x 48 images as the models' float32 N x 48 x 48 x 1 input (raw 0..255 pixels)."""
-    return images.astype(np.float32)[..., None]
-
-
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[labels]
 

@@ -70,7 +70,7 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 from fer_mlflow.serving.calibration import tempered
-from fer_mlflow.data.dataset import CLASS_NAMES, IMAGE_SIZE
+from fer_mlflow.data.dataset import CLASS_NAMES, IMAGE_SIZE, model_input
 from fer_mlflow.errors import ConfigError, DataError, FerError
 from fer_mlflow.serving.faces import BOX_COLUMNS, MAX_FACES, MIN_FACE, crop_boxes, face_crops
 from fer_mlflow.data.decode import declared_pixels, gray, open_rgb, whole
@@ -316,7 +316,7 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
                 crops, boxes = face_crops(images, str(params.get("detector") or "auto"), self.detector,
                                           int(params.get("min_face") or MIN_FACE),
                                           int(params.get("max_faces") or MAX_FACES))
-                crops = crops.astype(np.float32)[..., np.newaxis]
+                crops = model_input(crops)
             settings = Settings.from_mapping(params, base=self.settings)
             if max_face_views is not None:
                 _check_face_views(len(crops), settings.view_count, max_face_views)

@@ -47,6 +47,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from fer_mlflow.serving import calibration, runtime
+from fer_mlflow.data.dataset import model_input
 from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.tracking.runs import (
     DATA_EXPERIMENT, DEMO_TAG, data_context, log_params, log_split_inputs, run_params, stage_run,
@@ -135,7 +136,7 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         model = combine([m.keras_model for m in members], chosen)
         int8 = _int8_network(model, dataset.split("train"), Path(scratch)) if precision == "int8" else None
         if int8:  # the figures below are those of the network served
-            combined = runtime.onnx_network(int8).predict(val.images.astype(np.float32)[..., np.newaxis])
+            combined = runtime.onnx_network(int8).predict(model_input(val.images))
         metrics = {"val_accuracy": accuracy(combined, val.labels), "val_log_loss": log_loss(combined, val.labels)}
         metrics["best_val_accuracy"] = metrics["val_accuracy"]
         # Its own temperature, as train fits one: the members' raw probabilities are averaged, and
@@ -356,15 +357,14 @@ def _int8_network(model, train, folder: Path) -> Path | None:
         return None
     chosen = np.random.default_rng(0).permutation(len(train))[:runtime.INT8_CALIBRATION_FACES]
     return runtime.quantize_onnx(exported, folder / "model-int8.onnx",
-                                 train.images[np.sort(chosen)].astype(np.float32)[..., np.newaxis])
+                                 model_input(train.images[np.sort(chosen)]))
 
 
 def _member_probabilities(members: list[Member], images: np.ndarray) -> list[np.ndarray]:
     """Each member's probabilities for uint8 `images` (N x 48 x 48), one view, as it predicts."""
     from fer_mlflow.serving.views import Settings, probabilities
 
-    pixels = images.astype(np.float32)[..., np.newaxis]
-    return [probabilities(m.keras_model, pixels, Settings()) for m in members]
+    return [probabilities(m.keras_model, model_input(images), Settings()) for m in members]
 
 
 def _model(member: Member) -> str:

@@ -37,7 +37,8 @@ from mlflow.exceptions import MlflowException
 from fer_mlflow.serving import calibration, pyfunc_model, views
 from fer_mlflow.learning import interrupts, models, teaching
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.learning.inputs import as_inputs, eval_dataset, one_hot, train_dataset
+from fer_mlflow.data.dataset import model_input
+from fer_mlflow.learning.inputs import eval_dataset, one_hot, train_dataset
 from fer_mlflow.tracking.runs import (
     Stopped, param_text, data_context, log_params, log_split_inputs, run_params, stage_run,
 )
@@ -227,7 +228,7 @@ def _log_model(model: keras.Model, dataset, val) -> None:
 def _fit_temperature(model, val) -> float:
     """The temperature the logged model divides its log-probabilities by, fitted on the validation
     split by log-loss (`calibration`); logged with the validation ECE before and after it."""
-    probabilities = views.probabilities(model, val.images.astype(np.float32)[..., np.newaxis], views.Settings())
+    probabilities = views.probabilities(model, model_input(val.images), views.Settings())
     temperature = calibration.fit_temperature(probabilities, val.labels)
     mlflow.log_metrics({
         "temperature": temperature,
@@ -365,7 +366,7 @@ class _Fitting:
            teaching: np.ndarray | None) -> _Fitting:
         """The fit of `train` against `val`: one-hot targets (`teaching` instead for train when
         given), sample weights with ``class_weight=balanced``, a fresh logger and image counter."""
-        x_train, x_val = as_inputs(train.images), as_inputs(val.images)
+        x_train, x_val = model_input(train.images), model_input(val.images)
         y_train, y_val = one_hot(train.labels, 7) if teaching is None else teaching, one_hot(val.labels, 7)
         weights = class_weights(train.labels, 7) if config.class_weight == "balanced" else None
         return cls(config, plan, replicas, extra, EpochLogger(), ImageCounter(len(x_train), config.batch_size),
