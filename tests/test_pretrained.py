@@ -32,9 +32,8 @@ TEST = RECORD["evaluation"]
 def curves(record: dict) -> dict[str, int]:
     """The per-epoch validation curve the `pretrained` stage logs for a shipped record, by metric name,
     with its number of epochs: one network's ``val_accuracy``, or each ensemble member's."""
-    members = record["training"].get("members")
-    if members:
-        return {f"member_{i}/val_accuracy": member["epochs"] for i, member in enumerate(members)}
+    if record["training"].get("members"):
+        return {f"member_{i}/val_accuracy": member["epochs"] for i, member in enumerate(pretrained.networks(record))}
     return {"val_accuracy": record["training"]["epochs"]}
 
 
@@ -354,3 +353,42 @@ def test_an_ensemble_made_into_the_shipped_model_registers_with_each_members_cur
     assert "48 images to train and 16 held out for validation" in page  # the members' split
     assert all(f"run `{r}`" in page for r in runs)
     assert ("its weights stored as float16" in page) == (weights_dtype == "float16")
+
+
+@pytest.mark.slow
+def test_a_shipped_ensemble_averaged_with_a_new_network_ships_as_all_its_networks(tiny_npz, tmp_path, monkeypatch):
+    """An earlier shipped ensemble (its `pretrained` run) as a member of a new ensemble: the record,
+    the registered run's curves and the card name each network, with its share of the answer."""
+    from fer_mlflow.pretrained import card
+    from fer_mlflow.stages import ensemble
+
+    made = _made_module()
+    shutil.copytree(pretrained.FILES / "fast", tmp_path / "files" / "fast")
+    monkeypatch.setattr(pretrained, "FILES", tmp_path / "files")
+    monkeypatch.setattr(made, "FILES", tmp_path / "files")
+
+    def ship(outcome, title: str) -> None:
+        monkeypatch.setattr("sys.argv", ["make_pretrained.py", "--run-id", outcome.run_id, "--data", tiny_npz,
+                                         "--title", title, "--variant", "accurate"])
+        made.main()
+        pretrained._read_record.cache_clear()
+
+    runs = [_trained_run(tiny_npz, 0, 3), _trained_run(tiny_npz, 1, 5)]
+    ship(ensemble.run(runs=",".join(runs)), "two tiny networks")
+    pair = pretrained_stage.run().run_id
+    third = _trained_run(tiny_npz, 2, 4)
+    ship(ensemble.run(runs=f"{pair},{third}", weights="0.666667,0.333333"), "three tiny networks")
+
+    shipped = pretrained.record("accurate")
+    assert [n["run_id"] for n in pretrained.networks(shipped)] == [*runs, third]
+    assert [n.get("within", "") for n in pretrained.networks(shipped)] == ["two tiny networks"] * 2 + [""]
+    assert pretrained.network_weights(shipped) == pytest.approx([1 / 3] * 3, abs=1e-5)
+    assert shipped["training"]["epochs"] == 12
+    registered = pretrained_stage.run()
+    client = MlflowClient()
+    assert {key: len(client.get_metric_history(registered.run_id, key)) for key in curves(shipped)} == {
+        "member_0/val_accuracy": 3, "member_1/val_accuracy": 5, "member_2/val_accuracy": 4}
+    page = card.render("accurate")
+    assert "an ensemble of 3 convolutional networks (their probabilities averaged with equal weights" in page
+    assert "member 1, cnn 4-8, 5 epochs (one of two tiny networks, shipped before):" in page
+    assert "member 2, cnn 4-8, 4 epochs:" in page and "12 epochs in 12 minutes in all" in page

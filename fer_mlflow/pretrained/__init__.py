@@ -69,8 +69,25 @@ def record(variant: str = DEFAULT_VARIANT) -> dict:
 
 def networks(found: dict) -> list[dict]:
     """The training blocks of the networks in a shipped `found` record (each with its epochs,
-    minutes and per-epoch ``history``): the one network's, or each ensemble member's."""
-    return found["training"].get("members") or [found["training"]]
+    minutes and per-epoch ``history``): the one network's, or each ensemble member's, a member that
+    is itself an ensemble (an earlier shipped ensemble averaged with new networks) giving its own
+    members in its place, each with ``within``: the title of the ensemble it came in."""
+    return [network for network, _ in _weighted(found["training"])]
+
+
+def network_weights(found: dict) -> list[float]:
+    """The share of each of `networks(found)` in the served probabilities: an ensemble's weight
+    times the weights of the ensembles it sits in (1.0 for one network)."""
+    return [weight for _, weight in _weighted(found["training"])]
+
+
+def _weighted(training: dict, weight: float = 1.0, within: str = "") -> list[tuple[dict, float]]:
+    members = training.get("members")
+    if not members:
+        return [({**training, "within": within} if within else training, weight)]
+    weights = [float(w) for w in training["params"]["weights_resolved"].split(",")]
+    return [found for member, share in zip(members, weights)
+            for found in _weighted(member, weight * share, member.get("title", "") if member.get("members") else within)]
 
 
 @cache

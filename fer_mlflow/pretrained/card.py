@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from fer_mlflow.pretrained import DEFAULT_VARIANT, VARIANTS, alias, card_page, networks, record
+from fer_mlflow.pretrained import DEFAULT_VARIANT, VARIANTS, alias, card_page, network_weights, networks, record
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -148,13 +148,12 @@ def render(variant: str = DEFAULT_VARIANT) -> str:
 
 def _networks(found: dict) -> str:
     """What the shipped network is, in a few words: one convolutional network, or an ensemble of them."""
-    members = found["training"].get("members")
-    if not members:
+    if not found["training"].get("members"):
         return "a convolutional network"
-    weights = [float(w) for w in found["training"]["params"]["weights_resolved"].split(",")]
-    averaged = ("with equal weights" if len(set(weights)) == 1 else
+    weights = network_weights(found)
+    averaged = ("with equal weights" if len({round(w, 3) for w in weights}) == 1 else
                 "with weights " + ", ".join(f"{w:.3f}" for w in weights))
-    return (f"an ensemble of {len(members)} convolutional networks (their probabilities averaged {averaged}, "
+    return (f"an ensemble of {len(weights)} convolutional networks (their probabilities averaged {averaged}, "
             "one Keras model)")
 
 
@@ -180,8 +179,9 @@ def _training_lines(found: dict) -> list[str]:
     lines = [f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes in all, each member "
              f"trained on its own on the same split; the ensemble (run `{training['run_id']}`) scores "
              f"val_accuracy {training['metrics'].get('val_accuracy', float('nan')):.4f} on the face alone:"]
-    for index, member in enumerate(training["members"]):
-        lines.append(f"    - member {index}, {member.get('title') or member['params'].get('model', '?')}: "
+    for index, member in enumerate(networks(found)):
+        within = f" (one of {member['within']}, shipped before)" if member.get("within") else ""
+        lines.append(f"    - member {index}, {member.get('title') or member['params'].get('model', '?')}{within}: "
                      f"{member['epochs']} epochs in {member['minutes']:.0f} minutes on a "
                      f"{member.get('machine', made['machine'])}, run `{member['run_id']}` at commit "
                      f"`{member.get('commit', '?')}`; best val_accuracy "

@@ -240,7 +240,7 @@ def _note(found: dict, variant: str) -> str:
         f"**The shipped model** ({variant}): {found['title']}, trained by this project on `{found['training']['data']}` "
         f"(digest `{found['training']['data_digest']}`) in {found['training']['minutes']:.0f} minutes, "
         f"{found['training']['epochs']} epochs"
-        + (f" ({len(found['training']['members'])} networks together)" if found["training"].get("members") else "")
+        + (f" ({len(networks(found))} networks together)" if found["training"].get("members") else "")
         + f", at commit `{found['made']['commit']}`.",
         "",
         f"- {scored['split']}_accuracy **{scored['metrics']['test_accuracy']:.4f}** on {scored['data']} "
