@@ -20,7 +20,7 @@ from fer_mlflow.cli import main
 from fer_mlflow.data.dataset import CLASS_NAMES
 from fer_mlflow.errors import ConfigError
 from fer_mlflow.serving.faces import MAX_FACES, MIN_FACE, face_crops
-from fer_mlflow.serving import runtime
+from fer_mlflow.serving import pyfunc_model, runtime
 from fer_mlflow.serving.pyfunc_model import keras_model_of, log_model, runtime_of
 from fer_mlflow.serving.views import Settings
 from fer_mlflow.serving.views import probabilities as views_of
@@ -234,7 +234,16 @@ def test_an_int8_ensemble_serves_its_8_bit_network_and_its_figures_are_that_netw
 
     # an 8-bit network that disagrees with the float32 one more than allowed is not served
     monkeypatch.setattr(runtime, "INT8_AGREEMENT", 1.01)
+    exports = []
+
+    def counted(*args, real=runtime.export_onnx):
+        exports.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(runtime, "export_onnx", counted)
+    monkeypatch.setattr(pyfunc_model, "export_onnx", counted)
     refused = ensemble.run(runs=",".join(members), precision="int8")
+    assert len(exports) == 1  # the float32 export it quantized is the one it serves, not made again
     assert MlflowClient().get_run(refused.run_id).data.params["precision_resolved"] == "float32"
     fallback = mlflow.pyfunc.load_model(refused.model_uri)
     assert runtime_of(fallback) == "onnxruntime"

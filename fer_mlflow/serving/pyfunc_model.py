@@ -484,6 +484,7 @@ def log_model(
     settings: Settings = Settings(),
     temperature: float = 1.0,
     int8_onnx: Path | None = None,
+    onnx: Path | None = None,
 ) -> mlflow.models.model.ModelInfo:
     """Log `keras_model` (pixels (N, 48, 48, 1) 0..255 in, (N, len(class_names)) softmax out) as a
     pyfunc model named `name` in the active run (with none, MLflow 3 logs a run-less model), with the
@@ -493,9 +494,11 @@ def log_model(
     divides its log-probabilities by `temperature` (`calibration.tempered`; the argmax is unchanged).
     With `int8_onnx` (`runtime.quantize_onnx`'s 8-bit network of `keras_model`) it serves that network
     instead of the float32 export (model config ``network_precision: int8``, also a param of the run
-    it is logged in).
+    it is logged in). `onnx`: the float32 export already made by `runtime.export_onnx` for this very
+    model, used instead of exporting it again.
     Registers it as `registered_model_name` if given. Returns ModelInfo."""
-    with _model_arguments(keras_model, class_names, example_image, settings, temperature, int8_onnx) as arguments:
+    with _model_arguments(keras_model, class_names, example_image, settings, temperature, int8_onnx,
+                          onnx) as arguments:
         return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name, **arguments)
 
 
@@ -510,7 +513,8 @@ def save_model(keras_model, path: str | Path, *, class_names: Sequence[str] = CL
 
 @contextmanager
 def _model_arguments(keras_model, class_names: Sequence[str], example_image: np.ndarray | None,
-                     settings: Settings, temperature: float, int8_onnx: Path | None = None):
+                     settings: Settings, temperature: float, int8_onnx: Path | None = None,
+                     onnx: Path | None = None):
     """The arguments of `mlflow.pyfunc.log_model` / `save_model` for `keras_model`, its files
     written to a temporary folder that lives as long as the block."""
     if keras_model.output_shape[-1] != len(class_names):
@@ -527,7 +531,8 @@ def _model_arguments(keras_model, class_names: Sequence[str], example_image: np.
         code_copy = Path(folder) / "fer_mlflow"  # the code the model runs, without the shipped model's files
         shutil.copytree(Path(__file__).resolve().parents[1], code_copy, ignore=_not_code)
         artifacts = {"keras_model": str(keras_path)}
-        onnx_path = Path(int8_onnx) if int8_onnx else export_onnx(keras_model, Path(folder) / "model.onnx")
+        given = int8_onnx or onnx
+        onnx_path = Path(given) if given else export_onnx(keras_model, Path(folder) / "model.onnx")
         if onnx_path:
             artifacts[ONNX_ARTIFACT] = str(onnx_path)
         yield dict(

@@ -134,7 +134,8 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         chosen = fit_weights(probabilities, val.labels) if isinstance(weighting, str) else weighting
         combined = np.tensordot(chosen, np.stack(probabilities), axes=1)
         model = combine([m.keras_model for m in members], chosen)
-        int8 = _int8_network(model, dataset.split("train"), Path(scratch)) if precision == "int8" else None
+        exported, int8 = (_int8_network(model, dataset.split("train"), Path(scratch)) if precision == "int8"
+                          else (None, None))
         if int8:  # the figures below are those of the network served
             combined = runtime.onnx_network(int8).predict(model_input(val.images))
         metrics = {"val_accuracy": accuracy(combined, val.labels), "val_log_loss": log_loss(combined, val.labels)}
@@ -163,7 +164,8 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         from fer_mlflow.serving import pyfunc_model
 
         info = pyfunc_model.log_model(model, name="model", class_names=members[0].class_names,
-                                      example_image=val.images[0], temperature=temperature, int8_onnx=int8)
+                                      example_image=val.images[0], temperature=temperature, int8_onnx=int8,
+                                      onnx=exported)
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
         return EnsembleOutcome(active.info.run_id, f"runs:/{active.info.run_id}/model", names,
                                [float(w) for w in chosen], metrics["val_accuracy"])
@@ -348,16 +350,17 @@ def _checked(data_uri: str, digest: str):
     return dataset
 
 
-def _int8_network(model, train, folder: Path) -> Path | None:
-    """`model`'s ONNX export quantized to 8 bits (`runtime.quantize_onnx`), its activation ranges
-    calibrated on `runtime.INT8_CALIBRATION_FACES` faces of `train` drawn with a fixed seed; None
-    (warned) when it cannot be made."""
+def _int8_network(model, train, folder: Path) -> tuple[Path | None, Path | None]:
+    """`model`'s float32 ONNX export and that export quantized to 8 bits (`runtime.quantize_onnx`), its
+    activation ranges calibrated on `runtime.INT8_CALIBRATION_FACES` faces of `train` drawn with a fixed
+    seed; either None (warned) when it cannot be made. Where the 8-bit network is refused, the float32
+    export is what the model serves, not made twice."""
     exported = runtime.export_onnx(model, folder / "model.onnx")
     if exported is None:
-        return None
+        return None, None
     chosen = np.random.default_rng(0).permutation(len(train))[:runtime.INT8_CALIBRATION_FACES]
-    return runtime.quantize_onnx(exported, folder / "model-int8.onnx",
-                                 model_input(train.images[np.sort(chosen)]))
+    return exported, runtime.quantize_onnx(exported, folder / "model-int8.onnx",
+                                           model_input(train.images[np.sort(chosen)]))
 
 
 def _member_probabilities(members: list[Member], images: np.ndarray) -> list[np.ndarray]:
