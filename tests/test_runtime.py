@@ -172,6 +172,7 @@ def test_an_8_bit_network_serves_through_onnxruntime_and_falls_back_to_float32_w
     with caplog.at_level(logging.WARNING):
         fallback = mlflow.pyfunc.load_model(str(tmp_path / "saved"))
     assert pyfunc_model.runtime_of(fallback) == "tf.function" and "pip install onnxruntime" in caplog.text
+    assert "8-bit network" in caplog.text
     np.testing.assert_allclose(fallback.predict(faces[..., 0]).filter(like="prob_").to_numpy(), exact, atol=TOLERANCE)
 
 

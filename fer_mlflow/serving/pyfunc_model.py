@@ -240,8 +240,9 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         self._keras_file = Path(context.artifacts["keras_model"]).read_bytes()
         # What the network runs on (`runtime`): the Keras model's answer without predict()'s
         # per-call cost; models logged before the ONNX artifact run it as a tf.function.
-        self.network = fastest(lambda: self.keras_model, context.artifacts.get(ONNX_ARTIFACT))
         config = context.model_config or {}
+        precision = config.get("network_precision", "float32")  # int8: its ONNX network computes in 8-bit integers
+        self.network = fastest(lambda: self.keras_model, context.artifacts.get(ONNX_ARTIFACT), precision)
         self.class_names = tuple(config.get("class_names", CLASS_NAMES))
         # Models logged before settings were part of the config predict on the face alone.
         self.settings = Settings.from_mapping(config.get(SETTINGS_KEY))
@@ -253,15 +254,7 @@ class FerEmotionModel(mlflow.pyfunc.PythonModel):
         self.limits = Limits.resolve(config)
         self.detector = config.get("detector", DEFAULT_DETECTOR)  # what detector=auto searches photos with
         # An 8-bit network's file, kept to log the model again with other settings (`int8_onnx_of`).
-        self._int8_file = None
-        if config.get("network_precision") == "int8":  # its ONNX network computes in 8-bit integers
-            self._int8_file = Path(context.artifacts[ONNX_ARTIFACT]).read_bytes()
-            if self.network.name == "onnxruntime":
-                self.network.name = "onnxruntime int8"
-            else:
-                _logger.warning("this model serves an 8-bit network through onnxruntime, which cannot be imported "
-                                "here: it serves its float32 Keras model, whose answers differ slightly from those "
-                                "it was scored with (pip install onnxruntime)")
+        self._int8_file = Path(context.artifacts[ONNX_ARTIFACT]).read_bytes() if precision == "int8" else None
         if self.network.outputs != len(self.class_names):
             raise ConfigError(
                 f"the Keras model has {self.network.outputs} outputs but "

@@ -187,13 +187,24 @@ def compiled_network(keras_model) -> Network:
     return Network("tf.function", lambda pixels: call(pixels).numpy(), int(keras_model.output_shape[-1]))
 
 
-def fastest(load_keras_model, onnx_path: str | None) -> Network:
+def fastest(load_keras_model, onnx_path: str | None, precision: str = "float32") -> Network:
     """The runtime a loaded model serves with: onnxruntime on its ONNX artifact (`onnx_path`) when
     there is one and onnxruntime imports, else `compiled_network` of the Keras model that
-    `load_keras_model()` returns (called only then: loading it imports TensorFlow)."""
+    `load_keras_model()` returns (called only then: loading it imports TensorFlow). `precision`
+    ``int8``: the ONNX network computes in 8-bit integers (named ``onnxruntime int8``), and falling back
+    to Keras changes the answers slightly, which the warning says."""
     if onnx_path and Path(onnx_path).is_file():
         try:
-            return onnx_network(onnx_path)
+            network = onnx_network(onnx_path)
         except ImportError as error:
-            _logger.warning("onnxruntime cannot be imported (%s); the model serves through tf.function", error)
+            if precision == "int8":
+                _logger.warning("this model serves an 8-bit network through onnxruntime, which cannot be imported "
+                                "here (%s): it serves its float32 Keras model, whose answers differ slightly from "
+                                "those it was scored with (pip install onnxruntime)", error)
+            else:
+                _logger.warning("onnxruntime cannot be imported (%s); the model serves through tf.function", error)
+        else:
+            if precision == "int8":
+                network.name = "onnxruntime int8"
+            return network
     return compiled_network(load_keras_model())
