@@ -40,6 +40,7 @@ def main() -> None:
 
     data = datasets.load(args.data)
     train, val = data.split("train"), data.split("val")
+    val_pixels = datasets.model_input(val.images)
     keras_model = pretrained.keras_model(args.variant)
     chosen = np.random.default_rng(0).choice(len(train), args.calibration, replace=False)
     with tempfile.TemporaryDirectory() as folder:
@@ -48,15 +49,15 @@ def main() -> None:
         int8 = runtime.quantize_onnx(exported, folder / "int8.onnx", datasets.model_input(train.images[chosen]))
         networks = {"float32": runtime.onnx_network(exported), "int8": runtime.onnx_network(int8)}
         sizes = {"float32": exported.stat().st_size, "int8": (folder / "int8.onnx").stat().st_size}
-        crops = np.resize(datasets.model_input(val.images), (3589, 48, 48, 1))
+        crops = np.resize(val_pixels, (3589, 48, 48, 1))
         speed = {name: [] for name in networks}
         for _ in range(args.repeats):
             for name, network in networks.items():
                 speed[name].append(crops_per_second(network, crops))
         found = {}
         for name, network in networks.items():
-            plain = network.predict(datasets.model_input(val.images), batch_size=BATCH)
-            tta = views.probabilities(network, datasets.model_input(val.images), views.Settings(tta=True))
+            plain = network.predict(val_pixels, batch_size=BATCH)
+            tta = views.probabilities(network, val_pixels, views.Settings(tta=True))
             found[name] = (plain, tta)
             print(f"{name}: {sizes[name] / 2**20:.1f} MiB, {statistics.median(speed[name]):,.0f} crops/s "
                   f"(median of {args.repeats}: {', '.join(f'{s:,.0f}' for s in speed[name])}); val "
