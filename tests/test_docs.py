@@ -1,6 +1,7 @@
 """The docs cannot drift: the site builds with `mkdocs build --strict` (a broken link fails it), its
 parameter reference lists every MLproject parameter and CLI option, the guides' own parameter tables
-agree with MLproject, the README's links resolve, and the front pages carry no tracker words."""
+agree with MLproject, the README's links resolve, every table row has its header's cells, and the front
+pages carry no tracker words."""
 
 from __future__ import annotations
 
@@ -116,6 +117,34 @@ def test_the_readme_links_resolve():
     for target in re.findall(r"\]\(([^)#\s]+)", (ROOT / "README.md").read_text()):
         if "://" not in target:
             assert (ROOT / target).exists(), f"README links to {target}, which is not there"
+
+
+def table_cells(line: str) -> list[str]:
+    """A Markdown table row's cells; a `|` inside backticks does not split (a shell pipe in a command)."""
+    cells, cell, in_code = [], "", False
+    for char in line.strip():
+        in_code ^= char == "`"
+        if char == "|" and not in_code:
+            cells.append(cell)
+            cell = ""
+        else:
+            cell += char
+    return cells[1:]
+
+
+def test_every_table_row_has_its_headers_cells():
+    """A renderer drops the cells a row has beyond its header's (a figure's date or command would
+    vanish) and leaves missing ones blank: every row of every page's tables has the header's count."""
+    pages = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    for page in pages:
+        header = None
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            if not line.startswith("|"):
+                header = None
+                continue
+            count = len(table_cells(line))
+            header = header or count
+            assert count == header, f"{page.relative_to(ROOT)}:{number}: {count} cells under a header of {header}"
 
 
 @pytest.mark.parametrize("name", ["README.md", "BENCHMARKS.md"])
