@@ -39,7 +39,13 @@ def sections(page: str) -> dict[str, str]:
 def rows(section: str) -> list[list[str]]:
     """A section's table rows, each as its cells (the header and rule left out)."""
     lines = [line for line in section.splitlines() if line.startswith("| `")]
-    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+    return [[cell.strip() for cell in cells(line)] for line in lines]
+
+
+def cells(line: str) -> list[str]:
+    """A Markdown table row's cells, split at each pipe not escaped as ``\\|`` (GitHub splits at a bare
+    pipe even inside backticks)."""
+    return re.split(r"(?<!\\)\|", line.strip())[1:-1]
 
 
 def test_the_reference_lists_every_mlproject_parameter_and_cli_option():
@@ -119,19 +125,6 @@ def test_the_readme_links_resolve():
             assert (ROOT / target).exists(), f"README links to {target}, which is not there"
 
 
-def table_cells(line: str) -> list[str]:
-    """A Markdown table row's cells; a `|` inside backticks does not split (a shell pipe in a command)."""
-    cells, cell, in_code = [], "", False
-    for char in line.strip():
-        in_code ^= char == "`"
-        if char == "|" and not in_code:
-            cells.append(cell)
-            cell = ""
-        else:
-            cell += char
-    return cells[1:]
-
-
 def test_every_table_row_has_its_headers_cells():
     """A renderer drops the cells a row has beyond its header's (a figure's date or command would
     vanish) and leaves missing ones blank: every row of every page's tables has the header's count."""
@@ -142,7 +135,7 @@ def test_every_table_row_has_its_headers_cells():
             if not line.startswith("|"):
                 header = None
                 continue
-            count = len(table_cells(line))
+            count = len(cells(line))
             header = header or count
             assert count == header, f"{page.relative_to(ROOT)}:{number}: {count} cells under a header of {header}"
 
