@@ -70,6 +70,40 @@ def test_the_average_is_validated_and_kept_and_training_goes_on_from_the_trained
                                model.optimizer._model_variables_moving_average))
 
 
+def test_the_average_is_validated_with_batch_norm_statistics_of_its_own():
+    """Keras averages the trainable weights only; the average validated with the trained network's
+    batch-norm statistics named one class for nearly every FER2013 face. Its own statistics are the
+    mean of its batch statistics over the training batches given; the trained ones come back."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (64, 48, 48, 1)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 7, 64), 7)
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((48, 48, 1))
+    conv, norm = keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(momentum=0.9)
+    pooled = keras.layers.GlobalAveragePooling2D()(norm(conv(keras.layers.Rescaling(1 / 255)(inputs))))
+    model = keras.Model(inputs, keras.layers.Dense(7, activation="softmax")(pooled))
+    model.compile(optimizer=optimizer("sgd", "constant", 0.5, 0.0, 10, 0, ema=0.9),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    means = {"trained": [], "validated": [], "own": [], "after": []}
+
+    def record(key):
+        return lambda *args: means[key].append(norm.moving_mean.numpy().copy())
+
+    def own(*args):  # the mean of the first layer's outputs over the batches, with the average in place
+        means["own"].append(keras.ops.convert_to_numpy(conv(x / 255)).mean(axis=(0, 1, 2)))
+
+    model.fit(x, y, validation_data=(x, y), epochs=2, batch_size=16, verbose=0, callbacks=[
+        keras.callbacks.LambdaCallback(on_test_begin=record("trained")),
+        ResumableEarlyStopping(patience=10),
+        AveragedWeights([(x[:32], y[:32]), (x[32:], y[32:])]),
+        keras.callbacks.LambdaCallback(on_test_end=lambda *args: (record("validated")(), own())),
+        keras.callbacks.LambdaCallback(on_epoch_end=record("after"))])
+    for epoch in range(2):
+        np.testing.assert_allclose(means["validated"][epoch], means["own"][epoch], rtol=1e-4, atol=1e-4)
+        assert not np.allclose(means["validated"][epoch], means["trained"][epoch], atol=1e-3)
+        np.testing.assert_array_equal(means["after"][epoch], means["trained"][epoch])
+
+
 def test_ema_out_of_range_is_one_line_before_any_run(tiny_npz, capsys):
     with pytest.raises(ConfigError, match=r"ema=1.0 must lie in 0..1 \(1 excluded\)"):
         train.TrainConfig(data=tiny_npz, ema=1.0).resolved()
