@@ -1,10 +1,10 @@
 """What the batch-norm statistics do to a `train -P ema` checkpoint's moving average: the validation
 accuracy of the weights being trained, of the average with the trained network's statistics (what
 `-P ema` validated before it recomputed them) and of the average with statistics of its own
-(`loop.recompute_statistics`, over 2,048 training faces in batches of 256, as `train` does).
+(`loop.recompute_statistics` over `--images` training faces, in batches of 256, as `train` does).
 
     python benchmarks/averaged_statistics.py --checkpoint <run artifacts>/checkpoint/<a|b> \
-        --data <clean run's dataset.npz> --widths 32,64,128,256 --dropout 0.1
+        --data <clean run's dataset.npz> --widths 32,64,128,256 --dropout 0.1 [--images 1024] [--seed 0]
 
 The checkpoint is a cnn's (`build_cnn` with the `--widths` and `--dropout` it was trained with);
 `weights.npz` holds the trained weights and statistics, `optimizer.npz` the averages (after SGD's
@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a clean dataset.npz")
     parser.add_argument("--widths", default="32,64,128,256")
     parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=STATISTICS_IMAGES, help="training faces for the statistics")
+    parser.add_argument("--seed", type=int, default=0, help="which training faces")
     args = parser.parse_args()
 
     data = ds.load(args.data)
@@ -52,7 +53,7 @@ def main() -> None:
     for variable, average in zip(variables, averages, strict=True):
         variable.assign(average)
     print(f"average, the trained statistics:    {accuracy():.4f}")
-    chosen = np.random.default_rng(args.seed).choice(len(train.images), STATISTICS_IMAGES, replace=False)
+    chosen = np.random.default_rng(args.seed).choice(len(train.images), args.images, replace=False)
     images = ds.model_input(train.images[chosen])
     started = time.perf_counter()
     recompute_statistics(model, [images[i:i + STATISTICS_BATCH] for i in range(0, len(images), STATISTICS_BATCH)])
