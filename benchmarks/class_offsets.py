@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 
-import mlflow
 import numpy as np
-import pandas as pd
 
 from fer_mlflow.data import dataset as ds
+from fer_mlflow.serving.views import Settings
+from fer_mlflow.stages.evaluate import predict_probabilities
 
 GRID = np.linspace(-1.0, 1.0, 41)
-REQUEST = 256  # images per predict call: the served model's default limit
 
 
 def fit_offsets(log_probabilities: np.ndarray, labels: np.ndarray, rounds: int = 3) -> np.ndarray:
@@ -48,12 +47,9 @@ def main() -> None:
     args = parser.parse_args()
 
     val = ds.load(args.data).split("val")
-    model = mlflow.pyfunc.load_model(args.model_uri)
     rng = np.random.default_rng(0)
     for tta in (False, True):
-        found = pd.concat([model.predict(val.images[i:i + REQUEST], params={"tta": tta})
-                           for i in range(0, len(val.images), REQUEST)])
-        log_p = np.log(found[[c for c in found.columns if c.startswith("prob_")]].to_numpy() + 1e-9)
+        log_p = np.log(predict_probabilities(args.model_uri, val.images, Settings(tta=tta)) + 1e-9)
         gains = []
         for _ in range(args.halvings):
             order = rng.permutation(len(val.labels))

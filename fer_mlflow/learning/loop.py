@@ -25,7 +25,7 @@ EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 CHECKPOINT = "checkpoint"  # the run's artifact folder of the latest training state
 # With `ema`, each epoch the average's batch-norm statistics are recomputed from this many training
 # images, in batches of this size (`AveragedWeights`): on FER2013 1,024 scored as 8,192 did, within
-# 0.1 points, in an eighth of the time (about 4 s; BENCHMARKS.md).
+# 0.3 points, in an eighth of the time (about 4 s; BENCHMARKS.md).
 STATISTICS_IMAGES = 1024
 STATISTICS_BATCH = 256
 
@@ -130,7 +130,7 @@ class AveragedWeights(keras.callbacks.Callback):
     Keras averages the trainable weights only: the batch-normalization statistics belong to the
     weights being trained, and with the average they mislead it (after 9 epochs of a CutMix run, the
     average scored 0.2386 on FER2013's validation faces with them, naming nearly every face one
-    class, and 0.5469 with its own; BENCHMARKS.md). So, before validating, `recompute_statistics`
+    class, and 0.5458 with its own; BENCHMARKS.md). So, before validating, `recompute_statistics`
     gives the average its own from `batches` (training inputs, or (inputs, targets[, weights])
     pairs); the trained statistics come back with the trained weights.
 

@@ -48,8 +48,8 @@ from fer_mlflow.learning.config import (  # noqa: F401  (train.TrainConfig and i
 )
 from fer_mlflow.learning.loop import (
     CHECKPOINT, STATISTICS_BATCH, STATISTICS_IMAGES, AveragedWeights, CheckpointPlan, Checkpointer, EpochLogger,
-    ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget, TrainingState, save_arrays, class_weights, curves_figure, keep_best_of_phases,
-    load_arrays, make_strategy, optimizer, restore_model,
+    ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget, TrainingState, save_arrays, class_weights,
+    curves_figure, keep_best_of_phases, load_arrays, make_strategy, optimizer, restore_model,
 )
 from fer_mlflow.tracking.names import (
     DATA_DIGEST_TAG,
@@ -513,8 +513,8 @@ def _phase(fitting: _Fitting, model: keras.Model, learning_rate: float, epochs: 
     verbose = 1 if sys.stdout.isatty() else 2  # progress bars in a terminal, a line per epoch in logs
     # shuffle=False: `train` shuffles itself (learning/inputs.py); Keras would ignore True, with a warning.
     # Between early stopping and the checkpoint; the average's batch-norm statistics from training batches.
-    statistics = train.unbatch().batch(STATISTICS_BATCH).take(STATISTICS_IMAGES // STATISTICS_BATCH)
-    averaged = [AveragedWeights(statistics)] if config.ema else []
+    averaged = ([AveragedWeights(train.unbatch().batch(STATISTICS_BATCH).take(STATISTICS_IMAGES // STATISTICS_BATCH))]
+                if config.ema else [])
     model.fit(train, validation_data=val, epochs=epochs, initial_epoch=state.epoch, shuffle=False,
               callbacks=[*callbacks, stop, *averaged, plan.current], verbose=verbose)
     return state.history
