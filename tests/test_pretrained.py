@@ -21,7 +21,7 @@ from fer_mlflow.stages import pretrained as pretrained_stage
 from fer_mlflow import pretrained
 from fer_mlflow.serving import pyfunc_model
 from fer_mlflow.cli import main
-from fer_mlflow.errors import ConfigError
+from fer_mlflow.errors import ConfigError, RegistryError
 from fer_mlflow.tracking.runs import DATA_MODEL, experiment_id
 from fer_mlflow.tracking.registry import load_model as registry_load
 
@@ -105,6 +105,31 @@ def test_pretrained_registers_the_shipped_model_once_as_served():
     crops = np.random.default_rng(0).integers(0, 256, (3, 48, 48)).astype(np.uint8)
     np.testing.assert_allclose(evaluate.predict_probabilities(f"models:/{DATA_MODEL}@pretrained", crops),
                                evaluate.predict_probabilities(f"runs:/{first.run_id}/model", crops), atol=1e-6)
+
+
+def test_a_rerun_takes_up_the_version_a_registry_failure_left_and_restores_a_removed_champion(monkeypatch):
+    """The registry failing after the version is registered ends the run FAILED; run again, the stage
+    takes that version up rather than registering a second, and a champion alias removed since is
+    given back (there is none, so the shipped model is it by promote's rules)."""
+    from mlflow.exceptions import MlflowException
+
+    set_alias = pretrained_stage._set_alias
+    monkeypatch.setattr(pretrained_stage, "_set_alias", lambda *args: (_ for _ in ()).throw(
+        MlflowException("simulated: the server answered 503", error_code="TEMPORARILY_UNAVAILABLE")))
+    with pytest.raises(RegistryError, match="run it again once it answers"):
+        pretrained_stage.run(variant="fast")
+    monkeypatch.setattr(pretrained_stage, "_set_alias", set_alias)
+    client = MlflowClient()
+    again = pretrained_stage.run(variant="fast")
+    assert again.version == "1" and len(client.search_model_versions(f"name = '{DATA_MODEL}'")) == 1
+    assert str(client.get_model_version_by_alias(DATA_MODEL, "pretrained-fast").version) == "1"
+
+    client.delete_registered_model_alias(DATA_MODEL, "champion")
+    restored = pretrained_stage.run(variant="fast")
+    assert restored.version == "1" and restored.champion
+    assert str(client.get_model_version_by_alias(DATA_MODEL, "champion").version) == "1"
+    assert len(client.search_model_versions(f"name = '{DATA_MODEL}'")) == 1
+    assert "nothing new" in pretrained_stage.run(variant="fast").message
 
 
 @pytest.mark.slow

@@ -98,13 +98,13 @@ def _run(found: dict, data: str, variant: str) -> PretrainedOutcome:
             training = earlier.info.run_id
             mlflow.set_tags({"fer.pretrained_run": training, "mlflow.runName": f"pretrained (already in run {training[:8]})"})
             registered = _registered_before(client, training)
-            if registered is not None and not data:
+            champion = alias_version(client, DATA_MODEL, promote.CHAMPION)
+            # With no champion (its alias removed since), the version goes on to be considered for it.
+            if registered is not None and not data and champion is not None:
                 _set_alias(client, registered, variant)
                 message = (f"the shipped model is already {DATA_MODEL} v{registered} (alias {alias(variant)}, run "
                            f"{training}); nothing new registered")
-                champion = alias_version(client, DATA_MODEL, promote.CHAMPION)
-                return PretrainedOutcome(training, registered, champion is not None and str(champion.version) == registered,
-                                         message)
+                return PretrainedOutcome(training, registered, str(champion.version) == registered, message)
         evaluation = _evaluation(found, training, data)
         evaluate_champion = bool(data) or Path(evaluation.data.params.get("data_uri", "")).exists()
         version, changed, decided = promote.consider(evaluation, "test_accuracy", DATA_MODEL, evaluate_champion)
@@ -117,10 +117,11 @@ def _run(found: dict, data: str, variant: str) -> PretrainedOutcome:
 
 
 def _logged_before(client: MlflowClient, sha256: str, current: str):
-    """The finished run that logged this very model (same SHA-256) before, if any."""
+    """The run that logged this very model (same SHA-256) before, if any: finished, or ended by a
+    failure after its model was logged (the registry failing after it), whose version a rerun takes up."""
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
-        f"tags.`{SHA_TAG}` = '{sha256}' and tags.`fer.stage` = '{STAGE}' and attributes.status = 'FINISHED'",
+        f"tags.`{SHA_TAG}` = '{sha256}' and tags.`fer.stage` = '{STAGE}' and attributes.status != 'RUNNING'",
         order_by=["attributes.start_time ASC"])
     return next((r for r in runs if r.info.run_id != current and MODEL_URI_TAG in r.data.tags), None)
 
