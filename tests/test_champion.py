@@ -21,6 +21,7 @@ from fer_mlflow.serving import pyfunc_model
 from fer_mlflow.data import dataset as ds
 from fer_mlflow.tracking.runs import DATA_EXPERIMENT, DEMO_TAG, EXPERIMENT_KIND, experiment_id
 from fer_mlflow.serving.views import Settings
+from fer_mlflow.errors import ConfigError
 
 ANGRY, FEAR, HAPPY, SAD = 0, 2, 3, 4
 
@@ -139,6 +140,22 @@ def test_promote_scores_a_champion_from_another_experiment_before_replacing_it(t
         "test_accuracy"] == pytest.approx(0.6)  # a models:/ URI's score counts for that version
     assert not promote.run().changed
     assert len(all_runs("tags.`fer.stage` = 'evaluate' and tags.`fer.model_version` = 'fer-emotion/1'")) == 2
+
+
+def test_a_champion_with_no_run_is_not_replaced_unscored_but_promote_says_how_to_go_on(tmp_path):
+    """A champion registered by hand from a model folder names no training run to key its score by:
+    promote refuses in one line, leaving the aliases, rather than take it for unscored."""
+    mostly_happy = labelled(tmp_path, "d2", {HAPPY: 6, ANGRY: 4})
+    pyfunc_model.save_model(constant_model(HAPPY), tmp_path / "happy_model")
+    client = MlflowClient()
+    client.create_registered_model("fer-emotion")
+    by_hand = client.create_model_version("fer-emotion", (tmp_path / "happy_model").as_uri())
+    client.set_registered_model_alias("fer-emotion", "champion", by_hand.version)
+    angry = logged(constant_model(ANGRY), name="angry")
+    assert evaluate.run(run_id=angry, data=mostly_happy).metrics["test_accuracy"] == pytest.approx(0.4)
+    with pytest.raises(ConfigError, match="names no training run of this store.*delete_registered_model_alias"):
+        promote.run()
+    assert client.get_registered_model("fer-emotion").aliases == {"champion": by_hand.version}
 
 
 @pytest.mark.slow

@@ -258,6 +258,11 @@ class _Decision:
         if champion is not None and _key(champion) not in scores:
             self._evaluate(champion)
             scores = self._search()
+        if champion is not None and _key(champion) not in scores:  # no run to key its score by: never "unscored"
+            raise ConfigError(f"champion {self.name} v{champion.version} names no training run of this store "
+                              "(registered by hand from a model folder?), so promote cannot compare it; move or "
+                              f"delete its alias (MlflowClient().delete_registered_model_alias('{self.name}', "
+                              f"'{CHAMPION}')), then promote again")
         scores[self.best.key] = max(scores.get(self.best.key, self.best.score), self.best.score)
         return scores
 
