@@ -199,6 +199,27 @@ def test_predict_with_no_registry_uses_the_shipped_model_and_says_so(tmp_path, c
     assert faces["label"].tolist() == expected.loc[expected["face"] >= 0, "label"].tolist()
 
 
+def test_predict_says_in_one_line_that_a_server_it_cannot_reach_failed_without_retrying_mlflows_retries(
+        tmp_path, monkeypatch, caplog, capsys):
+    """A tracking server that cannot be reached: MLflow's HTTP client retries each call itself
+    (minutes by default); the project does not retry that again, and says how to go on."""
+    from conftest import free_port
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(photos.astronaut()).save(photo)
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", unreachable)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    mlflow.set_tracking_uri(unreachable)
+    with caplog.at_level("WARNING"), pytest.raises(SystemExit) as stopped:
+        main(["predict", "--input", str(photo)])
+    assert stopped.value.code == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert "Connection refused" in line and "MLFLOW_TRACKING_URI" in line and "runs:/" not in line
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
 @pytest.mark.slow
 @pytest.mark.real_data
 @pytest.mark.skipif(not SHARED_ZIP.exists(), reason="the shared FER2013 zip is not here")

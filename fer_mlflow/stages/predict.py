@@ -160,7 +160,7 @@ def _champion_registered() -> bool:
         return alias_version(MlflowClient(), name, alias) is not None
     except MlflowException as error:
         raise RegistryError(f"the registry at {mlflow.get_registry_uri()} failed ({first_line(error)}); run "
-                            "again once it answers, or pass --model-uri runs:/<run_id>/model") from error
+                            "again once it answers, or set MLFLOW_TRACKING_URI to a store that does") from error
 
 
 def _estimate(sources: list[media.Source], every: int | None) -> int:

@@ -38,16 +38,26 @@ _FINAL_ERRORS = {NOT_FOUND, "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"
 
 def retrying(call, *args, attempts: int = 5, **kwargs):
     """`call(*args, **kwargs)`, retried with backoff on errors that can pass (a locked SQLite
-    database, a busy server); answers that will not change are raised at once."""
+    database, a busy server); answers that will not change are raised at once, and so is a call
+    MLflow's HTTP client has already retried (`_retried_by_mlflow`)."""
     for attempt in range(attempts):
         try:
             return call(*args, **kwargs)
         except MlflowException as error:
-            if error.error_code in _FINAL_ERRORS or attempt == attempts - 1:
+            if error.error_code in _FINAL_ERRORS or _retried_by_mlflow(error) or attempt == attempts - 1:
                 raise
             log.warning("tracking call %s failed (%s); retrying", call.__name__, first_line(error))
             time.sleep(0.2 * 2 ** attempt * random.uniform(0.5, 1.5))
 
+
+
+def _retried_by_mlflow(error: MlflowException) -> bool:
+    """Whether MLflow's HTTP client gave this call up after its own retries with backoff
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, minutes by default): a server that cannot be reached or kept
+    failing. Retrying that again would multiply those minutes before the one-line error."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    return "Max retries exceeded" in str(error) and MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() > 0
 
 def aliases(client: MlflowClient, name: str) -> dict[str, str]:
     """{alias: version} of registered model `name`: none when the model does not exist yet."""
