@@ -158,6 +158,21 @@ def test_a_champion_with_no_run_is_not_replaced_unscored_but_promote_says_how_to
     assert client.get_registered_model("fer-emotion").aliases == {"champion": by_hand.version}
 
 
+def test_a_champion_whose_run_was_deleted_for_good_is_named_with_what_to_do(tmp_path):
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    happy = logged(constant_model(HAPPY), name="happy")
+    evaluate.run(run_id=happy, data=labelled(tmp_path, "d1", {HAPPY: 5}))
+    assert promote.run().changed
+    angry = logged(constant_model(ANGRY), name="angry")
+    evaluate.run(run_id=angry, data=labelled(tmp_path, "d2", {HAPPY: 6, ANGRY: 4}))
+    _get_store()._hard_delete_run(happy)  # what `mlflow gc` does to a deleted run
+    with pytest.raises(ConfigError, match=f"models:/fer-emotion/1 .version fer-emotion/1. was trained in run {happy}, "
+                                          "which .* no longer holds .*move its aliases"):
+        promote.run()
+    assert str(champion().version) == "1"
+
+
 @pytest.mark.slow
 def test_the_readme_sequence_through_mlflow_run_rescores_the_champion_and_decides(tmp_path, tracking):
     """An evaluation made by `mlflow run -e evaluate -P run_id=...` with no data records data as the

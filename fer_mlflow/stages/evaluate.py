@@ -190,6 +190,11 @@ def _resolve(run_id, model_uri, data) -> _Target:
         try:
             training = mlflow.get_run(source_run)
         except MlflowException as error:
+            if version:
+                raise ConfigError(f"{model_uri} (version {version}) was trained in run {source_run}, which "
+                                  f"{mlflow.get_tracking_uri()} no longer holds (deleted for good?); move its aliases "
+                                  "to another version, or register the model again from a run of this store"
+                                  ) from error
             raise ConfigError(f"run {source_run} not found in {mlflow.get_tracking_uri()}; "
                               "pass the id of a training run of this tracking store") from error
     if data is None:
