@@ -132,6 +132,34 @@ def test_a_rerun_takes_up_the_version_a_registry_failure_left_and_restores_a_rem
     assert "nothing new" in pretrained_stage.run(variant="fast").message
 
 
+@pytest.mark.slow  # two processes, each logging the fast variant
+def test_two_pretrained_commands_at_once_register_the_file_once(tmp_path, tracking):
+    """Both commands log their run and evaluation before either registers (the registration gated as
+    in test_champion's concurrent promotes): the later version is deleted again, its aliases moved."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PROJECT
+    from test_champion import GATED_PROMOTE
+
+    script = GATED_PROMOTE.replace('main(["promote"])', 'main(["pretrained", "--variant", "fast"])')
+    processes = [subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env={**os.environ, "MLFLOW_TRACKING_URI": tracking, "FER_TEST_PARTIES": "2",
+                                       "FER_TEST_BARRIER": str(tmp_path / "barrier")})
+                 for _ in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+    assert len(list((tmp_path / "barrier" / "register").iterdir())) == 2  # both registered, neither saw the other
+    client = MlflowClient()
+    registered = client.search_model_versions(f"name = '{DATA_MODEL}'")
+    assert len(registered) == 1
+    assert client.get_registered_model(DATA_MODEL).aliases == {"champion": registered[0].version,
+                                                               "pretrained-fast": registered[0].version}
+
+
 @pytest.mark.slow
 def test_the_fast_variant_registers_beside_the_accurate_one_under_its_own_alias():
     accurate = pretrained_stage.run()

@@ -108,7 +108,7 @@ def _run(found: dict, data: str, variant: str) -> PretrainedOutcome:
         evaluation = _evaluation(found, training, data)
         evaluate_champion = bool(data) or Path(evaluation.data.params.get("data_uri", "")).exists()
         version, changed, decided = promote.consider(evaluation, "test_accuracy", DATA_MODEL, evaluate_champion)
-        version = str(version)
+        version = _first_of_its_file(client, found["sha256"], str(version))
         _set_alias(client, version, variant)
         champion = alias_version(client, DATA_MODEL, promote.CHAMPION)
         mlflow.set_tags({"fer.registered_version": version, CHAMPION_CHANGED_TAG: str(changed).lower()})
@@ -125,6 +125,25 @@ def _logged_before(client: MlflowClient, sha256: str, current: str):
         order_by=["attributes.start_time ASC"])
     return next((r for r in runs if r.info.run_id != current and MODEL_URI_TAG in r.data.tags), None)
 
+
+
+def _first_of_its_file(client: MlflowClient, sha256: str, version: str) -> str:
+    """The lowest version registered from a `pretrained` run of this very file. Two commands at once
+    each log a run and register a version (neither sees the other's run finished): the later version is
+    deleted again, its aliases moved to the first, so the file is registered once."""
+    from fer_mlflow.tracking.registry import aliases, retrying, versions
+
+    runs = {r.info.run_id for r in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`{SHA_TAG}` = '{sha256}' and tags.`fer.stage` = '{STAGE}'")}
+    first = next((str(v.version) for v in versions(client, DATA_MODEL)
+                  if (v.tags.get("source_run") or v.run_id) in runs), version)
+    if first != version:
+        for name, holder in aliases(client, DATA_MODEL).items():
+            if str(holder) == version:
+                retrying(client.set_registered_model_alias, DATA_MODEL, name, first)
+        retrying(client.delete_model_version, DATA_MODEL, version)
+    return first
 
 def _registered_before(client: MlflowClient, training: str) -> str | None:
     """The version of `DATA_MODEL` registered from run `training`, if any (the lowest)."""
