@@ -126,7 +126,6 @@ def _logged_before(client: MlflowClient, sha256: str, current: str):
     return next((r for r in runs if r.info.run_id != current and MODEL_URI_TAG in r.data.tags), None)
 
 
-
 def _first_of_its_file(client: MlflowClient, sha256: str, version: str) -> str:
     """The lowest version registered from a `pretrained` run of this very file. Two commands at once
     each log a run and register a version (neither sees the other's run finished): the later version is
@@ -144,6 +143,7 @@ def _first_of_its_file(client: MlflowClient, sha256: str, version: str) -> str:
                 retrying(client.set_registered_model_alias, DATA_MODEL, name, first)
         retrying(client.delete_model_version, DATA_MODEL, version)
     return first
+
 
 def _registered_before(client: MlflowClient, training: str) -> str | None:
     """The version of `DATA_MODEL` registered from run `training`, if any (the lowest)."""

@@ -50,7 +50,6 @@ def retrying(call, *args, attempts: int = 5, **kwargs):
             time.sleep(0.2 * 2 ** attempt * random.uniform(0.5, 1.5))
 
 
-
 def _retried_by_mlflow(error: MlflowException) -> bool:
     """Whether MLflow's HTTP client gave this call up after its own retries with backoff
     (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, minutes by default): a server that cannot be reached or kept
@@ -58,6 +57,7 @@ def _retried_by_mlflow(error: MlflowException) -> bool:
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 
     return "Max retries exceeded" in str(error) and MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() > 0
+
 
 def aliases(client: MlflowClient, name: str) -> dict[str, str]:
     """{alias: version} of registered model `name`: none when the model does not exist yet."""
