@@ -57,9 +57,12 @@ def test_a_run_killed_outright_resumes_in_the_same_run_as_if_it_had_never_stoppe
         if runs and checkpoint_epoch(runs[0].info.run_id) >= 3:
             break
         time.sleep(0.5)
+    run_id = runs[0].info.run_id
+    with pytest.raises(ConfigError, match=f"run {run_id} is being trained by process {process.pid} of this machine; "
+                                          "stop it first"):  # a second trainer of the same run is refused
+        train.run(config(tiny_npz, resume=run_id))
     os.killpg(process.pid, signal.SIGKILL)  # no clean-up at all: the run stays RUNNING
     process.wait()
-    run_id = runs[0].info.run_id
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"
 
     resumed = train.run(config(tiny_npz, resume=run_id))
@@ -96,6 +99,32 @@ def unstopped_rates(settings: train.TrainConfig, train_images: int) -> dict[int,
     return rates
 
 
+
+
+def test_a_damaged_checkpoint_or_a_deleted_run_is_refused_in_one_line_and_left_as_it_was(tiny_npz, tmp_path):
+    """The checkpoint's files are read before the run is touched: a truncated array file or a state
+    this version does not know is named damaged; a deleted run is to be restored first."""
+    with mlflow.start_run() as other:
+        mlflow.set_tag("fer.stage", "train")
+        mlflow.log_params({"epochs": EPOCHS})
+        (tmp_path / "checkpoint" / "a").mkdir(parents=True)
+        (tmp_path / "checkpoint" / "a" / "weights.npz").write_bytes(b"PK\x03\x04 cut short")
+        (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"epoch": 2, "slot": "a"}))
+        mlflow.log_artifacts(str(tmp_path / "checkpoint"), "checkpoint")
+    run_id = other.info.run_id
+    MlflowClient().set_terminated(run_id, "KILLED")
+    with pytest.raises(ConfigError, match=f"run {run_id}'s checkpoint is damaged .*start it again as a new run"):
+        train.run(config(tiny_npz, resume=run_id))
+    np.savez(tmp_path / "checkpoint" / "a" / "weights.npz", np.zeros(3))
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"epoch": 2, "slot": "a", "lr": 1}))
+    mlflow.log_artifacts(str(tmp_path / "checkpoint"), "checkpoint", run_id=run_id)
+    with pytest.raises(ConfigError, match=f"run {run_id}'s checkpoint is damaged"):
+        train.run(config(tiny_npz, resume=run_id))
+    MlflowClient().delete_run(run_id)
+    with pytest.raises(ConfigError, match=f"run {run_id} was deleted; restore it first .mlflow runs restore"):
+        train.run(config(tiny_npz, resume=run_id))
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED" and "fer.resumes" not in run.data.tags
 
 def test_resuming_with_other_parameters_or_without_a_checkpoint_is_one_line(tiny_npz, capsys):
     with mlflow.start_run() as other:

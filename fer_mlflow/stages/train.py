@@ -18,10 +18,13 @@ current batch; the best model so far is logged and the run ends KILLED.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import tempfile
 import time
 import warnings
+import zipfile
 from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -62,6 +65,8 @@ from fer_mlflow.tracking.names import (
 )
 
 log = logging.getLogger(__name__)
+
+TRAINER_TAG = "fer.trainer"  # "<host>:<pid>" of the process training the run (the latest to resume it)
 
 @dataclass
 class TrainOutcome:
@@ -119,6 +124,7 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
         initial = teaching.initial_weights(config) if config.init and not config.resume else None
         with stage_run("train", run_name(config, label), tags, nested=nested, experiment=experiment,
                        resume=config.resume or None) as active:
+            mlflow.set_tag(TRAINER_TAG, _this_process())
             if previous is not None:
                 _record_resume(previous, plan.resumed)
             log_params({k: v for k, v in asdict(config).items()})
@@ -257,9 +263,9 @@ def _resumable(config: TrainConfig, plan: CheckpointPlan):
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {config.resume} finished; there is nothing to resume (evaluate its model, "
                           "or start a new run)")
-    if run.info.status == "RUNNING":
-        log.warning("run %s is still marked RUNNING (a process killed outright cannot end it); make sure "
-                    "nothing trains it any more", config.resume)
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError(f"run {config.resume} was deleted; restore it first (mlflow runs restore --run-id "
+                          f"{config.resume}), then resume it")
     logged = run_params(run)
     for key, value in asdict(config).items():
         theirs = logged.get(f"{key}_resolved", logged.get(key))
@@ -274,11 +280,64 @@ def _resumable(config: TrainConfig, plan: CheckpointPlan):
         plan.folder.mkdir(parents=True, exist_ok=True)
         for path in Path(arrays).glob("*.npz"):
             path.replace(plan.folder / path.name)
-        plan.resumed = TrainingState(**state)
     except (MlflowException, OSError, KeyError) as error:
         raise ConfigError(f"run {config.resume} has no checkpoint to resume from (it stopped before one was "
                           "logged); start it again as a new run") from error
+    try:
+        plan.resumed = TrainingState(**state)
+        for path in plan.folder.glob("*.npz"):
+            load_arrays(path)
+    except (TypeError, ValueError, OSError, zipfile.BadZipFile) as error:
+        raise ConfigError(f"run {config.resume}'s checkpoint is damaged ({str(error).splitlines()[0][:120]}); "
+                          "start it again as a new run") from error
+    _claim(run)
     return run
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _claim(run) -> None:
+    """Make this process the one to resume `run`, unless another process of this machine still trains
+    it (ConfigError): its ``fer.trainer`` tag names a live one. Read again after a moment, so of two
+    resumes at once only the later writer goes on. A RUNNING run last trained on another machine cannot
+    be checked: warned."""
+    client = MlflowClient()
+    for attempt in range(2):
+        trainer = client.get_run(run.info.run_id).data.tags.get(TRAINER_TAG, "")
+        if attempt == 1 and trainer == _this_process():
+            return
+        if (pid := _live_trainer(trainer)) is not None:
+            raise ConfigError(f"run {run.info.run_id} is being trained by process {pid} of this machine; stop it "
+                              f"first (kill -TERM {pid}: it logs its best model and checkpoint, then ends KILLED), "
+                              "then resume")
+        if attempt == 0:
+            if run.info.status == "RUNNING" and not trainer.startswith(f"{socket.gethostname()}:"):
+                log.warning("run %s is still marked RUNNING (a process killed outright cannot end it), last trained "
+                            "on %s; make sure nothing trains it any more", run.info.run_id,
+                            trainer.rpartition(":")[0] or "a machine it does not record")
+            client.set_tag(run.info.run_id, TRAINER_TAG, _this_process())
+            time.sleep(1.0)
+
+
+def _live_trainer(trainer: str) -> int | None:
+    """The pid of `trainer` (a ``fer.trainer`` tag) when it is another live MLflow process of this
+    machine (a process killed outright leaves its run RUNNING and its pid free: not that)."""
+    host, _, pid = trainer.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return int(pid)
+    return int(pid) if b"mlflow" in command else None  # the pid reused by another program: free
 
 
 # Params that tell which machine trained, not how: a run resumed elsewhere may see them otherwise.
