@@ -308,6 +308,7 @@ def test_bad_members_are_refused_in_one_line_before_any_run(tiny_npz, tmp_path, 
         "is named twice": ["--runs", f"{first},{first}"],
         "needs 2 or more members, got 1": ["--runs", first],
         "is not equal, fitted or 2 non-negative numbers": ["--runs", f"{first},{second}", "--weights", "1,2,3"],
+        "2 non-negative numbers separated by commas": ["--runs", f"{first},{second}", "--weights", "1e308,1e308"],
         "not both": ["--runs", f"{first},{second}", "--top", "2"],
         "'int16' is not one of 'float32', 'int8'": ["--runs", f"{first},{second}", "--precision", "int16"],
     }

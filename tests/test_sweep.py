@@ -55,6 +55,8 @@ def test_a_space_file_is_checked_like_train_options(tmp_path):
                        ("seed: {low: 0, high: 9}", "seed is not a train parameter a sweep searches"),
                        ("learning_rate: [0.1, 0.2]", "needs {low"),
                        ("erase: {low: 0.5, high: 0.1}", "not a valid range"),
+                       ("learning_rate: {low: .nan, high: 0.1}", "low and high must be finite"),
+                       ("learning_rate: {low: 0.01, high: .inf}", "low and high must be finite"),
                        ("widths: {choices: ['16,x']}", "widths"),
                        ("erase: {low: 0, hgh: 0.1}", "needs {low"),
                        ("learning_rate: {low: 0.1", "not valid YAML"),

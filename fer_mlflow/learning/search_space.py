@@ -7,6 +7,8 @@ the form both the built-in spaces below and a user's YAML file take.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Callable
 
@@ -105,6 +107,8 @@ def distributions(space: dict, check: Check) -> dict[str, BaseDistribution]:
             low, high = spec["low"], spec["high"]
             check(name, low)
             check(name, high)
+            if not all(math.isfinite(float(bound)) for bound in (low, high)):
+                raise ValueError("low and high must be finite numbers")
             if name in INTEGERS:
                 found[name] = IntDistribution(int(low), int(high), log=bool(spec.get("log")),
                                               step=int(spec.get("step", 1)))

@@ -233,10 +233,12 @@ def _weighting(weights: str, count: int) -> str | np.ndarray:
         given = np.array([float(part) for part in text.split(",")])
     except ValueError:
         given = np.array([])
-    if len(given) != count or not np.isfinite(given).all() or (given < 0).any() or given.sum() <= 0:
+    with np.errstate(over="ignore"):
+        total = given.sum()
+    if len(given) != count or not np.isfinite(given).all() or (given < 0).any() or not 0 < total < np.inf:
         raise ConfigError(f"weights={weights} is not {', '.join(WEIGHTINGS)} or {count} non-negative numbers "
                           "separated by commas (one per member, not all 0)")
-    return given / given.sum()
+    return given / total
 
 
 def _unique(ids: list[str]) -> list[str]:
