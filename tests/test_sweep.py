@@ -78,7 +78,9 @@ def test_bad_sweep_input_is_one_line_and_leaves_no_run(tmp_path, capsys):
                        (["--storage", "mysql://x@localhost/db"], "storage mysql://x@localhost/db: use postgresql"),
                        (["--storage", str(tmp_path / "missing" / "study.journal")], "does not exist"),
                        (["--learning-rate", "0.1", "--space", str(_space(tmp_path, "learning_rate"))],
-                        "nothing left to search")]:
+                        "nothing left to search"),
+                       (["--time-budget", "1", "--trial-time-budget", "5"], "no trial could start"),
+                       (["--resume", "abc"], "a sweep does not resume its trials")]:
         with pytest.raises(SystemExit) as stopped:
             cli_main(["sweep", "--trials", "1", *args])
         assert stopped.value.code == 2

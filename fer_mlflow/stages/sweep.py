@@ -111,9 +111,16 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
     `check`: how a train parameter's value is parsed and checked (the CLI's `check_train_value`).
     """
     fixed = dict(fixed or {})
-    for name in ("model", "data", "time_budget", "resume"):
+    if "resume" in fixed:
+        raise ConfigError("a sweep does not resume its trials; run it again with the same --study and --storage "
+                          "to go on with that study")
+    for name in ("model", "data", "time_budget"):
         if name in fixed:
             raise ConfigError(f"{name} is the sweep's own parameter; give it as --{name.replace('_', '-')}")
+    if config.time_budget and config.trial_time_budget > config.time_budget:
+        raise ConfigError(f"trial_time_budget={config.trial_time_budget:g} minutes is longer than the sweep's "
+                          f"time_budget={config.time_budget:g}: no trial could start; give each trial less time, or "
+                          "the sweep more")
     base = train.TrainConfig(model=config.model, data=config.data, time_budget=config.trial_time_budget,
                              **fixed).resolved()
     if config.space:
