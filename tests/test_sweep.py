@@ -89,6 +89,31 @@ def test_bad_sweep_input_is_one_line_and_leaves_no_run(tmp_path, capsys):
     assert all_runs() == []
 
 
+
+def test_a_study_run_with_another_recipe_or_space_is_not_joined(tmp_path, capsys):
+    """Going on with a study (its --storage and --study) is refused before any run when the model or
+    fixed options differ from those it was run with, or a parameter's kind of range changed."""
+    from fer_mlflow.learning import studies
+
+    journal = str(tmp_path / "study.journal")
+    study = optuna.create_study(study_name="s1", storage=studies.open_storage(journal), direction="maximize")
+    study.set_user_attr("recipe", {"model": "cnn", "fixed": "none"})
+    study.add_trial(optuna.trial.create_trial(
+        params={"learning_rate": 0.05}, value=0.5,
+        distributions={"learning_rate": optuna.distributions.FloatDistribution(0.01, 0.1, log=True)}))
+    choices = tmp_path / "choices.yaml"
+    choices.write_text("learning_rate: {choices: [0.01, 0.1]}\n")
+    for args, says in [(["--model", "cnn_shallow"], "study s1 was run with another recipe (model=cnn there, "
+                                                    "cnn_shallow here)"),
+                       (["--seed", "1"], "fixed=none there, seed=1 here"),
+                       (["--space", str(choices)], "study s1 searched learning_rate over another kind of range")]:
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(["sweep", "--trials", "1", "--storage", journal, "--study", "s1", *args])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and says in error, error
+    assert all_runs() == []
+
 def _space(tmp_path, name):
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"{name}: {{low: 0.01, high: 0.1}}\n")

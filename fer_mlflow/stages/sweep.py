@@ -140,6 +140,10 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
     study_name = config.study or f"{config.model}-{label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     tags.update({MODEL_TAG: config.model, "fer.study": study_name, "fer.sweep_worker": str(config.worker_index)})
     name = f"sweep {config.model}-{label} {study_name}" + (f" worker {config.worker_index}" if config.worker_index else "")
+    recipe = {"model": config.model,  # the data not: the workers it starts are handed the cleaned copy
+              "fixed": " ".join(f"{k}={param_text(v)}" for k, v in sorted(fixed.items())) or "none"}
+    if config.storage:
+        _check_joinable(storage, study_name, recipe, searched)
     started = time.perf_counter()
     deadline = config.deadline or (time.time() + config.time_budget * 60 if config.time_budget else None)
     with stage_run("sweep", name, tags, experiment=experiment) as parent:
@@ -167,6 +171,8 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
             base = replace(base, data=data)
         study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=True)
+        if "recipe" not in study.user_attrs:
+            study.set_user_attr("recipe", recipe)
         others = _start_workers(replace(config, deadline=deadline), study_name, data, fixed_args,
                                 parent.info.experiment_id)
         worker = _Worker(study, config, base, searched, check, parent.info.run_id, label, deadline)
@@ -295,6 +301,30 @@ class _Report(keras.callbacks.Callback):
                            f"val_accuracy {float(value):.4f} is below the median of earlier trials")
             self.model.stop_training = True
 
+
+
+def _check_joinable(storage, study_name: str, recipe: dict, searched: dict) -> None:
+    """Refuse, before any run, to go on with a study of `storage` that trained another model or with
+    other fixed options (its ``recipe``), or searched a parameter over another
+    kind of range: its trials and these would not compare (and Optuna fails on the latter mid-trial)."""
+    try:
+        existing = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return  # a new study
+    theirs = existing.user_attrs.get("recipe")
+    if theirs is not None and theirs != recipe:
+        differs = ", ".join(f"{key}={theirs.get(key)} there, {value} here" for key, value in recipe.items()
+                            if theirs.get(key) != value)
+        raise ConfigError(f"study {study_name} was run with another recipe ({differs}); give the same options to "
+                          "go on with it, or name a new --study")
+    for trial in existing.get_trials(deepcopy=False):
+        for name, distribution in trial.distributions.items():
+            if name in searched:
+                try:
+                    optuna.distributions.check_distribution_compatibility(distribution, searched[name])
+                except ValueError as error:
+                    raise ConfigError(f"study {study_name} searched {name} over another kind of range ({error}); "
+                                      "give it the space it was run with, or name a new --study") from None
 
 def _trial_run(parent_id: str, number: int) -> str | None:
     """The train run of trial `number` under `parent_id`, for a trial that failed before training."""
