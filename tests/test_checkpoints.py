@@ -207,8 +207,11 @@ def test_a_signal_in_the_middle_of_an_epoch_leaves_a_checkpoint_of_the_last_whol
     assert state["epoch"] == 1 and len(state["history"]["loss"]) == 1  # epoch 1 was cut: not done
     assert state["images_seen"] == train_images
 
+    assert run.data.tags["fer.interrupted"] == "SIGINT"
     resumed = train.run(train.TrainConfig(**settings, resume=run.info.run_id))
     assert resumed.epochs_trained == 3  # epoch 1 trained again, in full
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert "fer.interrupted" not in tags and tags["fer.resume_1"].endswith(", stopped by SIGINT")
     seen = MlflowClient().get_run(run.info.run_id).data.metrics
     assert seen["train_images_per_second"] * seen["train_seconds"] == pytest.approx(3 * train_images, rel=1e-6)
 

@@ -66,6 +66,7 @@ from fer_mlflow.tracking.names import (
 
 log = logging.getLogger(__name__)
 
+INTERRUPTED_TAG = "fer.interrupted"  # the signal that stopped the run, while it stays stopped
 TRAINER_TAG = "fer.trainer"  # "<host>:<pid>" of the process training the run (the latest to resume it)
 
 @dataclass
@@ -139,7 +140,7 @@ def _run(config: TrainConfig, nested: bool, tags: dict[str, str] | None, callbac
             if interrupts.pending():
                 log.warning("%s: logging the best model so far, then ending the run KILLED; go on with "
                             "-P resume=%s", interrupts.pending().signal_name, run_id)
-                mlflow.set_tag("fer.interrupted", interrupts.pending().signal_name)
+                mlflow.set_tag(INTERRUPTED_TAG, interrupts.pending().signal_name)
             best = _log_results(config, history, seen, seconds)
             _log_model(model, dataset, val)
             if not interrupts.pending():
@@ -383,8 +384,12 @@ def _same(logged: str, given: str) -> bool:
 def _record_resume(run, state: TrainingState) -> None:
     count = int(run.data.tags.get("fer.resumes", "0")) + 1
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stopped = run.data.tags.get(INTERRUPTED_TAG)
     mlflow.set_tags({"fer.resumes": str(count),
-                     f"fer.resume_{count}": f"from epoch {state.epoch} of phase {state.phase} at {when}"})
+                     f"fer.resume_{count}": f"from epoch {state.epoch} of phase {state.phase} at {when}"
+                                            + (f", stopped by {stopped}" if stopped else "")})
+    if stopped:  # the run goes on: the signal that stopped it is history, kept in the resume tag
+        MlflowClient().delete_tag(run.info.run_id, INTERRUPTED_TAG)
     log.info("resuming run %s from epoch %d (phase %d)", run.info.run_id, state.epoch, state.phase)
 
 
