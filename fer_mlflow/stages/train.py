@@ -286,8 +286,9 @@ def _resumable(config: TrainConfig, plan: CheckpointPlan):
                           "logged); start it again as a new run") from error
     try:
         plan.resumed = TrainingState(**state)
-        for path in plan.folder.glob("*.npz"):
-            load_arrays(path)
+        for path in plan.folder.glob("*.npz"):  # a truncated file has no zip directory: its listing fails
+            with np.load(path, allow_pickle=False) as saved:
+                saved.files
     except (TypeError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise ConfigError(f"run {config.resume}'s checkpoint is damaged ({str(error).splitlines()[0][:120]}); "
                           "start it again as a new run") from error
@@ -305,21 +306,22 @@ def _claim(run) -> None:
     resumes at once only the later writer goes on. A RUNNING run last trained on another machine cannot
     be checked: warned."""
     client = MlflowClient()
-    for attempt in range(2):
-        trainer = client.get_run(run.info.run_id).data.tags.get(TRAINER_TAG, "")
-        if attempt == 1 and trainer == _this_process():
-            return
-        if (pid := _live_trainer(trainer)) is not None:
-            raise ConfigError(f"run {run.info.run_id} is being trained by process {pid} of this machine; stop it "
-                              f"first (kill -TERM {pid}: it logs its best model and checkpoint, then ends KILLED), "
-                              "then resume")
-        if attempt == 0:
-            if run.info.status == "RUNNING" and not trainer.startswith(f"{socket.gethostname()}:"):
-                log.warning("run %s is still marked RUNNING (a process killed outright cannot end it), last trained "
-                            "on %s; make sure nothing trains it any more", run.info.run_id,
-                            trainer.rpartition(":")[0] or "a machine it does not record")
-            client.set_tag(run.info.run_id, TRAINER_TAG, _this_process())
-            time.sleep(1.0)
+    trainer = client.get_run(run.info.run_id).data.tags.get(TRAINER_TAG, "")
+    _refuse_live(run, trainer)
+    if run.info.status == "RUNNING" and not trainer.startswith(f"{socket.gethostname()}:"):
+        log.warning("run %s is still marked RUNNING (a process killed outright cannot end it), last trained "
+                    "on %s; make sure nothing trains it any more", run.info.run_id,
+                    trainer.rpartition(":")[0] or "a machine it does not record")
+    client.set_tag(run.info.run_id, TRAINER_TAG, _this_process())
+    time.sleep(1.0)  # a resume begun at the same moment writes its own meanwhile
+    _refuse_live(run, client.get_run(run.info.run_id).data.tags.get(TRAINER_TAG, ""))
+
+
+def _refuse_live(run, trainer: str) -> None:
+    if (pid := _live_trainer(trainer)) is not None:
+        raise ConfigError(f"run {run.info.run_id} is being trained by process {pid} of this machine; stop it "
+                          f"first (kill -TERM {pid}: it logs its best model and checkpoint, then ends KILLED), "
+                          "then resume")
 
 
 def _live_trainer(trainer: str) -> int | None:
