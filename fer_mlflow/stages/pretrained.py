@@ -119,11 +119,15 @@ def _run(found: dict, data: str, variant: str) -> PretrainedOutcome:
 def _logged_before(client: MlflowClient, sha256: str, current: str):
     """The run that logged this very model (same SHA-256) before, if any: finished, or ended by a
     failure after its model was logged (the registry failing after it), whose version a rerun takes up."""
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        f"tags.`{SHA_TAG}` = '{sha256}' and tags.`fer.stage` = '{STAGE}' and attributes.status != 'RUNNING'",
-        order_by=["attributes.start_time ASC"])
+    runs = _runs_of_file(client, sha256, " and attributes.status != 'RUNNING'")
     return next((r for r in runs if r.info.run_id != current and MODEL_URI_TAG in r.data.tags), None)
+
+
+def _runs_of_file(client: MlflowClient, sha256: str, where: str = "") -> list:
+    """The `pretrained` runs of the shipped file `sha256` in every experiment (and `where`), oldest first."""
+    return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`{SHA_TAG}` = '{sha256}' and tags.`fer.stage` = '{STAGE}'{where}",
+                              order_by=["attributes.start_time ASC"])
 
 
 def _first_of_its_file(client: MlflowClient, sha256: str, version: str) -> str:
@@ -132,9 +136,7 @@ def _first_of_its_file(client: MlflowClient, sha256: str, version: str) -> str:
     deleted again, its aliases moved to the first, so the file is registered once."""
     from fer_mlflow.tracking.registry import aliases, retrying, versions
 
-    runs = {r.info.run_id for r in client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        f"tags.`{SHA_TAG}` = '{sha256}' and tags.`fer.stage` = '{STAGE}'")}
+    runs = {r.info.run_id for r in _runs_of_file(client, sha256)}
     first = next((str(v.version) for v in versions(client, DATA_MODEL)
                   if (v.tags.get("source_run") or v.run_id) in runs), version)
     if first != version:
