@@ -163,7 +163,7 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
                     "search_space": json.dumps(space, separators=(",", ":")), "sampler": f"TPESampler(n_startup_trials={SAMPLER_STARTUP_TRIALS}, seed={seed})",
                     "pruner": f"MedianPruner(n_startup_trials={PRUNER_STARTUP_TRIALS}, "
                               f"n_warmup_steps={config.prune_warmup})",
-                    "fixed": " ".join(f"{k}={param_text(v)}" for k, v in sorted(fixed.items())) or "none"})
+                    "fixed": recipe["fixed"]})
         mlflow.log_text(yaml.safe_dump(space, sort_keys=False), "space.yaml")
         data = base.data
         if not is_artifact(data):  # cleaned once, in a nested clean run, not once per trial
