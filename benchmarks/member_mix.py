@@ -22,23 +22,8 @@ import numpy as np
 
 from fer_mlflow.data.dataset import model_input
 from fer_mlflow.data.sources import read_source
-from fer_mlflow.serving import pyfunc_model
+from fer_mlflow.learning.teaching import logged_network
 from fer_mlflow.serving.views import Settings, probabilities
-from fer_mlflow.tracking.registry import load_model
-
-
-def network(uri: str):
-    """The Keras network `uri` names: a logged model's, or with ``#k`` the k-th member of an ensemble's."""
-    import keras
-
-    model_uri, _, index = uri.partition("#")
-    keras_model = pyfunc_model.keras_model_of(load_model(model_uri))
-    if not index:
-        return keras_model
-    members = [layer for layer in keras_model.layers if isinstance(layer, keras.Model)]
-    if not members:
-        raise SystemExit(f"{model_uri} is not an ensemble: it has no member networks to pick #{index} from")
-    return members[int(index)]
 
 
 def member_probabilities(uri: str, images: np.ndarray, cache: Path) -> dict[str, np.ndarray]:
@@ -46,7 +31,7 @@ def member_probabilities(uri: str, images: np.ndarray, cache: Path) -> dict[str,
     path = cache / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}.npz"
     if path.exists():
         return dict(np.load(path))
-    keras_model, pixels = network(uri), model_input(images)
+    keras_model, pixels = logged_network(uri), model_input(images)
     found = {"plain": probabilities(keras_model, pixels, Settings()),
              "views": probabilities(keras_model, pixels, Settings(tta=True))}
     cache.mkdir(parents=True, exist_ok=True)

@@ -194,8 +194,9 @@ def clean(data, mean_low, mean_high, blank_std, drop_duplicates, drop_leakage, d
 @click.option("--resume", default="", help="The id of a stopped (KILLED or FAILED) training run: go on from its "
                                            "last checkpoint in that same run, with the same parameters.")
 @click.option("--init", default="", help="Start from the weights of a logged model of the same network "
-                                         "(runs:/<id>/model, models:/<name>@<alias>): fine-tune it rather than "
-                                         "start from scratch.")
+                                         "(runs:/<id>/model, models:/<name>@<alias>; #k after it: the k-th network "
+                                         "of an ensemble, e.g. models:/fer-emotion@pretrained#0): fine-tune it "
+                                         "rather than start from scratch.")
 @click.option("--teacher", default="", help="Knowledge distillation: a logged model or ensemble (runs:/<id>/model, "
                                             "models:/<name>@<alias>) whose served probabilities join the labels "
                                             "as soft targets.")

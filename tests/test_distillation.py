@@ -10,7 +10,7 @@ from conftest import tiny_keras_model
 from mlflow import MlflowClient
 
 from fer_mlflow.data import dataset as ds
-from fer_mlflow.stages import train
+from fer_mlflow.stages import ensemble, train
 from fer_mlflow.tracking.registry import load_model
 from fer_mlflow.serving import pyfunc_model
 from fer_mlflow.serving.calibration import tempered
@@ -89,4 +89,39 @@ def test_init_of_another_network_is_one_line_and_no_run(tiny_npz, capsys):
     assert exit_info.value.code != 0
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and model_uri in errors[0] and "widths 8,16,32" in errors[0]
+    assert len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])) == before
+
+
+@pytest.mark.slow
+def test_init_takes_one_network_of_an_ensemble(tiny_npz):
+    import keras
+
+    first = train.run(train.TrainConfig(model="cnn", data=tiny_npz, epochs=1, batch_size=32, widths=(8, 16)))
+    trained = pyfunc_model.keras_model_of(load_model(first.model_uri))
+    other = keras.models.clone_model(trained)  # the same network, with new random weights
+    with mlflow.start_run():
+        pair_uri = pyfunc_model.log_model(ensemble.combine([other, trained], [0.5, 0.5])).model_uri
+    tuned = train.run(train.TrainConfig(model="cnn", data=first.data_uri, epochs=1, batch_size=32, widths=(8, 16),
+                                        init=f"{pair_uri}#1", learning_rate=0.0))
+    ended = pyfunc_model.keras_model_of(load_model(tuned.model_uri)).get_weights()
+    kernels = [(a, b) for a, b in zip(trained.get_weights(), ended) if a.ndim > 1]
+    assert kernels and all(np.array_equal(a, b) for a, b in kernels)  # the second network's, not the first's
+    assert MlflowClient().get_run(tuned.run_id).data.params["weights_used"] == f"{pair_uri}#1 (init)"
+
+
+@pytest.mark.parametrize("suffix, problem", [("#2", "ensemble of 2 networks (#0 to #1), it has no #2"),
+                                              ("#one", "not 'one'"),
+                                              ("single#0", "is one network, not an ensemble: name it without #0")])
+def test_init_naming_no_network_of_an_ensemble_is_one_line_and_no_run(tiny_npz, capsys, suffix, problem):
+    with mlflow.start_run():
+        pair_uri = pyfunc_model.log_model(ensemble.combine([tiny_keras_model(0), tiny_keras_model(1)],
+                                                           [0.5, 0.5])).model_uri
+        single_uri = pyfunc_model.log_model(tiny_keras_model(2), name="single").model_uri
+    init = f"{single_uri}#0" if suffix.startswith("single") else f"{pair_uri}{suffix}"
+    before = len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", tiny_npz, "--epochs", "1", "--init", init])
+    assert exit_info.value.code != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and problem in errors[0]
     assert len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])) == before

@@ -33,9 +33,7 @@ TEACHER_RUN_TAG, TEACHER_VERSION_TAG = "fer.teacher_run", "fer.teacher_version"
 def initial_weights(config: TrainConfig) -> list[np.ndarray]:
     """The weights of the network inside the logged model ``config.init``, to start training
     from; ConfigError in one line when it cannot be loaded or is not the network `config` builds."""
-    from fer_mlflow.tracking.registry import load_model
-
-    initial = pyfunc_model.keras_model_of(load_model(config.init)).get_weights()
+    initial = logged_network(config.init).get_weights()
     network = models.build_model(config.model, image_size=config.image_size, widths=config.widths,
                                  convs=config.convs, dropout=config.dropout, weights="none")
     shapes = [tuple(w.shape) for w in network.get_weights()]
@@ -45,6 +43,31 @@ def initial_weights(config: TrainConfig) -> list[np.ndarray]:
         raise ConfigError(f"init {config.init} is not the {config.model} network{widths} at {config.image_size} "
                           "pixels that this run builds; pass the model, widths, convs and image_size it was trained with")
     return initial
+
+
+def logged_network(uri: str):
+    """The Keras network (pixels in, probabilities out) of the logged model `uri`; with ``#k`` after the
+    URI, the k-th network (from 0) of an ensemble, as its member list orders them (e.g.
+    ``models:/fer-emotion@pretrained#0``: one network of the shipped pair). ConfigError in one line
+    when `uri` names no such network."""
+    import keras
+
+    from fer_mlflow.tracking.registry import load_model
+
+    model_uri, hash_sign, index = uri.partition("#")
+    if hash_sign and not index.isdigit():
+        raise ConfigError(f"{uri}: after '#' comes the number of one network of an ensemble (#0, #1, ...), "
+                          f"not {index!r}")
+    network = pyfunc_model.keras_model_of(load_model(model_uri))
+    if not hash_sign:
+        return network
+    members = [layer for layer in network.layers if isinstance(layer, keras.Model)]
+    if not members:
+        raise ConfigError(f"{model_uri} is one network, not an ensemble: name it without #{index}")
+    if int(index) >= len(members):
+        raise ConfigError(f"{model_uri} is an ensemble of {len(members)} networks (#0 to #{len(members) - 1}), "
+                          f"it has no #{index}")
+    return members[int(index)]
 
 
 def load_teacher(model_uri: str):
