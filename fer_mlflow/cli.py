@@ -360,7 +360,8 @@ def pretrained(data, variant) -> None:
 
 
 @cli.command()
-@click.option("--runs", default="", help="Comma-separated ids of the training runs to combine.")
+@click.option("--runs", default="", help="Comma-separated ids of the training runs to combine; <id>#k: the k-th "
+                                       "network (from 0) of a run whose model is an ensemble.")
 @click.option("--top", default=0, show_default=True, type=click.IntRange(min=0),
               help="Or the best N finished training runs of the experiment on one data digest.")
 @click.option("--metric", default="val_accuracy", show_default=True,

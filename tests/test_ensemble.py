@@ -71,6 +71,32 @@ def test_a_shipped_models_run_joins_a_training_run_on_its_data(tiny_npz):
         ensemble.run(runs=f"{shipped},{logged_shipped_run(tiny_npz, 2)}")
 
 
+def test_one_network_of_a_shipped_ensemble_joins_a_training_run_without_the_rest(tiny_npz):
+    with mlflow.start_run(experiment_id=experiment_id(DEMO_EXPERIMENT)) as shipped:  # a shipped pair's run
+        info = log_model(ensemble.combine([tiny_keras_model(0), tiny_keras_model(1)], [0.5, 0.5]))
+        mlflow.set_tags({"fer.stage": "pretrained", "fer.model": "ensemble", "fer.model_uri": info.model_uri,
+                         "fer.data_digest": ds.load(tiny_npz).digest(), "fer.data": "demo"})
+    pair, trained = shipped.info.run_id, logged_training_run(tiny_npz, 2)
+    outcome = ensemble.run(runs=f"{pair}#1,{trained}")
+    assert outcome.members == [f"{pair}#1", trained]
+    networks = [layer for layer in keras_model_of(member_model(outcome.run_id)).layers
+                if isinstance(layer, type(tiny_keras_model(0)))]
+    second, third = tiny_keras_model(1).get_weights(), tiny_keras_model(2).get_weights()
+    assert len(networks) == 2  # the pair's second network and the trained one, not the pair's first
+    assert all(np.array_equal(a, b) for a, b in zip(networks[0].get_weights(), second))
+    assert all(np.array_equal(a, b) for a, b in zip(networks[1].get_weights(), third))
+    params = MlflowClient().get_run(outcome.run_id).data.params
+    assert params["members"] == f"{pair}#1,{trained}" and params["member_0_run"] == pair
+    assert params["member_0_model_uri"] == f"{info.model_uri}#1" and params["member_0_model"] == "ensemble#1"
+    runs_before = len(all_runs())
+    for runs, problem in ((f"{pair}#2,{trained}", "is an ensemble of 2 networks (#0 to #1), it has no #2"),
+                          (f"{pair},{trained}#0", "is one network, not an ensemble: name it without #0"),
+                          (f"{pair}#x,{trained}", "not 'x'")):
+        with pytest.raises(ConfigError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+            ensemble.run(runs=runs)
+    assert len(all_runs()) == runs_before  # refused before any run
+
+
 def member_model(run_id: str) -> mlflow.pyfunc.PyFuncModel:
     return mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
 

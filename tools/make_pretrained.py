@@ -235,12 +235,17 @@ def teacher_block(client: MlflowClient, run) -> dict:
     return block
 
 
-def member_block(client: MlflowClient, run_id: str) -> dict:
-    """The training block of an ensemble's member: its training run's (`training_block`), or, for a
-    shipped model's `pretrained` run, the one recorded with that shipped model."""
+def member_block(client: MlflowClient, member: str) -> dict:
+    """The training block of an ensemble's member (a run id, with ``#k`` for the k-th network of a
+    shipped ensemble): its training run's (`training_block`), or, for a shipped model's `pretrained`
+    run, the one recorded with that shipped model (with ``#k``, that of its k-th network)."""
+    run_id, _, network = member.partition("#")
     run = client.get_run(run_id)
     if run.data.tags.get(STAGE_TAG) == "pretrained":
         shipped = shipped_record(client, run_id)
+        if network:  # one network of the shipped ensemble: its own block as recorded there (its machine)
+            return {**shipped["training"]["members"][int(network)], "pretrained_run": run_id,
+                    "pretrained_network": int(network), "taken_from_sha256": shipped["sha256"]}
         return {**shipped["training"], "title": shipped["title"], "shipped_sha256": shipped["sha256"],
                 "made_commit": shipped["made"]["commit"], "machine": shipped["made"]["machine"],
                 "pretrained_run": run_id}

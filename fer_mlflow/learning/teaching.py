@@ -50,24 +50,11 @@ def logged_network(uri: str):
     URI, the k-th network (from 0) of an ensemble, as its member list orders them (e.g.
     ``models:/fer-emotion@pretrained#0``: one network of the shipped pair). ConfigError in one line
     when `uri` names no such network."""
-    import keras
-
     from fer_mlflow.tracking.registry import load_model
 
-    model_uri, hash_sign, index = uri.partition("#")
-    if hash_sign and not index.isdigit():
-        raise ConfigError(f"{uri}: after '#' comes the number of one network of an ensemble (#0, #1, ...), "
-                          f"not {index!r}")
+    model_uri, index = pyfunc_model.network_number(uri)
     network = pyfunc_model.keras_model_of(load_model(model_uri))
-    if not hash_sign:
-        return network
-    members = [layer for layer in network.layers if isinstance(layer, keras.Model)]
-    if not members:
-        raise ConfigError(f"{model_uri} is one network, not an ensemble: name it without #{index}")
-    if int(index) >= len(members):
-        raise ConfigError(f"{model_uri} is an ensemble of {len(members)} networks (#0 to #{len(members) - 1}), "
-                          f"it has no #{index}")
-    return members[int(index)]
+    return network if index is None else pyfunc_model.member_network(network, index, model_uri)
 
 
 def load_teacher(model_uri: str):

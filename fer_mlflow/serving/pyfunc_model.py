@@ -388,6 +388,30 @@ def keras_model_of(model: mlflow.pyfunc.PyFuncModel):
     return _fer_model(model).keras_model
 
 
+def network_number(name: str) -> tuple[str, int | None]:
+    """`name` (a model URI or a run id) and the number k of one network of an ensemble that ``#k``
+    after it names, or None without ``#``; ConfigError in one line when what follows is no number."""
+    named, hash_sign, index = name.partition("#")
+    if hash_sign and not index.isdigit():
+        raise ConfigError(f"{name}: after '#' comes the number of one network of an ensemble (#0, #1, ...), "
+                          f"not {index!r}")
+    return named, int(index) if hash_sign else None
+
+
+def member_network(keras_model, index: int, where: str):
+    """The `index`-th network (from 0) of an ensemble's Keras model, as its members were given; `where`
+    names the model in the one-line ConfigError when it is one network or has no such member."""
+    import keras
+
+    members = [layer for layer in keras_model.layers if isinstance(layer, keras.Model)]
+    if not members:
+        raise ConfigError(f"{where} is one network, not an ensemble: name it without #{index}")
+    if index >= len(members):
+        raise ConfigError(f"{where} is an ensemble of {len(members)} networks (#0 to #{len(members) - 1}), "
+                          f"it has no #{index}")
+    return members[index]
+
+
 def runtime_of(model: mlflow.pyfunc.PyFuncModel) -> str:
     """The runtime a loaded model runs its network with (`runtime`): onnxruntime, onnxruntime int8
     (its network quantized to 8 bits) or tf.function."""

@@ -8,7 +8,9 @@ one clean run's dataset, ``-P data=runs:/<clean run>/dataset/dataset.npz``, with
 models) and their class names; else the stage refuses in one line before anything is logged.
 A named member may also be the run the ``pretrained`` stage logged for a shipped model: it was
 trained on the FER2013 zip cleaned with the defaults (its digest says so), so it joins training runs
-made on that same clean; the validation split is read from the first training run among the members.
+made on that same clean; the validation split is read from the first training run among the members. ``<run id>#k`` names
+the k-th network (from 0) of a run whose model is an ensemble (the shipped pair's run: ``<run>#1`` is
+its second network), so one network of an ensemble can be averaged with others without the rest.
 
 The ensemble is a single Keras model: the members side by side on the same pixels, each member's
 probabilities scaled by its weight and summed. So it is logged by `pyfunc_model.log_model` as a
@@ -85,6 +87,7 @@ class Member:
     """A training run taking part, and its model once loaded."""
 
     run: Run
+    network: int | None = None  # with ``<run id>#k``: the k-th network of the run's ensemble model
     keras_model: object = None
     class_names: tuple[str, ...] = ()
 
@@ -93,14 +96,20 @@ class Member:
         return self.run.info.run_id
 
     @property
+    def name(self) -> str:
+        """How `runs` names it: the run id, and ``#k`` for one network of its ensemble."""
+        return self.run_id if self.network is None else f"{self.run_id}#{self.network}"
+
+    @property
     def digest(self) -> str:
         return self.run.data.tags.get(DATA_DIGEST_TAG, "")
 
 
 def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest: str = "",
         weights: str = "equal", precision: str = "float32") -> EnsembleOutcome:
-    """Build, check and log the ensemble of `runs` (comma-separated training run ids) or of the
-    `top` training runs by `metric` (see the module docstring)."""
+    """Build, check and log the ensemble of `runs` (comma-separated training run ids, each with
+    ``#k`` for one network of that run's ensemble) or of the `top` training runs by `metric` (see the
+    module docstring)."""
     ids = [part.strip() for part in runs.split(",") if part.strip()]
     if bool(ids) == bool(top):
         raise ConfigError("name the members with -P runs=<id,id,...> or -P top=N (N >= 2), not both")
@@ -112,7 +121,10 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
     client = MlflowClient()
     experiment, tags = DATA_EXPERIMENT, {}
     if ids:  # named members are checked before any run starts
-        members = _loaded([Member(_training_run(client, run_id)) for run_id in _unique(ids)])
+        from fer_mlflow.serving.pyfunc_model import network_number
+
+        named = [network_number(name) for name in _unique(ids)]
+        members = _loaded([Member(_training_run(client, run_id), network) for run_id, network in named])
         experiment = client.get_experiment(members[0].run.info.experiment_id).name
         tags, _ = data_context(_data_uri(_reader(members)))
     with stage_run("ensemble", "ensemble", {**tags, MODEL_TAG: MODEL_NAME, MODEL_FAMILY_TAG: MODEL_NAME},
@@ -123,7 +135,7 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
             members = _loaded(_top(client, active.info.experiment_id, top, metric, data_digest))
         data_uri = _data_uri(_reader(members))
         tags, _ = data_context(data_uri)
-        names = [member.run_id for member in members]
+        names = [member.name for member in members]
         mlflow.set_tags({**tags, DATA_DIGEST_TAG: members[0].digest, DATA_URI_TAG: data_uri,
                          "fer.members": ",".join(names),
                          "mlflow.runName": f"ensemble {'+'.join(map(_model, members))}-{tags['fer.data']}"})
@@ -153,9 +165,10 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         for index, (member, found) in enumerate(zip(members, probabilities)):
             metrics[f"member_{index}_val_accuracy"] = accuracy(found, val.labels)
             metrics[f"member_{index}_val_log_loss"] = log_loss(found, val.labels)
+            model_uri = member.run.data.tags.get(MODEL_URI_TAG, f"runs:/{member.run_id}/model")
             params.update({f"member_{index}_run": member.run_id, f"member_{index}_model": _model(member),
-                           f"member_{index}_model_uri": member.run.data.tags.get(MODEL_URI_TAG,
-                                                                                 f"runs:/{member.run_id}/model"),
+                           f"member_{index}_model_uri": model_uri + ("" if member.network is None
+                                                                    else f"#{member.network}"),
                            f"member_{index}_data_digest": member.digest,
                            f"member_{index}_weight": f"{chosen[index]:.6f}"})
         log_params(params)
@@ -322,6 +335,9 @@ def _loaded(members: list[Member]) -> list[Member]:
     for member in members:
         loaded = load_model(f"runs:/{member.run_id}/model")
         member.keras_model = pyfunc_model.keras_model_of(loaded)
+        if member.network is not None:
+            member.keras_model = pyfunc_model.member_network(member.keras_model, member.network,
+                                                             f"run {member.run_id}'s model")
         member.class_names = pyfunc_model.class_names_of(loaded)
     first = members[0]
     for member in members[1:]:
@@ -373,7 +389,8 @@ def _member_probabilities(members: list[Member], images: np.ndarray) -> list[np.
 
 
 def _model(member: Member) -> str:
-    return member.run.data.tags.get(MODEL_TAG, "model")
+    model = member.run.data.tags.get(MODEL_TAG, "model")
+    return model if member.network is None else f"{model}#{member.network}"
 
 
 def _description(members: list[Member], weights, metrics: dict, int8: bool = False) -> str:
@@ -384,6 +401,6 @@ def _description(members: list[Member], weights, metrics: dict, int8: bool = Fal
              "| member | run | model | weight | val_accuracy |", "|---|---|---|---|---|"]
     for index, member in enumerate(members):
         link = f"#/experiments/{member.run.info.experiment_id}/runs/{member.run_id}"
-        lines.append(f"| {index} | [{member.run_id}]({link}) | {_model(member)} | {weights[index]:.4f} | "
+        lines.append(f"| {index} | [{member.name}]({link}) | {_model(member)} | {weights[index]:.4f} | "
                      f"{metrics[f'member_{index}_val_accuracy']:.4f} |")
     return "\n".join(lines)
