@@ -48,7 +48,6 @@ from optuna.trial import TrialState
 from fer_mlflow.stages import evaluate, train
 from fer_mlflow.learning import search_space, studies
 from fer_mlflow.errors import ConfigError
-from fer_mlflow.data.sources import is_artifact
 from fer_mlflow.tracking.runs import Stopped, data_context, log_params, param_text, stage_run
 from fer_mlflow.stages.clean import load_training_data
 from fer_mlflow.tracking.names import DATA_TAG, MODEL_TAG, SOURCE_RUN_TAG
@@ -140,7 +139,7 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
     study_name = config.study or f"{config.model}-{label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     tags.update({MODEL_TAG: config.model, "fer.study": study_name, "fer.sweep_worker": str(config.worker_index)})
     name = f"sweep {config.model}-{label} {study_name}" + (f" worker {config.worker_index}" if config.worker_index else "")
-    recipe = {"model": config.model,  # the data not: the workers it starts are handed the cleaned copy
+    recipe = {"model": config.model,  # the data apart (`_check_data`): workers are handed the cleaned copy
               "fixed": " ".join(f"{k}={param_text(v)}" for k, v in sorted(fixed.items())) or "none"}
     if config.storage:
         _check_joinable(storage, study_name, recipe, searched)
@@ -165,12 +164,12 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
                               f"n_warmup_steps={config.prune_warmup})",
                     "fixed": recipe["fixed"]})
         mlflow.log_text(yaml.safe_dump(space, sort_keys=False), "space.yaml")
-        data = base.data
-        if not is_artifact(data):  # cleaned once, in a nested clean run, not once per trial
-            data = load_training_data(data, base.val_fraction, base.seed)[1]
-            base = replace(base, data=data)
+        # A raw source is cleaned once, in a nested clean run, not once per trial.
+        dataset, data = load_training_data(base.data, base.val_fraction, base.seed)
+        base = replace(base, data=data)
         study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=True)
+        _check_data(study, dataset.digest())
         if "recipe" not in study.user_attrs:
             study.set_user_attr("recipe", recipe)
         others = _start_workers(replace(config, deadline=deadline), study_name, data, fixed_args,
@@ -325,6 +324,20 @@ def _check_joinable(storage, study_name: str, recipe: dict, searched: dict) -> N
                 except ValueError as error:
                     raise ConfigError(f"study {study_name} searched {name} over another kind of range ({error}); "
                                       "give it the space it was run with, or name a new --study") from None
+
+def _check_data(study: optuna.Study, digest: str) -> None:
+    """Keep the digest of the data a study's trials train on with it (``data_digest``), and refuse data of
+    another digest: a trial on other data would not compare with the others, and could be the best.
+    Checked once the data is read (a raw source is cleaned inside the sweep's run first), so the run
+    ends FAILED with the one line."""
+    known = study.user_attrs.get("data_digest")
+    if known is None:
+        study.set_user_attr("data_digest", digest)
+    elif known != digest:
+        raise ConfigError(f"study {study.study_name}'s trials trained on data {known}, this data is {digest}; "
+                          "give it the data it was run with (-P data=runs:/<clean run>/dataset/dataset.npz), "
+                          "or name a new --study")
+
 
 def _trial_run(parent_id: str, number: int) -> str | None:
     """The train run of trial `number` under `parent_id`, for a trial that failed before training."""
