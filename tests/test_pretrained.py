@@ -285,6 +285,26 @@ def test_the_command_line_offers_the_shipped_variants_and_refuses_others(capsys)
         pretrained.record("tiny")
 
 
+def test_a_card_says_which_network_was_fine_tuned_from_another_and_not_trained_on_its_own(tmp_path, monkeypatch):
+    from fer_mlflow.pretrained import card
+
+    files = tmp_path / "files"
+    shutil.copytree(pretrained.FILES, files)
+    monkeypatch.setattr(pretrained, "FILES", files)
+    path = files / "accurate" / pretrained.RECORD_NAME
+    found = json.loads(path.read_text())
+    assert "each member trained on its own on the same split" in card.render("accurate")
+    found["training"]["members"][1]["params"]["init"] = "models:/fer-emotion@pretrained#0"
+    path.write_text(json.dumps(found))
+    pretrained._read_record.cache_clear()
+    page = card.render("accurate")
+    member = found["training"]["members"][1]
+    assert (f"member 1, {member['title']}: {member['epochs']} epochs starting from the weights of "
+            f"`models:/fer-emotion@pretrained#0` in {member['minutes']:.0f} minutes") in page
+    assert "each member trained on the same split" in page and "on its own" not in page
+    pretrained._read_record.cache_clear()
+
+
 def test_a_fast_card_names_its_teacher_once_the_accurate_variant_is_replaced(tmp_path, monkeypatch):
     from fer_mlflow.pretrained import card
 

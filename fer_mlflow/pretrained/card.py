@@ -173,20 +173,29 @@ def _training_lines(found: dict) -> list[str]:
     """The training of the shipped network (each member's, for an ensemble), as list items."""
     training, made = found["training"], found["made"]
     if not training.get("members"):
-        return [f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes on a "
+        return [f"- Training: {training['epochs']} epochs{_started_from(training)} in "
+                f"{training['minutes']:.0f} minutes on a "
                 f"{made['machine']}, run `{training['run_id']}` at commit `{training.get('commit', '?')}`; best "
                 f"val_accuracy {training['metrics'].get('best_val_accuracy', float('nan')):.4f}."]
+    alone = "" if any(_started_from(member) for member in networks(found)) else " on its own"
     lines = [f"- Training: {training['epochs']} epochs in {training['minutes']:.0f} minutes in all, each member "
-             f"trained on its own on the same split; the ensemble (run `{training['run_id']}`) scores "
+             f"trained{alone} on the same split; the ensemble (run `{training['run_id']}`) scores "
              f"val_accuracy {training['metrics'].get('val_accuracy', float('nan')):.4f} on the face alone:"]
     for index, member in enumerate(networks(found)):
         within = f" (one of {member['within']}, shipped before)" if member.get("within") else ""
         lines.append(f"    - member {index}, {member.get('title') or member['params'].get('model', '?')}{within}: "
-                     f"{member['epochs']} epochs in {member['minutes']:.0f} minutes on a "
+                     f"{member['epochs']} epochs{_started_from(member)} in {member['minutes']:.0f} minutes on a "
                      f"{member.get('machine', made['machine'])}, run `{member['run_id']}` at commit "
                      f"`{member.get('commit', '?')}`; best val_accuracy "
                      f"{member['metrics'].get('best_val_accuracy', float('nan')):.4f}.")
     return lines
+
+
+def _started_from(network: dict) -> str:
+    """For a network fine-tuned from another's weights (``train -P init=...``): the words saying so; the
+    epochs and minutes beside them are its own, not those of the network it started from."""
+    init = network.get("params", {}).get("init")
+    return f" starting from the weights of `{init}`" if init else ""
 
 
 def _registered(variant: str) -> str:
