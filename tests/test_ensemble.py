@@ -91,7 +91,8 @@ def test_one_network_of_a_shipped_ensemble_joins_a_training_run_without_the_rest
     runs_before = len(all_runs())
     for runs, problem in ((f"{pair}#2,{trained}", "is an ensemble of 2 networks (#0 to #1), it has no #2"),
                           (f"{pair},{trained}#0", "is one network, not an ensemble: name it without #0"),
-                          (f"{pair}#x,{trained}", "not 'x'")):
+                          (f"{pair}#x,{trained}", "not 'x'"), (f"{pair}#\u00b2,{trained}", "not '\u00b2'"),
+                          (f"{pair}#1,{pair}#01,{trained}", f"run {pair}#1 is named twice")):
         with pytest.raises(ConfigError, match=problem.replace("(", r"\(").replace(")", r"\)")):
             ensemble.run(runs=runs)
     assert len(all_runs()) == runs_before  # refused before any run

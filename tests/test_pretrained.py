@@ -486,3 +486,43 @@ def test_a_shipped_ensemble_averaged_with_a_new_network_ships_as_all_its_network
     assert "an ensemble of 3 convolutional networks (their probabilities averaged with equal weights" in page
     assert "member 1, cnn 4-8, 5 epochs (one of two tiny networks, shipped before):" in page
     assert "member 2, cnn 4-8, 4 epochs:" in page and "12 epochs in 12 minutes in all" in page
+
+
+@pytest.mark.slow
+def test_one_network_of_a_shipped_ensemble_averaged_with_a_new_one_ships_with_its_own_record(
+        tiny_npz, tmp_path, monkeypatch):
+    """``ensemble -P runs=<shipped pair's run>#1,<run>``: the record holds that network's own training block
+    (its run, epochs, curves), says which shipped ensemble it came from, and the card names it so."""
+    from fer_mlflow.pretrained import card
+    from fer_mlflow.stages import ensemble
+
+    made = _made_module()
+    shutil.copytree(pretrained.FILES / "fast", tmp_path / "files" / "fast")
+    monkeypatch.setattr(pretrained, "FILES", tmp_path / "files")
+    monkeypatch.setattr(made, "FILES", tmp_path / "files")
+
+    def ship(outcome, title: str) -> None:
+        monkeypatch.setattr("sys.argv", ["make_pretrained.py", "--run-id", outcome.run_id, "--data", tiny_npz,
+                                         "--title", title, "--variant", "accurate"])
+        made.main()
+        pretrained._read_record.cache_clear()
+
+    runs = [_trained_run(tiny_npz, 0, 3), _trained_run(tiny_npz, 1, 5)]
+    ship(ensemble.run(runs=",".join(runs)), "two tiny networks")
+    pair = pretrained_stage.run().run_id
+    third = _trained_run(tiny_npz, 2, 4)
+    ship(ensemble.run(runs=f"{pair}#1,{third}"), "the second tiny network and a third")
+
+    shipped = pretrained.record("accurate")
+    assert [n["run_id"] for n in pretrained.networks(shipped)] == [runs[1], third]
+    assert [n["epochs"] for n in pretrained.networks(shipped)] == [5, 4] and shipped["training"]["epochs"] == 9
+    assert [n.get("within", "") for n in pretrained.networks(shipped)] == ["two tiny networks", ""]
+    assert pretrained.network_weights(shipped) == pytest.approx([0.5, 0.5], abs=1e-5)
+    registered = pretrained_stage.run()
+    assert {key: len(MlflowClient().get_metric_history(registered.run_id, key)) for key in curves(shipped)} == {
+        "member_0/val_accuracy": 5, "member_1/val_accuracy": 4}
+    page = card.render("accurate")
+    assert "member 0, cnn 4-8, 5 epochs (one of two tiny networks, shipped before):" in page
+    assert "member 1, cnn 4-8, 4 epochs:" in page
+    pretrained._read_record.cache_clear()
+

@@ -116,20 +116,23 @@ def test_a_study_run_with_another_recipe_or_space_is_not_joined(tmp_path, capsys
 
 def test_a_study_run_on_other_data_is_not_joined(tmp_path, tiny_npz, capsys):
     """A study keeps the digest of the data its trials trained on; going on with it on other data is
-    refused in one line, before any trial, and the sweep's run ends FAILED, not RUNNING."""
+    refused in one line before any trial: a dataset artifact before any run, a raw source once cleaned
+    in the sweep's run, which then ends FAILED, not RUNNING."""
     from fer_mlflow.learning import studies
 
     journal = str(tmp_path / "study.journal")
     study = optuna.create_study(study_name="s2", storage=studies.open_storage(journal), direction="maximize")
     study.set_user_attr("recipe", {"model": "cnn", "fixed": "epochs=1"})
     study.set_user_attr("data_digest", "0123456789abcdef")
-    with pytest.raises(SystemExit) as stopped:
-        cli_main(["sweep", "--trials", "1", "--storage", journal, "--study", "s2", "--data", tiny_npz, "--epochs", "1"])
-    assert stopped.value.code != 0
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1, error
-    assert "study s2's trials trained on data 0123456789abcdef" in error and "name a new --study" in error
-    assert [run.info.status for run in all_runs()] == ["FAILED"]  # the sweep's run; no trial began
+    for data in (tiny_npz, "demo"):
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(["sweep", "--trials", "1", "--storage", journal, "--study", "s2", "--data", data, "--epochs", "1"])
+        assert stopped.value.code != 0
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1, error
+        assert "study s2's trials trained on data 0123456789abcdef" in error and "name a new --study" in error
+        sweeps = [run.info.status for run in all_runs("tags.`fer.stage` = 'sweep'")]
+        assert sweeps == ([] if data == tiny_npz else ["FAILED"])  # the artifact is refused before any run
     assert len(optuna.load_study(study_name="s2", storage=studies.open_storage(journal)).trials) == 0
 
 

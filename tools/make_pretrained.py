@@ -244,8 +244,9 @@ def member_block(client: MlflowClient, member: str) -> dict:
     if run.data.tags.get(STAGE_TAG) == "pretrained":
         shipped = shipped_record(client, run_id)
         if network:  # one network of the shipped ensemble: its own block as recorded there (its machine)
-            return {**shipped["training"]["members"][int(network)], "pretrained_run": run_id,
-                    "pretrained_network": int(network), "taken_from_sha256": shipped["sha256"]}
+            return {**shipped["training"]["members"][int(network)], "within": shipped["title"],
+                    "pretrained_run": run_id, "pretrained_network": int(network),
+                    "taken_from_sha256": shipped["sha256"]}
         return {**shipped["training"], "title": shipped["title"], "shipped_sha256": shipped["sha256"],
                 "made_commit": shipped["made"]["commit"], "machine": shipped["made"]["machine"],
                 "pretrained_run": run_id}

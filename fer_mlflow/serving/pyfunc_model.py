@@ -392,7 +392,7 @@ def network_number(name: str) -> tuple[str, int | None]:
     """`name` (a model URI or a run id) and the number k of one network of an ensemble that ``#k``
     after it names, or None without ``#``; ConfigError in one line when what follows is no number."""
     named, hash_sign, index = name.partition("#")
-    if hash_sign and not index.isdigit():
+    if hash_sign and not (index.isascii() and index.isdigit()):
         raise ConfigError(f"{name}: after '#' comes the number of one network of an ensemble (#0, #1, ...), "
                           f"not {index!r}")
     return named, int(index) if hash_sign else None
@@ -401,9 +401,8 @@ def network_number(name: str) -> tuple[str, int | None]:
 def member_network(keras_model, index: int, where: str):
     """The `index`-th network (from 0) of an ensemble's Keras model, as its members were given; `where`
     names the model in the one-line ConfigError when it is one network or has no such member."""
-    import keras
-
-    members = [layer for layer in keras_model.layers if isinstance(layer, keras.Model)]
+    # `ensemble.combine` names its members member_<i>_...; a ResNet's backbone is a nested model too
+    members = [layer for layer in keras_model.layers if layer.name.startswith("member_")]
     if not members:
         raise ConfigError(f"{where} is one network, not an ensemble: name it without #{index}")
     if index >= len(members):

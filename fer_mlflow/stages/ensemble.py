@@ -123,7 +123,9 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
     if ids:  # named members are checked before any run starts
         from fer_mlflow.serving.pyfunc_model import network_number
 
-        named = [network_number(name) for name in _unique(ids)]
+        # "run#00" is "run#0": duplicates are found among the names as numbers read them
+        named = [network_number(name) for name in ids]
+        _unique([run_id if network is None else f"{run_id}#{network}" for run_id, network in named])
         members = _loaded([Member(_training_run(client, run_id), network) for run_id, network in named])
         experiment = client.get_experiment(members[0].run.info.experiment_id).name
         tags, _ = data_context(_data_uri(_reader(members)))

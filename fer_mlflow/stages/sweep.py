@@ -48,6 +48,7 @@ from optuna.trial import TrialState
 from fer_mlflow.stages import evaluate, train
 from fer_mlflow.learning import search_space, studies
 from fer_mlflow.errors import ConfigError
+from fer_mlflow.data.sources import is_artifact, read_source
 from fer_mlflow.tracking.runs import Stopped, data_context, log_params, param_text, stage_run
 from fer_mlflow.stages.clean import load_training_data
 from fer_mlflow.tracking.names import DATA_TAG, MODEL_TAG, SOURCE_RUN_TAG
@@ -142,7 +143,7 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
     recipe = {"model": config.model,  # the data apart (`_check_data`): workers are handed the cleaned copy
               "fixed": " ".join(f"{k}={param_text(v)}" for k, v in sorted(fixed.items())) or "none"}
     if config.storage:
-        _check_joinable(storage, study_name, recipe, searched)
+        _check_joinable(storage, study_name, recipe, searched, config.data)
     started = time.perf_counter()
     deadline = config.deadline or (time.time() + config.time_budget * 60 if config.time_budget else None)
     with stage_run("sweep", name, tags, experiment=experiment) as parent:
@@ -302,14 +303,17 @@ class _Report(keras.callbacks.Callback):
 
 
 
-def _check_joinable(storage, study_name: str, recipe: dict, searched: dict) -> None:
+def _check_joinable(storage, study_name: str, recipe: dict, searched: dict, data: str) -> None:
     """Refuse, before any run, to go on with a study of `storage` that trained another model or with
-    other fixed options (its ``recipe``), or searched a parameter over another
-    kind of range: its trials and these would not compare (and Optuna fails on the latter mid-trial)."""
+    other fixed options (its ``recipe``), searched a parameter over another kind of range, or trained on
+    other data than the dataset artifact `data` (a raw source is cleaned, and checked, inside the run:
+    `_check_data`): its trials and these would not compare (and Optuna fails on a range mid-trial)."""
     try:
         existing = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         return  # a new study
+    if "data_digest" in existing.user_attrs and is_artifact(data):
+        _check_data(existing, read_source(data)[0].digest())
     theirs = existing.user_attrs.get("recipe")
     if theirs is not None and theirs != recipe:
         differs = ", ".join(f"{key}={theirs.get(key)} there, {value} here" for key, value in recipe.items()
