@@ -449,11 +449,10 @@ def test_an_ensemble_made_into_the_shipped_model_registers_with_each_members_cur
     assert ("its weights stored as float16" in page) == (weights_dtype == "float16")
 
 
-@pytest.mark.slow
-def test_a_shipped_ensemble_averaged_with_a_new_network_ships_as_all_its_networks(tiny_npz, tmp_path, monkeypatch):
-    """An earlier shipped ensemble (its `pretrained` run) as a member of a new ensemble: the record,
-    the registered run's curves and the card name each network, with its share of the answer."""
-    from fer_mlflow.pretrained import card
+def _shipped_pair(tiny_npz: str, tmp_path, monkeypatch):
+    """Two tiny trained networks averaged and shipped as the accurate variant (into a copy of the shipped
+    files), then registered by `pretrained`: the `ship(outcome, title)` that made it, the two training
+    runs, and the pair's `pretrained` run."""
     from fer_mlflow.stages import ensemble
 
     made = _made_module()
@@ -469,7 +468,17 @@ def test_a_shipped_ensemble_averaged_with_a_new_network_ships_as_all_its_network
 
     runs = [_trained_run(tiny_npz, 0, 3), _trained_run(tiny_npz, 1, 5)]
     ship(ensemble.run(runs=",".join(runs)), "two tiny networks")
-    pair = pretrained_stage.run().run_id
+    return ship, runs, pretrained_stage.run().run_id
+
+
+@pytest.mark.slow
+def test_a_shipped_ensemble_averaged_with_a_new_network_ships_as_all_its_networks(tiny_npz, tmp_path, monkeypatch):
+    """An earlier shipped ensemble (its `pretrained` run) as a member of a new ensemble: the record,
+    the registered run's curves and the card name each network, with its share of the answer."""
+    from fer_mlflow.pretrained import card
+    from fer_mlflow.stages import ensemble
+
+    ship, runs, pair = _shipped_pair(tiny_npz, tmp_path, monkeypatch)
     third = _trained_run(tiny_npz, 2, 4)
     ship(ensemble.run(runs=f"{pair},{third}", weights="0.666667,0.333333"), "three tiny networks")
 
@@ -496,20 +505,7 @@ def test_one_network_of_a_shipped_ensemble_averaged_with_a_new_one_ships_with_it
     from fer_mlflow.pretrained import card
     from fer_mlflow.stages import ensemble
 
-    made = _made_module()
-    shutil.copytree(pretrained.FILES / "fast", tmp_path / "files" / "fast")
-    monkeypatch.setattr(pretrained, "FILES", tmp_path / "files")
-    monkeypatch.setattr(made, "FILES", tmp_path / "files")
-
-    def ship(outcome, title: str) -> None:
-        monkeypatch.setattr("sys.argv", ["make_pretrained.py", "--run-id", outcome.run_id, "--data", tiny_npz,
-                                         "--title", title, "--variant", "accurate"])
-        made.main()
-        pretrained._read_record.cache_clear()
-
-    runs = [_trained_run(tiny_npz, 0, 3), _trained_run(tiny_npz, 1, 5)]
-    ship(ensemble.run(runs=",".join(runs)), "two tiny networks")
-    pair = pretrained_stage.run().run_id
+    ship, runs, pair = _shipped_pair(tiny_npz, tmp_path, monkeypatch)
     third = _trained_run(tiny_npz, 2, 4)
     ship(ensemble.run(runs=f"{pair}#1,{third}"), "the second tiny network and a third")
 
