@@ -217,6 +217,36 @@ def test_a_signal_in_the_middle_of_an_epoch_leaves_a_checkpoint_of_the_last_whol
 
 
 @pytest.mark.slow
+def test_a_checkpoint_whose_arrays_are_not_the_models_is_refused_before_training_in_one_line(
+        tiny_npz, signals_handled, tmp_path):
+    """Arrays that read but do not fit the model (a file changed, or copied from another run's
+    checkpoint) are named before any epoch. Before, Keras' own error came only when such arrays went
+    into the model: best weights of another shape were trained past unnoticed, or failed at the end
+    of training if early stopping put them back."""
+    from fer_mlflow.learning import interrupts
+    from fer_mlflow.learning.loop import load_arrays, save_arrays
+
+    settings = dict(data=tiny_npz, epochs=3, patience=3, **SMALL)
+    with pytest.raises(interrupts.Interrupted):
+        train.run(train.TrainConfig(**settings), callbacks=(SignalMidEpoch(1),))
+    (run,) = all_runs("tags.`fer.stage` = 'train'")
+    slot = logged_state(run.info.run_id)["slot"]
+    folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=f"checkpoint/{slot}",
+                                                 dst_path=str(tmp_path / "download"))
+    best = load_arrays(tmp_path / "download" / slot / "best_weights.npz")
+    best[0] = np.zeros((3, 3, 1, 4), dtype=np.float32)  # the first kernel of a narrower cnn
+    save_arrays(tmp_path / "download" / slot / "best_weights.npz", best)
+    mlflow.log_artifacts(folder, f"checkpoint/{slot}", run_id=run.info.run_id)
+    epochs = len(MlflowClient().get_metric_history(run.info.run_id, "val_accuracy"))
+
+    with pytest.raises(ConfigError, match=r"the checkpoint's best_weights.npz array 0 is \(3, 3, 1, 4\) where the "
+                                          r"model's .* is \(3, 3, 1, 8\): it is not this run's; start it again"):
+        train.run(train.TrainConfig(**settings, resume=run.info.run_id))
+    assert len(MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")) == epochs  # no epoch trained
+    assert MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+
+
+@pytest.mark.slow
 def test_a_distilled_run_resumes_learning_from_the_teacher_it_began_with(tiny_npz, signals_handled, monkeypatch):
     """A stopped student goes on with the probabilities its teacher gave when the run began, logged
     with the run: not with what the teacher's alias names by then, and without labelling again."""

@@ -299,12 +299,36 @@ def load_arrays(path: Path) -> list[np.ndarray]:
         return [saved[f"arr_{index}"] for index in range(len(saved.files))]
 
 
-def restore_model(model: keras.Model, folder: Path) -> None:
-    """Put a checkpoint's model and optimizer variables back into `model` (compiled as it was)."""
-    model.set_weights(load_arrays(folder / "weights.npz"))
+def fitting_arrays(path: Path, variables: list) -> list[np.ndarray]:
+    """The arrays of the checkpoint file `path`, one per variable of `variables` and of its shape;
+    ConfigError naming the first that differs (a file changed or taken from another run's checkpoint),
+    before any is assigned: Keras' own error would come later, or at the end of training for the best
+    weights."""
+    arrays = load_arrays(path)
+    if len(arrays) != len(variables):
+        raise ConfigError(f"the checkpoint's {path.name} holds {len(arrays)} arrays where the model has "
+                          f"{len(variables)}: it is not this run's; start it again as a new run")
+    for index, (array, variable) in enumerate(zip(arrays, variables)):
+        if tuple(array.shape) != tuple(variable.shape):
+            raise ConfigError(f"the checkpoint's {path.name} array {index} is {tuple(array.shape)} where the model's "
+                              f"{variable.path} is {tuple(variable.shape)}: it is not this run's; start it again "
+                              "as a new run")
+    return arrays
+
+
+def restore_model(model: keras.Model, folder: Path) -> list[np.ndarray] | None:
+    """Put a checkpoint's model and optimizer variables back into `model` (compiled as it was), each
+    file checked against the model first (`fitting_arrays`); returns its best weights, None where the
+    checkpoint has none."""
+    weights = fitting_arrays(folder / "weights.npz", model.weights)
+    saved_best = folder / "best_weights.npz"
+    best = fitting_arrays(saved_best, model.weights) if saved_best.exists() else None
     model.optimizer.build(model.trainable_variables)
-    for variable, value in zip(model.optimizer.variables, load_arrays(folder / "optimizer.npz"), strict=True):
+    averages = fitting_arrays(folder / "optimizer.npz", model.optimizer.variables)
+    model.set_weights(weights)
+    for variable, value in zip(model.optimizer.variables, averages, strict=True):
         variable.assign(value)
+    return best
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):

@@ -52,7 +52,7 @@ from fer_mlflow.learning.config import (  # noqa: F401  (train.TrainConfig and i
 from fer_mlflow.learning.loop import (
     CHECKPOINT, STATISTICS_BATCH, STATISTICS_IMAGES, AveragedWeights, CheckpointPlan, Checkpointer, EpochLogger,
     ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget, TrainingState, save_arrays, class_weights,
-    curves_figure, keep_best_of_phases, load_arrays, make_strategy, optimizer, restore_model,
+    curves_figure, fitting_arrays, keep_best_of_phases, make_strategy, optimizer, restore_model,
 )
 from fer_mlflow.tracking.names import (
     DATA_DIGEST_TAG,
@@ -521,7 +521,7 @@ def _fit_in_two_phases(fitting: _Fitting, parts: models.ResNetParts) -> dict:
         head_best = parts.model.get_weights()  # phase 1's best, restored by its early stopping
         save_arrays(plan.folder / "phase_one_best.npz", head_best)
     else:
-        head_best = load_arrays(plan.folder / "phase_one_best.npz")
+        head_best = fitting_arrays(plan.folder / "phase_one_best.npz", parts.model.weights)
     models.unfreeze_top(parts.backbone, config.fine_tune_layers)
     tuned = _phase(fitting, parts.model, config.fine_tune_learning_rate, config.fine_tune_epochs,
                    len(history["loss"]), *fitting.datasets(fitting.x_train, fitting.x_val, config.augmentation),
@@ -568,8 +568,8 @@ def _phase(fitting: _Fitting, model: keras.Model, learning_rate: float, epochs: 
     _compile(model, config, "constant" if minutes else config.schedule, learning_rate, steps, warmup_steps)
     best_weights = None
     if resumed is not None:
-        restore_model(model, plan.folder)
-        best_weights = load_arrays(plan.folder / "best_weights.npz") if resumed.best is not None else None
+        saved_best = restore_model(model, plan.folder)
+        best_weights = saved_best if resumed.best is not None else None
         counter.seen = resumed.images_seen
         if budget is not None:
             budget.restore(resumed)
