@@ -46,9 +46,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         exported = runtime.export_onnx(keras_model, folder / "model.onnx")
-        int8 = runtime.quantize_onnx(exported, folder / "int8.onnx", datasets.model_input(train.images[chosen]))
-        networks = {"float32": runtime.onnx_network(exported), "int8": runtime.onnx_network(int8)}
-        sizes = {"float32": exported.stat().st_size, "int8": (folder / "int8.onnx").stat().st_size}
+        calibration = datasets.model_input(train.images[chosen])
+        quantized = {name: runtime.quantize_onnx(exported, folder / f"{name}.onnx", calibration, reduce_range=seven)
+                     for name, seven in (("int8", False), ("int8-7bit", True))}
+        networks = {"float32": runtime.onnx_network(exported),
+                    **{name: runtime.onnx_network(path) for name, path in quantized.items() if path is not None}}
+        sizes = {"float32": exported.stat().st_size,
+                 **{name: path.stat().st_size for name, path in quantized.items() if path is not None}}
         crops = np.resize(val_pixels, (3589, 48, 48, 1))
         speed = {name: [] for name in networks}
         for _ in range(args.repeats):
@@ -63,12 +67,12 @@ def main() -> None:
                   f"(median of {args.repeats}: {', '.join(f'{s:,.0f}' for s in speed[name])}); val "
                   f"{np.mean(plain.argmax(1) == val.labels):.4f} plain, "
                   f"{np.mean(tta.argmax(1) == val.labels):.4f} ten views ({len(val)} faces)")
-    for index, kind in enumerate(("plain", "ten views")):
-        a, b = found["float32"][index], found["int8"][index]
-        print(f"{kind}: int8 names float32's class for {np.mean(a.argmax(1) == b.argmax(1)):.4f} of the faces; "
-              f"largest probability difference {np.abs(a - b).max():.3f}")
-    ratio = statistics.median(speed["int8"]) / statistics.median(speed["float32"])
-    print(f"int8 / float32 crops/s: {ratio:.2f}x")
+    for name in networks.keys() - {"float32"}:
+        for index, kind in enumerate(("plain", "ten views")):
+            a, b = found["float32"][index], found[name][index]
+            print(f"{kind}: {name} names float32's class for {np.mean(a.argmax(1) == b.argmax(1)):.4f} of the faces; "
+                  f"largest probability difference {np.abs(a - b).max():.3f}")
+        print(f"{name} / float32 crops/s: {statistics.median(speed[name]) / statistics.median(speed['float32']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -81,16 +81,21 @@ def export_onnx(keras_model, path: Path) -> Path | None:
     return path
 
 
-def quantize_onnx(source: Path, target: Path, faces: np.ndarray) -> Path | None:
+def quantize_onnx(source: Path, target: Path, faces: np.ndarray, reduce_range: bool = True) -> Path | None:
     """The float32 ONNX file `source` quantized to 8-bit integers at `target` by onnxruntime's static
     quantization (QDQ: int8 weights per output channel, uint8 activations whose ranges come from
     running `faces`, float32 N x 48 x 48 x 1 in 0..255). Checked on those faces: it must name the
     float32 network's class for `INT8_AGREEMENT` of them. Returns `target`, or None (with a warning)
     when quantization fails or disagrees more: the model then serves `source`.
 
-    On a CPU with 8-bit dot-product instructions (AVX-512 VNNI, AMX) the shipped pair ran 2.95x the
-    crops a second with validation accuracy unchanged; a network with little arithmetic (the fast
-    variant) ran slower (BENCHMARKS.md)."""
+    Weights are quantized to 7 bits (`reduce_range`) unless told otherwise, so that the file serves
+    the same answers on any x86 CPU: on one without 8-bit dot-product instructions (AVX2 only)
+    onnxruntime's uint8 x int8 products saturate with full 8-bit weights (a tiny network's 8-bit copy
+    agreed with it on 0% of faces on an AVX2 EPYC), and a file quantized on a CPU with them may be
+    served on one without. On an AVX-512 VNNI EPYC the shipped pair ran 3.19x the float32 crops a
+    second with 7-bit weights (3.10x with 8-bit) and scored 0.7077 on validation with ten views
+    against float32's 0.7081 (8-bit: 0.7092); a network with little arithmetic (the fast variant)
+    ran slower (BENCHMARKS.md)."""
     try:
         import onnxruntime
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -109,7 +114,7 @@ def quantize_onnx(source: Path, target: Path, faces: np.ndarray) -> Path | None:
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # needs no sympy
             quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            reduce_range=not _dot_product_8bit())
+                            reduce_range=reduce_range)
         prepared.unlink()
         agreement = float(np.mean(onnx_network(target).predict(faces).argmax(1)
                                   == onnx_network(source).predict(faces).argmax(1)))
@@ -123,17 +128,6 @@ def quantize_onnx(source: Path, target: Path, faces: np.ndarray) -> Path | None:
                         100 * agreement, 100 * INT8_AGREEMENT)
         return None
     return target
-
-
-def _dot_product_8bit() -> bool:
-    """Whether this CPU has 8-bit dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX). Without them
-    onnxruntime's uint8 x int8 products can saturate (a tiny network's 8-bit copy agreed with it on 0% of
-    faces on an AVX2 EPYC), so weights are quantized to 7 bits there (`reduce_range`), as its docs advise."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def _inference(keras_model):
