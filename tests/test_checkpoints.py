@@ -214,6 +214,12 @@ def test_a_signal_in_the_middle_of_an_epoch_leaves_a_checkpoint_of_the_last_whol
     assert "fer.interrupted" not in tags and tags["fer.resume_1"].endswith(", stopped by SIGINT")
     seen = MlflowClient().get_run(run.info.run_id).data.metrics
     assert seen["train_images_per_second"] * seen["train_seconds"] == pytest.approx(3 * train_images, rel=1e-6)
+    # The param `temperature` is the model's logged at the stop (MLflow never changes a param); the
+    # served one, fitted after the last epoch, is the metric and the resume's tag.
+    served = pyfunc_model.temperature_of(load_model(resumed.model_uri))
+    logged = MlflowClient().get_run(run.info.run_id).data
+    assert float(logged.params["temperature"]) != served and logged.metrics["temperature"] == pytest.approx(served)
+    assert float(logged.tags["fer.resume_1.temperature"]) == served
 
 
 @pytest.mark.slow

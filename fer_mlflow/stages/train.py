@@ -227,9 +227,15 @@ def _log_model(model: keras.Model, dataset, val) -> None:
     its URI also as the tag ``fer.model_uri``."""
     mlflow.log_text(_summary_text(model), "model_summary.txt")
     temperature = _fit_temperature(model, val)
+    run = mlflow.get_run(mlflow.active_run().info.run_id)
+    logged, resumes = run_params(run).get("temperature"), run.data.tags.get("fer.resumes")
     info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
                                   example_image=val.images[0], temperature=temperature)
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+    if logged is not None and resumes and float(logged) != float(temperature):
+        # MLflow logs the model config as params; the model logged when the run stopped set
+        # `temperature`, which MLflow never changes: the served one goes to a tag, as machine params do.
+        mlflow.set_tag(f"fer.resume_{resumes}.temperature", param_text(float(temperature)))
 
 
 def _fit_temperature(model, val) -> float:
