@@ -373,11 +373,14 @@ def pretrained(data, variant) -> None:
 @click.option("--precision", default="float32", show_default=True, type=PRECISIONS,
               help="int8: serve the ensemble as an 8-bit integer network (calibrated on training faces), about "
                    "three times as fast on CPUs with AVX-512 VNNI or AMX; its figures are the 8-bit network's.")
-def ensemble(runs, top, metric, data_digest, weights, precision) -> None:
+@click.option("--data", default="", help="The members' dataset (runs:/<clean run>/dataset/dataset.npz) to weigh "
+                                         "and score them on; empty: the first training member's. Needed when "
+                                         "every member is a shipped model's run.")
+def ensemble(runs, top, metric, data_digest, weights, precision, data) -> None:
     """Combine trained models into one served model that averages their probabilities."""
     from fer_mlflow.stages import ensemble as stage
 
-    outcome = stage.run(runs, top, metric, data_digest, weights, precision)
+    outcome = stage.run(runs, top, metric, data_digest, weights, precision, data)
     click.echo(f"ensemble of {len(outcome.members)}: val_accuracy={outcome.val_accuracy:.4f}, weights "
                + ", ".join(f"{w:.3f}" for w in outcome.weights))
     click.echo(f"ensemble run: {outcome.run_id}; evaluate it with -e evaluate -P run_id={outcome.run_id}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,7 +19,8 @@ from fer_mlflow.stages import ensemble, evaluate, promote, train
 from fer_mlflow.serving.calibration import fit_temperature, tempered
 from fer_mlflow.cli import main
 from fer_mlflow.data.dataset import CLASS_NAMES
-from fer_mlflow.errors import ConfigError
+from fer_mlflow.data.demo import make_demo
+from fer_mlflow.errors import ConfigError, DataError
 from fer_mlflow.serving.faces import MAX_FACES, MIN_FACE, face_crops
 from fer_mlflow.serving import pyfunc_model, runtime
 from fer_mlflow.serving.pyfunc_model import keras_model_of, log_model, runtime_of
@@ -67,8 +69,23 @@ def test_a_shipped_models_run_joins_a_training_run_on_its_data(tiny_npz):
     mean = np.mean([views_of(keras_model_of(member_model(r)), val.images[..., np.newaxis].astype(np.float32),
                              Settings()) for r in (shipped, trained)], axis=0)
     assert run.data.metrics["val_accuracy"] == pytest.approx(np.mean(mean.argmax(1) == val.labels))
-    with pytest.raises(ConfigError, match="every member is a shipped model's run; name a training run"):
-        ensemble.run(runs=f"{shipped},{logged_shipped_run(tiny_npz, 2)}")
+    other = logged_shipped_run(tiny_npz, 2)
+    with pytest.raises(ConfigError, match="every member is a shipped model's run; give the data to weigh and "
+                                          r"score them on, -P data=runs:/<clean run>/dataset/dataset.npz"):
+        ensemble.run(runs=f"{shipped},{other}")
+
+    # Shipped models alone, on the data they were trained on: as the shipped pair becomes an 8-bit ensemble.
+    runs_before = len(all_runs())
+    elsewhere = ds.save(make_demo(seed=5, per_class=12), Path(tiny_npz).with_name("other.npz"))
+    with pytest.raises(DataError, match=f"data {elsewhere} is data .*, not the members' {ds.load(tiny_npz).digest()}; "
+                                        "give the dataset they were trained on"):
+        ensemble.run(runs=f"{shipped},{other}", data=str(elsewhere))
+    assert len(all_runs()) == runs_before  # refused before any run
+    alone = ensemble.run(runs=f"{shipped},{other}", data=tiny_npz, precision="int8")
+    run = MlflowClient().get_run(alone.run_id)
+    assert run.data.params["data_uri"] == tiny_npz and run.data.params["precision_resolved"] == "int8"
+    served = mlflow.pyfunc.load_model(alone.model_uri)
+    assert runtime_of(served) == "onnxruntime int8"
 
 
 def test_one_network_of_a_shipped_ensemble_joins_a_training_run_without_the_rest(tiny_npz):

@@ -8,7 +8,10 @@ one clean run's dataset, ``-P data=runs:/<clean run>/dataset/dataset.npz``, with
 models) and their class names; else the stage refuses in one line before anything is logged.
 A named member may also be the run the ``pretrained`` stage logged for a shipped model: it was
 trained on the FER2013 zip cleaned with the defaults (its digest says so), so it joins training runs
-made on that same clean; the validation split is read from the first training run among the members. ``<run id>#k`` names
+made on that same clean; the validation split is read from the first training run among the members,
+or from `data` (a clean run's dataset, ``runs:/<clean run>/dataset/dataset.npz``, of the members'
+digest), which every member's being a shipped model's run requires: so the shipped pair's two networks
+become an 8-bit ensemble (``-P runs=<its run>#0,<its run>#1 -P data=... -P precision=int8``). ``<run id>#k`` names
 the k-th network (from 0) of a run whose model is an ensemble (the shipped pair's run: ``<run>#1`` is
 its second network), so one network of an ensemble can be averaged with others without the rest.
 
@@ -106,10 +109,11 @@ class Member:
 
 
 def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest: str = "",
-        weights: str = "equal", precision: str = "float32") -> EnsembleOutcome:
+        weights: str = "equal", precision: str = "float32", data: str = "") -> EnsembleOutcome:
     """Build, check and log the ensemble of `runs` (comma-separated training run ids, each with
-    ``#k`` for one network of that run's ensemble) or of the `top` training runs by `metric` (see the
-    module docstring)."""
+    ``#k`` for one network of that run's ensemble) or of the `top` training runs by `metric`, weighed
+    and scored on the validation split of `data` or else of the first training member's dataset (see
+    the module docstring)."""
     ids = [part.strip() for part in runs.split(",") if part.strip()]
     if bool(ids) == bool(top):
         raise ConfigError("name the members with -P runs=<id,id,...> or -P top=N (N >= 2), not both")
@@ -120,7 +124,8 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         raise ConfigError(f"precision={precision} is not one of {', '.join(PRECISIONS)}")
     client = MlflowClient()
     experiment, tags = DATA_EXPERIMENT, {}
-    if ids:  # named members are checked before any run starts
+    dataset = None
+    if ids:  # named members (and `data`) are checked before any run starts
         from fer_mlflow.serving.pyfunc_model import network_number
 
         # "run#00" is "run#0": duplicates are found among the names as numbers read them
@@ -128,20 +133,21 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         _unique([run_id if network is None else f"{run_id}#{network}" for run_id, network in named])
         members = _loaded([Member(_training_run(client, run_id), network) for run_id, network in named])
         experiment = client.get_experiment(members[0].run.info.experiment_id).name
-        tags, _ = data_context(_data_uri(_reader(members)))
+        tags, _ = data_context(data or _data_uri(_reader(members)))
+        dataset = _checked(data, members[0].digest, given=True) if data else None
     with stage_run("ensemble", "ensemble", {**tags, MODEL_TAG: MODEL_NAME, MODEL_FAMILY_TAG: MODEL_NAME},
                    experiment=experiment) as active, tempfile.TemporaryDirectory(prefix="fer-ensemble-") as scratch:
         log_params({"runs": runs, "top": top, "metric": metric, "data_digest": data_digest, "weights": weights,
-                    "precision": precision})
+                    "precision": precision, "data": data})
         if not ids:
             members = _loaded(_top(client, active.info.experiment_id, top, metric, data_digest))
-        data_uri = _data_uri(_reader(members))
+        data_uri = data or _data_uri(_reader(members))
         tags, _ = data_context(data_uri)
         names = [member.name for member in members]
         mlflow.set_tags({**tags, DATA_DIGEST_TAG: members[0].digest, DATA_URI_TAG: data_uri,
                          "fer.members": ",".join(names),
                          "mlflow.runName": f"ensemble {'+'.join(map(_model, members))}-{tags['fer.data']}"})
-        dataset = _checked(data_uri, members[0].digest)
+        dataset = dataset or _checked(data_uri, members[0].digest, given=bool(data))
         val = dataset.split("val")
         log_split_inputs(val, data_uri, tags[DATA_TAG], splits=("val",))
         probabilities = _member_probabilities(members, val.images)
@@ -284,9 +290,9 @@ def _reader(members: list[Member]) -> Member:
     run records the data of the store it was trained in, which this one need not have."""
     trained = [m for m in members if m.run.data.tags.get(STAGE_TAG) == "train"]
     if not trained:
-        raise ConfigError("every member is a shipped model's run; name a training run of this store beside "
-                          "them (trained on the FER2013 zip cleaned with the defaults), whose dataset gives "
-                          "the validation split")
+        raise ConfigError("every member is a shipped model's run; give the data to weigh and score them on, "
+                          "-P data=runs:/<clean run>/dataset/dataset.npz (the FER2013 zip cleaned with the "
+                          "defaults), or name a training run of this store on that data beside them")
     return trained[0]
 
 
@@ -357,11 +363,16 @@ def _data_uri(member: Member) -> str:
     return data_uri
 
 
-def _checked(data_uri: str, digest: str):
-    """The members' data, read from `data_uri`: unchanged since they trained, with a validation split."""
+def _checked(data_uri: str, digest: str, given: bool = False):
+    """The members' data, read from `data_uri` (`given` by the user, or a member's): their digest
+    (unchanged since they trained), with a validation split."""
     from fer_mlflow.data.sources import read_source
 
     dataset, _ = read_source(data_uri)
+    if dataset.digest() != digest and given:
+        raise DataError(f"data {data_uri} is data {dataset.digest()}, not the members' {digest}; give the "
+                        "dataset they were trained on (for a shipped model: runs:/<clean run>/dataset/dataset.npz "
+                        "of the clean entry point on the FER2013 zip, with its defaults)")
     if dataset.digest() != digest:
         raise DataError(f"{data_uri} now reads as data {dataset.digest()}, not the members' {digest}; "
                         "it changed since they trained")
