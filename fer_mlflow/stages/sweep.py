@@ -142,8 +142,7 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
     name = f"sweep {config.model}-{label} {study_name}" + (f" worker {config.worker_index}" if config.worker_index else "")
     recipe = {"model": config.model,  # the data apart (`_check_data`): workers are handed the cleaned copy
               "fixed": " ".join(f"{k}={param_text(v)}" for k, v in sorted(fixed.items())) or "none"}
-    if config.storage:
-        _check_joinable(storage, study_name, recipe, searched, config.data)
+    read = _check_joinable(storage, study_name, recipe, searched, config.data) if config.storage else None
     started = time.perf_counter()
     deadline = config.deadline or (time.time() + config.time_budget * 60 if config.time_budget else None)
     with stage_run("sweep", name, tags, experiment=experiment) as parent:
@@ -165,8 +164,10 @@ def run(config: SweepConfig, fixed: dict | None = None, fixed_args: tuple[str, .
                               f"n_warmup_steps={config.prune_warmup})",
                     "fixed": recipe["fixed"]})
         mlflow.log_text(yaml.safe_dump(space, sort_keys=False), "space.yaml")
-        # A raw source is cleaned once, in a nested clean run, not once per trial.
-        dataset, data = load_training_data(base.data, base.val_fraction, base.seed)
+        # A raw source is cleaned once, in a nested clean run, not once per trial; an artifact read
+        # to join a study is not read again.
+        dataset, data = (read, base.data) if read is not None else load_training_data(base.data, base.val_fraction,
+                                                                                     base.seed)
         base = replace(base, data=data)
         study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=True)
@@ -303,17 +304,20 @@ class _Report(keras.callbacks.Callback):
 
 
 
-def _check_joinable(storage, study_name: str, recipe: dict, searched: dict, data: str) -> None:
+def _check_joinable(storage, study_name: str, recipe: dict, searched: dict, data: str):
     """Refuse, before any run, to go on with a study of `storage` that trained another model or with
     other fixed options (its ``recipe``), searched a parameter over another kind of range, or trained on
     other data than the dataset artifact `data` (a raw source is cleaned, and checked, inside the run:
-    `_check_data`): its trials and these would not compare (and Optuna fails on a range mid-trial)."""
+    `_check_data`): its trials and these would not compare (and Optuna fails on a range mid-trial).
+    Returns the dataset it read to compare (an artifact, for a study that records its data), else None."""
     try:
         existing = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        return  # a new study
+        return None  # a new study
+    read = None
     if "data_digest" in existing.user_attrs and is_artifact(data):
-        _check_data(existing, read_source(data)[0].digest())
+        read = read_source(data)[0]
+        _check_data(existing, read.digest())
     theirs = existing.user_attrs.get("recipe")
     if theirs is not None and theirs != recipe:
         differs = ", ".join(f"{key}={theirs.get(key)} there, {value} here" for key, value in recipe.items()
@@ -328,6 +332,7 @@ def _check_joinable(storage, study_name: str, recipe: dict, searched: dict, data
                 except ValueError as error:
                     raise ConfigError(f"study {study_name} searched {name} over another kind of range ({error}); "
                                       "give it the space it was run with, or name a new --study") from None
+    return read
 
 def _check_data(study: optuna.Study, digest: str) -> None:
     """Keep the digest of the data a study's trials train on with it (``data_digest``), and refuse data of
