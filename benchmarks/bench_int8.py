@@ -1,10 +1,11 @@
 """What 8-bit integer arithmetic would buy the served network on this CPU, and what it would cost in
 accuracy: the shipped model's ONNX export (what onnxruntime serves today, float32) against the same
-export quantized as `ensemble -P precision=int8` quantizes (`runtime.quantize_onnx`: onnxruntime's
-static quantization, QDQ, weights int8 per channel, activations uint8), calibrated on `--calibration`
-training faces. Each is timed on 3,589 crops in batches of 256
-(median of `--repeats`, the two interleaved) and scored on the validation split of `--data`, plain
-and with the served ten views; PublicTest is not read.
+export quantized by `runtime.quantize_onnx` (onnxruntime's static quantization, QDQ, weights int8 per
+channel, activations uint8), with full 8-bit weights (``int8``) and with 7-bit ones (``int8-7bit``,
+`reduce_range`: what `ensemble -P precision=int8` makes), calibrated on `--calibration` training faces
+drawn as the ensemble stage draws them. Each is timed on 3,589 crops in batches of 256 (median of
+`--repeats`, the networks interleaved) and scored on the validation split of `--data`, plain and with
+the served ten views; PublicTest is not read.
 
     python benchmarks/bench_int8.py --data <dataset.npz of the clean run> [--variant accurate]
 """
@@ -42,7 +43,7 @@ def main() -> None:
     train, val = data.split("train"), data.split("val")
     val_pixels = datasets.model_input(val.images)
     keras_model = pretrained.keras_model(args.variant)
-    chosen = np.random.default_rng(0).choice(len(train), args.calibration, replace=False)
+    chosen = np.sort(np.random.default_rng(0).permutation(len(train))[:args.calibration])  # as ensemble._int8_network
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         exported = runtime.export_onnx(keras_model, folder / "model.onnx")
@@ -67,7 +68,7 @@ def main() -> None:
                   f"(median of {args.repeats}: {', '.join(f'{s:,.0f}' for s in speed[name])}); val "
                   f"{np.mean(plain.argmax(1) == val.labels):.4f} plain, "
                   f"{np.mean(tta.argmax(1) == val.labels):.4f} ten views ({len(val)} faces)")
-    for name in networks.keys() - {"float32"}:
+    for name in [name for name in networks if name != "float32"]:
         for index, kind in enumerate(("plain", "ten views")):
             a, b = found["float32"][index], found[name][index]
             print(f"{kind}: {name} names float32's class for {np.mean(a.argmax(1) == b.argmax(1)):.4f} of the faces; "

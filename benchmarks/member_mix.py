@@ -60,8 +60,9 @@ def main() -> None:
                   for kind in ("plain", "views")]
         line = f"{' + '.join(names):40s} plain {scores[0]:.4f}  ten views {scores[1]:.4f}"
         if len(names) > 1:  # the members' geometric mean (log-probabilities averaged) instead
-            geometric = [float(np.mean(np.sum([np.log(found[name][kind]) for name in names], axis=0).argmax(1)
-                                       == val.labels)) for kind in ("plain", "views")]
+            logs = {kind: np.sum([np.log(np.clip(found[name][kind], 1e-12, None)) for name in names], axis=0)
+                    for kind in ("plain", "views")}
+            geometric = [float(np.mean(logs[kind].argmax(1) == val.labels)) for kind in ("plain", "views")]
             line += f"  (geometric mean: plain {geometric[0]:.4f}  ten views {geometric[1]:.4f})"
         print(line)
         if len(names) == 2:
@@ -87,7 +88,8 @@ def weight_gain(first: np.ndarray, second: np.ndarray, labels: np.ndarray) -> fl
         order = rng.permutation(len(labels))
         halves = order[:len(labels) // 2], order[len(labels) // 2:]
         for fitted, scored in (halves, halves[::-1]):
-            chosen = max(WEIGHTS, key=lambda weight: accuracy(weight, fitted))
+            # of weights as accurate, the one nearest equal: a tie is no reason to move away from it
+            chosen = max(WEIGHTS, key=lambda weight: (accuracy(weight, fitted), -abs(weight - 0.5)))
             gains.append(accuracy(chosen, scored) - accuracy(0.5, scored))
     return float(np.mean(gains))
 

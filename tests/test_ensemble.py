@@ -324,6 +324,14 @@ def test_top_takes_the_best_runs_on_the_newest_runs_data(tiny_npz, tmp_path, mon
         ensemble.run(top=2)
     outcome = ensemble.run(top=2, data_digest=ds.load(tiny_npz).digest())
     assert outcome.members == [best, middle]
+    # The data given chooses the runs trained on it, and is what they are weighed on.
+    given = ensemble.run(top=2, data=tiny_npz)
+    assert given.members == [best, middle]
+    assert MlflowClient().get_run(given.run_id).data.params["data_uri"] == tiny_npz
+    runs_before = len(all_runs())
+    with pytest.raises(ConfigError, match=f"data {other} is data .*, not data_digest=.*; give one of the two"):
+        ensemble.run(top=2, data=other, data_digest=ds.load(tiny_npz).digest())
+    assert len(all_runs()) == runs_before  # refused before any run
 
 
 @pytest.mark.slow

@@ -299,18 +299,19 @@ def load_arrays(path: Path) -> list[np.ndarray]:
         return [saved[f"arr_{index}"] for index in range(len(saved.files))]
 
 
-def fitting_arrays(path: Path, variables: list) -> list[np.ndarray]:
-    """The arrays of the checkpoint file `path`, one per variable of `variables` and of its shape;
-    ConfigError naming the first that differs (a file changed or taken from another run's checkpoint),
-    before any is assigned: Keras' own error would come later, or at the end of training for the best
-    weights."""
+def fitting_arrays(path: Path, variables: list, owner: str = "model") -> list[np.ndarray]:
+    """The arrays of the checkpoint file `path`, one per variable of `variables` (the `owner`'s) and of
+    its shape; ConfigError naming the first that differs (a file changed or taken from another run's
+    checkpoint, or written by another Keras version), before any is assigned: Keras' own error would
+    come later, or at the end of training for the best weights."""
     arrays = load_arrays(path)
     if len(arrays) != len(variables):
-        raise ConfigError(f"the checkpoint's {path.name} holds {len(arrays)} arrays where the model has "
-                          f"{len(variables)}: it is not this run's; start it again as a new run")
+        raise ConfigError(f"the checkpoint's {path.name} holds {len(arrays)} arrays where the {owner} has "
+                          f"{len(variables)}: it is not this run's (or another Keras version wrote it); start it "
+                          "again as a new run")
     for index, (array, variable) in enumerate(zip(arrays, variables)):
         if tuple(array.shape) != tuple(variable.shape):
-            raise ConfigError(f"the checkpoint's {path.name} array {index} is {tuple(array.shape)} where the model's "
+            raise ConfigError(f"the checkpoint's {path.name} array {index} is {tuple(array.shape)} where the {owner}'s "
                               f"{variable.path} is {tuple(variable.shape)}: it is not this run's; start it again "
                               "as a new run")
     return arrays
@@ -324,7 +325,7 @@ def restore_model(model: keras.Model, folder: Path) -> list[np.ndarray] | None:
     saved_best = folder / "best_weights.npz"
     best = fitting_arrays(saved_best, model.weights) if saved_best.exists() else None
     model.optimizer.build(model.trainable_variables)
-    averages = fitting_arrays(folder / "optimizer.npz", model.optimizer.variables)
+    averages = fitting_arrays(folder / "optimizer.npz", model.optimizer.variables, "optimizer")
     model.set_weights(weights)
     for variable, value in zip(model.optimizer.variables, averages, strict=True):
         variable.assign(value)

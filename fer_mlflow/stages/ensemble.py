@@ -124,7 +124,10 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         raise ConfigError(f"precision={precision} is not one of {', '.join(PRECISIONS)}")
     client = MlflowClient()
     experiment, tags = DATA_EXPERIMENT, {}
-    dataset = None
+    dataset = _read(data) if data else None  # read once, before any run
+    if dataset is not None and top and data_digest and data_digest != dataset.digest():
+        raise ConfigError(f"data {data} is data {dataset.digest()}, not data_digest={data_digest}; give one of "
+                          "the two, or both of the same data")
     if ids:  # named members (and `data`) are checked before any run starts
         from fer_mlflow.serving.pyfunc_model import network_number
 
@@ -134,20 +137,25 @@ def run(runs: str = "", top: int = 0, metric: str = "val_accuracy", data_digest:
         members = _loaded([Member(_training_run(client, run_id), network) for run_id, network in named])
         experiment = client.get_experiment(members[0].run.info.experiment_id).name
         tags, _ = data_context(data or _data_uri(_reader(members)))
-        dataset = _checked(data, members[0].digest, given=True) if data else None
+        if dataset is not None:
+            _verified(dataset, data, members[0].digest, given=True)
     with stage_run("ensemble", "ensemble", {**tags, MODEL_TAG: MODEL_NAME, MODEL_FAMILY_TAG: MODEL_NAME},
                    experiment=experiment) as active, tempfile.TemporaryDirectory(prefix="fer-ensemble-") as scratch:
         log_params({"runs": runs, "top": top, "metric": metric, "data_digest": data_digest, "weights": weights,
                     "precision": precision, "data": data})
         if not ids:
-            members = _loaded(_top(client, active.info.experiment_id, top, metric, data_digest))
+            members = _loaded(_top(client, active.info.experiment_id, top, metric,
+                                   data_digest or (dataset.digest() if dataset is not None else "")))
         data_uri = data or _data_uri(_reader(members))
         tags, _ = data_context(data_uri)
         names = [member.name for member in members]
         mlflow.set_tags({**tags, DATA_DIGEST_TAG: members[0].digest, DATA_URI_TAG: data_uri,
                          "fer.members": ",".join(names),
                          "mlflow.runName": f"ensemble {'+'.join(map(_model, members))}-{tags['fer.data']}"})
-        dataset = dataset or _checked(data_uri, members[0].digest, given=bool(data))
+        if dataset is None:
+            dataset = _verified(_read(data_uri), data_uri, members[0].digest)
+        elif not ids:
+            _verified(dataset, data, members[0].digest, given=True)
         val = dataset.split("val")
         log_split_inputs(val, data_uri, tags[DATA_TAG], splits=("val",))
         probabilities = _member_probabilities(members, val.images)
@@ -363,12 +371,15 @@ def _data_uri(member: Member) -> str:
     return data_uri
 
 
-def _checked(data_uri: str, digest: str, given: bool = False):
-    """The members' data, read from `data_uri` (`given` by the user, or a member's): their digest
-    (unchanged since they trained), with a validation split."""
+def _read(data_uri: str):
     from fer_mlflow.data.sources import read_source
 
-    dataset, _ = read_source(data_uri)
+    return read_source(data_uri)[0]
+
+
+def _verified(dataset, data_uri: str, digest: str, given: bool = False):
+    """`dataset`, the members' data read from `data_uri` (`given` by the user, or a member's), when it
+    has their digest (unchanged since they trained) and a validation split; DataError otherwise."""
     if dataset.digest() != digest and given:
         raise DataError(f"data {data_uri} is data {dataset.digest()}, not the members' {digest}; give the "
                         "dataset they were trained on (for a shipped model: runs:/<clean run>/dataset/dataset.npz "

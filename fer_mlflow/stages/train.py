@@ -232,9 +232,10 @@ def _log_model(model: keras.Model, dataset, val) -> None:
     info = pyfunc_model.log_model(model, name="model", class_names=dataset.class_names,
                                   example_image=val.images[0], temperature=temperature)
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
-    if logged is not None and resumes and float(logged) != float(temperature):
+    if logged is not None and resumes:
         # MLflow logs the model config as params; the model logged when the run stopped set
-        # `temperature`, which MLflow never changes: the served one goes to a tag, as machine params do.
+        # `temperature`, which MLflow never changes: the served one goes to a tag, as machine params do
+        # (each resume's, so the last resume's tag is the served one even where it equals the param).
         mlflow.set_tag(f"fer.resume_{resumes}.temperature", param_text(float(temperature)))
 
 
