@@ -92,9 +92,9 @@ def quantize_onnx(source: Path, target: Path, faces: np.ndarray, reduce_range: b
     the same answers on any x86 CPU: on one without 8-bit dot-product instructions (AVX2 only)
     onnxruntime's uint8 x int8 products saturate with full 8-bit weights (a tiny network's 8-bit copy
     agreed with it on 0% of faces on an AVX2 EPYC), and a file quantized on a CPU with them may be
-    served on one without. On an AVX-512 VNNI EPYC the shipped pair ran 3.19x the float32 crops a
-    second with 7-bit weights (3.10x with 8-bit) and scored 0.7077 on validation with ten views
-    against float32's 0.7081 (8-bit: 0.7092); a network with little arithmetic (the fast variant)
+    served on one without. On an AVX-512 VNNI EPYC the shipped pair ran 3.12x the float32 crops a
+    second with 7-bit weights (3.09x with 8-bit) and scored 0.7060 on validation with ten views
+    against float32's 0.7081 (8-bit: 0.7085); a network with little arithmetic (the fast variant)
     ran slower (BENCHMARKS.md)."""
     try:
         import onnxruntime
