@@ -521,6 +521,11 @@ def _fit_in_two_phases(fitting: _Fitting, parts: models.ResNetParts) -> dict:
     from the checkpoint's state and its best weights from the slot ``phase_one_best.npz``."""
     config, plan = fitting.config, fitting.plan
     resumed_phase = plan.resumed.phase if plan.resumed else 1
+    if plan.resumed is not None and resumed_phase == 1:
+        # The head's arrays checked now, not once the backbone's features are computed (minutes on CPU).
+        for saved in ("weights.npz", "best_weights.npz"):
+            if (plan.folder / saved).exists():
+                fitting_arrays(plan.folder / saved, parts.head.weights, "head")
     history = _fit_head(fitting, parts) if resumed_phase == 1 else plan.resumed.phase_one
     if config.fine_tune_epochs <= 0 or interrupts.pending():
         return history
