@@ -317,13 +317,19 @@ def fitting_arrays(path: Path, variables: list, owner: str = "model") -> list[np
     return arrays
 
 
+def model_arrays(folder: Path, model: keras.Model, owner: str = "model") -> tuple[list, list | None]:
+    """A checkpoint's weights and best weights (None where it has none), each checked against `model`
+    (`fitting_arrays`)."""
+    saved_best = folder / "best_weights.npz"
+    return (fitting_arrays(folder / "weights.npz", model.weights, owner),
+            fitting_arrays(saved_best, model.weights, owner) if saved_best.exists() else None)
+
+
 def restore_model(model: keras.Model, folder: Path) -> list[np.ndarray] | None:
     """Put a checkpoint's model and optimizer variables back into `model` (compiled as it was), each
     file checked against the model first (`fitting_arrays`); returns its best weights, None where the
     checkpoint has none."""
-    weights = fitting_arrays(folder / "weights.npz", model.weights)
-    saved_best = folder / "best_weights.npz"
-    best = fitting_arrays(saved_best, model.weights) if saved_best.exists() else None
+    weights, best = model_arrays(folder, model)
     model.optimizer.build(model.trainable_variables)
     averages = fitting_arrays(folder / "optimizer.npz", model.optimizer.variables, "optimizer")
     model.set_weights(weights)

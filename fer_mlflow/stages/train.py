@@ -52,7 +52,7 @@ from fer_mlflow.learning.config import (  # noqa: F401  (train.TrainConfig and i
 from fer_mlflow.learning.loop import (
     CHECKPOINT, STATISTICS_BATCH, STATISTICS_IMAGES, AveragedWeights, CheckpointPlan, Checkpointer, EpochLogger,
     ImageCounter, ResumableEarlyStopping, StopOnSignal, TimeBudget, TrainingState, save_arrays, class_weights,
-    curves_figure, fitting_arrays, keep_best_of_phases, make_strategy, optimizer, restore_model,
+    curves_figure, fitting_arrays, keep_best_of_phases, make_strategy, model_arrays, optimizer, restore_model,
 )
 from fer_mlflow.tracking.names import (
     DATA_DIGEST_TAG,
@@ -523,9 +523,7 @@ def _fit_in_two_phases(fitting: _Fitting, parts: models.ResNetParts) -> dict:
     resumed_phase = plan.resumed.phase if plan.resumed else 1
     if plan.resumed is not None and resumed_phase == 1:
         # The head's arrays checked now, not once the backbone's features are computed (minutes on CPU).
-        for saved in ("weights.npz", "best_weights.npz"):
-            if (plan.folder / saved).exists():
-                fitting_arrays(plan.folder / saved, parts.head.weights, "head")
+        model_arrays(plan.folder, parts.head, "head")
     history = _fit_head(fitting, parts) if resumed_phase == 1 else plan.resumed.phase_one
     if config.fine_tune_epochs <= 0 or interrupts.pending():
         return history
