@@ -43,7 +43,7 @@ def main() -> None:
     train, val = data.split("train"), data.split("val")
     val_pixels = datasets.model_input(val.images)
     keras_model = pretrained.keras_model(args.variant)
-    chosen = np.sort(np.random.default_rng(0).permutation(len(train))[:args.calibration])  # as ensemble._int8_network
+    chosen = runtime.calibration_choice(len(train), args.calibration)  # as the ensemble stage draws them
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         exported = runtime.export_onnx(keras_model, folder / "model.onnx")

@@ -394,15 +394,14 @@ def _verified(dataset, data_uri: str, digest: str, given: bool = False):
 
 def _int8_network(model, train, folder: Path) -> tuple[Path | None, Path | None]:
     """`model`'s float32 ONNX export and that export quantized to 8 bits (`runtime.quantize_onnx`), its
-    activation ranges calibrated on `runtime.INT8_CALIBRATION_FACES` faces of `train` drawn with a fixed
-    seed; either None (warned) when it cannot be made. Where the 8-bit network is refused, the float32
+    activation ranges calibrated on `runtime.INT8_CALIBRATION_FACES` faces of `train`
+    (`runtime.calibration_choice`); either None (warned) when it cannot be made. Where the 8-bit network is refused, the float32
     export is what the model serves, not made twice."""
     exported = runtime.export_onnx(model, folder / "model.onnx")
     if exported is None:
         return None, None
-    chosen = np.random.default_rng(0).permutation(len(train))[:runtime.INT8_CALIBRATION_FACES]
     return exported, runtime.quantize_onnx(exported, folder / "model-int8.onnx",
-                                           model_input(train.images[np.sort(chosen)]))
+                                           model_input(train.images[runtime.calibration_choice(len(train))]))
 
 
 def _member_probabilities(members: list[Member], images: np.ndarray) -> list[np.ndarray]:
